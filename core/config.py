@@ -1,0 +1,92 @@
+"""Engine options: one definition feeds `LLM(**kwargs)`, the CLI and the server flags."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+           "float16": torch.float16, "half": torch.float16}
+
+
+def _opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class EngineConfig:
+    model: Optional[str] = _opt(None, "HF directory, .gguf file or config.json; default: SmolLM2-135M-Instruct",
+                                positional=True)
+    tokenizer: Optional[str] = _opt(None, "tokenizer directory (default: from the model)")
+    device: str = _opt("auto", "platform name, or auto (also PAGEPORT_DEVICE); `pageport platforms` lists them")
+    dtype: Union[str, torch.dtype] = _opt("auto", "auto | float32 | bfloat16 | float16")
+    load_format: str = _opt("auto", "auto | safetensors | gguf | dummy (random weights from the config)",
+                            choices=("auto", "safetensors", "gguf", "dummy"))
+    max_model_len: Optional[int] = _opt(None, "context length (default: the model's)")
+    block_size: int = _opt(16, "tokens per KV-cache block")
+    max_num_seqs: int = _opt(256, "most requests in one step")
+    max_num_batched_tokens: Optional[int] = _opt(None, "token budget of one step (default 2048, "
+                                                       "at least max_model_len without chunked prefill)")
+    enable_prefix_caching: bool = _opt(True, "reuse KV blocks of shared prompt prefixes")
+    enable_chunked_prefill: bool = _opt(True, "split long prompts across steps")
+    seed: int = _opt(0, "random seed")
+    gpu_memory_utilization: float = _opt(0.9, "fraction of device memory the engine may use")
+    kv_cache_memory_bytes: Optional[int] = _opt(None, "KV-cache size in bytes (CPU default 4 GiB)")
+    num_gpu_blocks_override: Optional[int] = _opt(None, "exact number of KV-cache blocks")
+    enforce_eager: bool = _opt(False, "never capture graphs")
+    num_threads: Optional[int] = _opt(None, "CPU threads (default: OMP_NUM_THREADS or all cores)")
+    tensor_parallel_size: int = _opt(1, "devices to shard the model over")
+    scheduling_policy: str = _opt("fcfs", "fcfs | priority", choices=("fcfs", "priority"))
+    max_logprobs: int = _opt(20, "most logprobs a request may ask for")
+    trust_remote_code: bool = _opt(False, "allow custom code from the model directory")
+
+    def __post_init__(self):
+        if self.block_size < 1 or self.max_num_seqs < 1:
+            raise ValueError("block_size and max_num_seqs must be >= 1")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size > 1 is not supported yet")
+
+    def resolve_dtype(self, supported: tuple[torch.dtype, ...]) -> None:
+        """Turn `dtype` into a torch.dtype; auto takes the platform's first supported dtype."""
+        if isinstance(self.dtype, torch.dtype):
+            return
+        if self.dtype == "auto":
+            self.dtype = supported[0]
+        elif self.dtype in _DTYPES:
+            self.dtype = _DTYPES[self.dtype]
+        else:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose auto or one of {', '.join(_DTYPES)}")
+
+    # CLI ---------------------------------------------------------------------------
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser, model_positional: bool = True) -> None:
+        for f in dataclasses.fields(cls):
+            meta = dict(f.metadata)
+            help_ = meta.pop("help")
+            if meta.pop("positional", False) and model_positional:
+                parser.add_argument(f.name, nargs="?", default=f.default, help=help_)
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if f.type in ("bool", bool):
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+            else:
+                kind = _cli_type(f.type)
+                parser.add_argument(flag, type=kind, default=f.default, help=help_, **meta)
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "EngineConfig":
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+
+def _cli_type(annotation: Any):
+    text = str(annotation)
+    if "int" in text:
+        return int
+    if "float" in text and "dtype" not in text:
+        return float
+    return str

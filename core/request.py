@@ -1,0 +1,95 @@
+"""A request's state as it moves through the scheduler, the KV cache and the sampler."""
+from __future__ import annotations
+
+import enum
+import time
+from typing import Any, Optional
+
+import torch
+
+from pageport.core.outputs import Logprob
+from pageport.core.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self.value in ("stop", "length", "abort")
+
+
+class Request:
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 eos_token_id: Optional[int], prompt: Optional[str] = None, priority: int = 0,
+                 arrival_time: Optional[float] = None, cache_salt: Optional[str] = None):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.token_ids = list(prompt_token_ids)  # prompt + output, grows as tokens are sampled
+        self.params = params
+        self.eos_token_id = eos_token_id
+        self.priority = priority
+        self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
+        self.cache_salt = cache_salt
+        self.status = RequestStatus.WAITING
+        self.stop_reason: Any = None
+
+        self.num_computed_tokens = 0  # tokens whose KV is in the cache
+        self.num_cached_tokens = 0  # of the prompt, found by prefix caching at first admission
+        self.block_hashes: list[int] = []  # chained hashes of full blocks, filled by the KV manager
+        self.num_preemptions = 0
+        self.prefill_done = False  # the whole prompt has been computed at least once
+        self.gate: Optional[Request] = None  # n > 1: wait for this sibling's prefill to share its blocks
+
+        # sampling state
+        self.generator: Optional[torch.Generator] = None
+        self.cumulative_logprob = 0.0
+        self.logprobs: Optional[list[dict[int, Logprob]]] = [] if params.logprobs is not None else None
+        self.prompt_logprobs: Optional[list[Optional[dict[int, Logprob]]]] = (
+            [None] if params.prompt_logprobs is not None else None)
+
+        # stop tokens: EOS unless ignored, plus the request's own
+        self.stop_token_ids = set(params.stop_token_ids)
+        if eos_token_id is not None and not params.ignore_eos:
+            self.stop_token_ids.add(eos_token_id)
+
+        # timings for metrics
+        self.first_scheduled_time: Optional[float] = None
+        self.first_token_time: Optional[float] = None
+        self.last_token_time: Optional[float] = None
+
+        self.detokenizer: Any = None  # set by the engine
+
+    # sizes ------------------------------------------------------------------------
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, {self.status.value}, prompt={self.num_prompt_tokens}, "
+                f"output={self.num_output_tokens}, computed={self.num_computed_tokens})")

@@ -1,0 +1,3 @@
+from pageport.entrypoints.cli import main
+
+raise SystemExit(main())
