@@ -46,6 +46,9 @@ class Request:
         self.num_preemptions = 0
         self.prefill_done = False  # the whole prompt has been computed at least once
         self.gate: Optional[Request] = None  # n > 1: wait for this sibling's prefill to share its blocks
+        self.group: Any = None  # the engine's record of the user request this one belongs to
+        self.index = 0  # which of the n completions
+        self.num_sent_tokens = 0  # output tokens already returned (delta outputs)
 
         # sampling state
         self.generator: Optional[torch.Generator] = None

@@ -30,6 +30,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     detokenize: bool = True
+    output_kind: str = "cumulative"  # or "delta": each output carries only what is new (streaming)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -71,6 +72,8 @@ class SamplingParams:
             bad("prompt_logprobs", "must be >= 0")
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", "must be an integer")
+        if self.output_kind not in ("cumulative", "delta"):
+            bad("output_kind", "must be 'cumulative' or 'delta'")
         if any(t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must be token ids >= 0")
 

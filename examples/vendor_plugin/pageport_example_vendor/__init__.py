@@ -1,0 +1,1 @@
+"""Example vendor platform for pageport."""

