@@ -68,8 +68,11 @@ class EngineConfig:
         for f in dataclasses.fields(cls):
             meta = dict(f.metadata)
             help_ = meta.pop("help")
-            if meta.pop("positional", False) and model_positional:
-                parser.add_argument(f.name, nargs="?", default=f.default, help=help_)
+            if meta.pop("positional", False):
+                if model_positional:
+                    parser.add_argument(f.name, nargs="?", default=f.default, help=help_)
+                else:
+                    parser.add_argument("--" + f.name, "-m", default=f.default, help=help_)
                 continue
             flag = "--" + f.name.replace("_", "-")
             if f.type in ("bool", bool):

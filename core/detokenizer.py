@@ -165,6 +165,12 @@ class IncrementalDetokenizer:
         self._last_offset = end
         return delta
 
+    def get_text(self, finished: bool) -> str:
+        """All text so far, less the held-back tail while not finished (for cumulative, non-delta streaming)."""
+        if finished or not self.stop_buffer_length:
+            return self.output_text
+        return self.output_text[:max(len(self.output_text) - self.stop_buffer_length, 0)]
+
     def decode_token(self, token_id: int) -> str:
         """One token's text, for logprobs' decoded_token ("" without a tokenizer). A token that is only part
         of a UTF-8 character decodes to U+FFFD, as in vLLM."""

@@ -31,7 +31,6 @@ def _sampling_params(args, **extra):
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--model", "-m", default=None, help=EngineConfig.__dataclass_fields__["model"].metadata["help"])
     EngineConfig.add_cli_args(g, model_positional=False)
 
 

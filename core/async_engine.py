@@ -1,0 +1,393 @@
+"""AsyncLLMEngine: the LLMEngine step loop on a dedicated thread, with a clean hand-off to asyncio.
+
+Threads and what they own:
+
+* the **engine thread** owns the `LLMEngine` and nothing else touches it. Its loop: take every pending
+  command (add / abort / stop) from a thread-safe inbox, run `step()` while there is work, hand the step's
+  outputs to the asyncio side, publish a stats snapshot; when idle it blocks on the inbox.
+* the **asyncio side** (one or more event loops, e.g. the HTTP server) calls `add_request` / `generate` /
+  `abort`. Prompts should arrive already tokenized (`{"prompt": text, "prompt_token_ids": ids}`) so no
+  tokenization runs on the engine thread. Outputs of one step reach each event loop in a single
+  `loop.call_soon_threadsafe` callback that appends them to per-request streams, so every stream of a
+  step wakes up together (fair to many concurrent streams) and the engine thread never waits for a
+  consumer. A slow consumer gets its pending delta outputs merged into one.
+
+Failure handling:
+
+* `add_request` raises `ValueError` from `LLMEngine.add_request` (invalid prompt or parameters) to its
+  caller; nothing else is disturbed.
+* a consumer that stops early (break, `aclose()`, task cancelled, client gone) aborts its request, which
+  returns its KV blocks to the pool.
+* an exception inside `step()` marks the engine dead (`errored`, `dead_error`): every pending request
+  fails with `EngineDeadError` and new requests are refused with it; nothing hangs.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Optional
+
+from pageport.core.outputs import CompletionOutput, RequestOutput
+from pageport.core.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop crashed; the server reports 503 from now on."""
+
+
+@dataclass
+class EngineSnapshot:
+    """Engine state published by the engine thread after every step (read by /metrics without locks)."""
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    finished: dict = field(default_factory=dict)  # finish reason -> count
+    num_steps: int = 0
+    time: float = 0.0
+
+
+class RequestStream:
+    """One request's outputs on the asyncio side. Async-iterate it for RequestOutputs; `abort()` stops it.
+
+    Created by `AsyncLLMEngine.add_request`. All methods run on the stream's event loop, except the
+    engine thread's hand-off which goes through `loop.call_soon_threadsafe`.
+    """
+
+    def __init__(self, engine: "AsyncLLMEngine", request_id: str, params: SamplingParams,
+                 loop: asyncio.AbstractEventLoop):
+        self.engine = engine
+        self.request_id = request_id
+        self.params = params
+        self.loop = loop
+        self.finished = False  # the final output was taken by the consumer (or the stream failed)
+        self._final_seen = False  # the final output arrived
+        self._items: collections.deque = collections.deque()
+        self._waiter: Optional[asyncio.Future] = None
+        self._accepted: asyncio.Future = loop.create_future()
+        # timing, engine clock (time.monotonic): per-completion time of the last token, inter-token latencies
+        self._last_token_time: dict[int, float] = {}
+        self.itls: list[float] = []
+
+    # engine thread -> loop ------------------------------------------------------------------
+    def _put(self, item: Any) -> None:  # RequestOutput or BaseException
+        self._items.append(item)
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _record(self, out: RequestOutput, t: float) -> None:
+        for c in out.outputs:
+            if not c.token_ids:
+                continue
+            prev = self._last_token_time.get(c.index)
+            if prev is not None and self.params.output_kind == "delta":
+                gap = (t - prev) / len(c.token_ids)
+                self.itls.extend([gap] * len(c.token_ids))
+            self._last_token_time[c.index] = t
+
+    # consumer ---------------------------------------------------------------------------------
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        while not self._items:
+            self._waiter = self.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        item = self._items.popleft()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if self._items and self.params.output_kind == "delta":
+            item = self._merge(item)
+        elif self.params.output_kind != "delta":
+            while self._items and not isinstance(self._items[0], BaseException):
+                item = self._items.popleft()  # cumulative: the newest holds everything
+        if item.finished:
+            self.finished = True
+        return item
+
+    def _merge(self, first: RequestOutput) -> RequestOutput:
+        """Fold the queued delta outputs (not errors) into one."""
+        parts = [first]
+        while self._items and not isinstance(self._items[0], BaseException):
+            parts.append(self._items.popleft())
+        if len(parts) == 1:
+            return first
+        last = parts[-1]
+        merged: dict[int, CompletionOutput] = {}
+        for p in parts:
+            for c in p.outputs:
+                m = merged.get(c.index)
+                if m is None:
+                    merged[c.index] = CompletionOutput(
+                        c.index, c.text, list(c.token_ids), c.cumulative_logprob,
+                        list(c.logprobs) if c.logprobs is not None else None, c.finish_reason, c.stop_reason)
+                    continue
+                m.text += c.text
+                m.token_ids.extend(c.token_ids)
+                if c.logprobs is not None:
+                    m.logprobs = (m.logprobs or []) + list(c.logprobs)
+                m.cumulative_logprob = c.cumulative_logprob
+                m.finish_reason, m.stop_reason = c.finish_reason, c.stop_reason
+        return RequestOutput(last.request_id, last.prompt, last.prompt_token_ids,
+                             [merged[i] for i in sorted(merged)], last.finished,
+                             prompt_logprobs=last.prompt_logprobs, num_cached_tokens=last.num_cached_tokens,
+                             metrics=last.metrics)
+
+    def abort(self) -> None:
+        """Stop this request (idempotent); its KV blocks go back to the pool."""
+        if not self._final_seen:
+            self.engine.abort(self.request_id)
+        self.finished = True
+
+
+_STOP = object()
+
+
+class AsyncLLMEngine:
+    """Wraps an `LLMEngine`; see the module docstring. `AsyncLLMEngine.from_config(config)` builds both."""
+
+    def __init__(self, engine, *, start: bool = True,
+                 observer: Optional[Callable[[RequestOutput, list[float]], None]] = None):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.config = engine.config
+        self.observer = observer  # called on the consumer's loop with every finished output + its ITLs
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()  # orders "is the engine dead?" against putting into the inbox
+        self._streams: dict[str, RequestStream] = {}  # engine thread only
+        self._dead: Optional[BaseException] = None
+        self._stopped = False
+        self._ids = itertools.count()
+        self.snapshot = EngineSnapshot()
+        self._thread: Optional[threading.Thread] = None
+        self._publish(0)
+        if start:
+            self.start()
+
+    @classmethod
+    def from_config(cls, config, **kwargs) -> "AsyncLLMEngine":
+        from pageport.core.engine import LLMEngine
+        return cls(LLMEngine(config), **kwargs)
+
+    # lifecycle ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="pageport-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: Optional[float] = 30.0) -> None:
+        """Stop the engine thread (pending requests are aborted and their streams fail)."""
+        with self._lock:
+            self._stopped = True
+            self._inbox.put((_STOP,))
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._dead is None
+
+    @property
+    def errored(self) -> bool:
+        return self._dead is not None
+
+    @property
+    def dead_error(self) -> Optional[BaseException]:
+        return self._dead
+
+    # requests ------------------------------------------------------------------------------------
+    def _send(self, cmd: tuple) -> None:
+        with self._lock:
+            if self._dead is not None:
+                raise EngineDeadError(f"the engine is dead: {self._dead!r}")
+            if self._stopped:
+                raise EngineDeadError("the engine is shut down")
+            self._inbox.put(cmd)
+
+    async def add_request(self, prompt, params: SamplingParams, request_id: Optional[str] = None, *,
+                          priority: int = 0, arrival_time: Optional[float] = None,
+                          cache_salt: Optional[str] = None) -> RequestStream:
+        """Queue a request and wait until the engine took it. Raises ValueError for an invalid request,
+        EngineDeadError once the engine is dead. Iterate the returned stream for its outputs; the caller
+        must iterate it to the end or call `stream.abort()` (see `generate`, which does both)."""
+        request_id = f"req-{next(self._ids)}" if request_id is None else str(request_id)
+        arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        stream = RequestStream(self, request_id, params, asyncio.get_running_loop())
+        self._send(("add", stream, prompt, params, priority, arrival_time, cache_salt))
+        try:
+            await stream._accepted
+        except asyncio.CancelledError:
+            self.abort(request_id)  # it may be accepted after all
+            raise
+        return stream
+
+    async def generate(self, prompt, params: SamplingParams, request_id: Optional[str] = None, *,
+                       priority: int = 0, arrival_time: Optional[float] = None,
+                       cache_salt: Optional[str] = None) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as they come (params.output_kind="delta" for streaming). Stopping early
+        (break, aclose, cancellation) aborts the request."""
+        stream = await self.add_request(prompt, params, request_id, priority=priority,
+                                        arrival_time=arrival_time, cache_salt=cache_salt)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            if not stream.finished:
+                stream.abort()
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (thread-safe, never blocks, no-op once it finished or the engine is dead)."""
+        try:
+            self._send(("abort", request_id))
+        except EngineDeadError:
+            pass
+
+    # engine thread ----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        steps = 0
+        try:
+            while True:
+                busy = engine.has_unfinished_requests()
+                cmds = []
+                if not busy:
+                    cmds.append(self._inbox.get())  # idle: sleep until there is something to do
+                while True:
+                    try:
+                        cmds.append(self._inbox.get_nowait())
+                    except queue.Empty:
+                        break
+                aborted = False
+                for i, cmd in enumerate(cmds):
+                    kind = cmd[0]
+                    if kind is _STOP:
+                        self._stop(cmds[i + 1:])
+                        return
+                    if kind == "add":
+                        self._add(*cmd[1:])
+                    elif kind == "abort":
+                        engine.abort_request(cmd[1])
+                        aborted = True
+                if engine.has_unfinished_requests() or aborted:
+                    outputs = engine.step()  # an aborted group is reported (finished) once by step()
+                    steps += 1
+                    t = time.monotonic()
+                    if outputs:
+                        self._dispatch(outputs, t)
+                    self._publish(steps)
+        except BaseException as e:  # noqa: BLE001 - whatever killed the loop kills the engine
+            logger.exception("the engine loop died")
+            self._die(e)
+
+    def _add(self, stream: RequestStream, prompt, params, priority, arrival_time, cache_salt) -> None:
+        try:
+            self.engine.add_request(stream.request_id, prompt, params, priority=priority,
+                                    arrival_time=arrival_time, cache_salt=cache_salt)
+        except Exception as e:  # invalid request: only its caller hears of it
+            self._call(stream.loop, _resolve, stream._accepted, e)
+            return
+        self._streams[stream.request_id] = stream
+        self._call(stream.loop, _resolve, stream._accepted, None)
+
+    def _dispatch(self, outputs: list[RequestOutput], t: float) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            if out.finished:
+                del self._streams[out.request_id]
+            by_loop.setdefault(stream.loop, []).append((stream, out))
+        for loop, items in by_loop.items():
+            if not self._call(loop, self._deliver, items, t):
+                self.engine.abort_request([s.request_id for s, _ in items])  # that loop is gone
+
+    def _deliver(self, items: list, t: float) -> None:  # on the consumer's loop
+        for stream, out in items:
+            stream._record(out, t)
+            stream._put(out)
+            if out.finished:
+                stream._final_seen = True
+                if self.observer is not None:
+                    try:
+                        self.observer(out, stream.itls)
+                    except Exception:  # metrics must never break a request
+                        logger.exception("the output observer failed")
+
+    @staticmethod
+    def _call(loop: asyncio.AbstractEventLoop, fn, *args) -> bool:
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+            return True
+        except RuntimeError:  # the loop is closed
+            return False
+
+    def _publish(self, steps: int) -> None:
+        e = self.engine
+        try:
+            sched, kv, stats = e.scheduler, e.kv, e.stats
+            self.snapshot = EngineSnapshot(
+                num_running=len(sched.running), num_waiting=len(sched.waiting), kv_cache_usage=kv.usage(),
+                prefix_cache_queries=kv.stats.queries, prefix_cache_hits=kv.stats.hits,
+                num_preemptions=sched.num_preemptions, prompt_tokens=stats.prompt_tokens,
+                generation_tokens=stats.generation_tokens, finished=dict(stats.finished), num_steps=steps,
+                time=time.monotonic())
+        except AttributeError:  # an engine without these (tests' fakes)
+            pass
+
+    def _stop(self, leftover: list) -> None:
+        """Shut down: abort what is in flight (its blocks go back), fail every waiting caller."""
+        error = EngineDeadError("the engine was shut down")
+        for cmd in leftover:
+            if cmd[0] == "add":
+                self._call(cmd[1].loop, _resolve, cmd[1]._accepted, error)
+        if self._streams:
+            self.engine.abort_request(list(self._streams))
+            self.engine.step()  # reports the aborted groups and forgets them
+        self._fail_all(error)
+        self._publish(self.snapshot.num_steps)
+
+    def _fail_all(self, error: BaseException) -> None:
+        streams, self._streams = self._streams, {}
+        while True:  # commands that raced in: fail their adds
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if cmd[0] == "add":
+                self._call(cmd[1].loop, _resolve, cmd[1]._accepted, error)
+        for stream in streams.values():
+            self._call(stream.loop, stream._put, error)
+
+    def _die(self, exc: BaseException) -> None:
+        with self._lock:
+            self._dead = exc
+            self._fail_all(EngineDeadError(f"the engine loop died: {exc!r}"))
+
+
+def _resolve(fut: asyncio.Future, error: Optional[BaseException]) -> None:
+    if fut.done():
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server (FastAPI): `build_app(AsyncLLMEngine, ...)`, run by `pageport serve`."""

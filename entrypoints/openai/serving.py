@@ -1,0 +1,676 @@
+"""The OpenAI endpoints' logic: requests -> SamplingParams + token ids -> AsyncLLMEngine -> OpenAI JSON / SSE.
+
+Prompts are tokenized (and chat templates rendered) here, on the server's event loop with the server's own
+copy of the tokenizer, so the engine thread only schedules and runs the model. Every request runs with
+delta outputs; non-streaming responses accumulate them.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Optional
+
+from pageport.core.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
+from pageport.core.outputs import Logprob, RequestOutput
+from pageport.core.sampling_params import SamplingParams
+from pageport.entrypoints.openai.errors import APIError, bad_request, error_body
+from pageport.entrypoints.openai.limits import ServerLimits
+from pageport.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+
+logger = logging.getLogger(__name__)
+
+_LONG_MIN, _LONG_MAX = -(2 ** 63), 2 ** 64 - 1
+_TEMPLATE_RESERVED = {"conversation", "tokenize", "add_generation_prompt", "continue_final_message",
+                      "chat_template", "return_dict", "return_tensors"}
+
+
+def _clamp(lp: float) -> float:
+    """JSON has no -inf: vLLM's convention."""
+    return max(lp, -9999.0) if not math.isnan(lp) else -9999.0
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+@dataclass
+class _Choice:
+    """One completion being accumulated from delta outputs."""
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: Optional[list[dict[int, Logprob]]] = None
+    cumulative_logprob: Optional[float] = None
+    finish_reason: Optional[str] = None
+    stop_reason: Any = None
+
+
+@dataclass
+class _Prompt:
+    text: Optional[str]
+    token_ids: list[int]
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncLLMEngine, model_names: list[str], limits: ServerLimits,
+                 model_source: str = ""):
+        self.engine = engine
+        self.model_names = model_names
+        self.limits = limits
+        self.model_source = model_source
+        tok = engine.tokenizer
+        try:  # our own copy: the engine thread decodes with the original
+            self.tokenizer = copy.deepcopy(tok) if tok is not None else None
+        except Exception:  # noqa: BLE001
+            self.tokenizer = tok
+        self.max_model_len = engine.config.max_model_len
+        self.max_logprobs = getattr(engine.config, "max_logprobs", 20)
+        inner = getattr(engine, "engine", None)
+        self.vocab_size = getattr(inner, "vocab_size", None) or (len(tok) if tok is not None else 2 ** 31)
+        self.created = int(time.time())
+        self._tok_strs: dict[int, str] = {}
+
+    # helpers --------------------------------------------------------------------------------------
+    def check_model(self, name: Optional[str]) -> str:
+        if name is None or name in self.model_names:
+            return self.model_names[0]
+        raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
+
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise bad_request("this model has no tokenizer: send token ids", "prompt")
+        return self.tokenizer
+
+    def tok_str(self, token_id: int) -> str:
+        s = self._tok_strs.get(token_id)
+        if s is None:
+            tok = self.tokenizer
+            s = tok.decode([token_id], skip_special_tokens=False) if tok is not None else ""
+            self._tok_strs[token_id] = s
+        return s
+
+    def _lp_str(self, token_id: int, lp: Optional[Logprob]) -> str:
+        if lp is not None and lp.decoded_token is not None:
+            return lp.decoded_token
+        return self.tok_str(token_id)
+
+    def check_token_ids(self, ids: list, param: str) -> list[int]:
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                raise bad_request(f"token id {t!r} is not in the vocabulary [0, {self.vocab_size})", param)
+        return ids
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    continue_final_message: bool = False, template_kwargs: Optional[dict] = None) -> _Prompt:
+        tok = self._need_tokenizer()
+        conversation = _conversation(messages)
+        kwargs = dict(template_kwargs or {})
+        bad = sorted(set(kwargs) & _TEMPLATE_RESERVED)
+        if bad:
+            raise bad_request(f"chat_template_kwargs may not set {', '.join(bad)}", "chat_template_kwargs")
+        if add_generation_prompt and continue_final_message:
+            raise bad_request("add_generation_prompt and continue_final_message cannot both be true",
+                              "continue_final_message")
+        if continue_final_message and conversation[-1]["role"] != "assistant":
+            raise bad_request("continue_final_message needs an assistant message last", "messages")
+        try:
+            text = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                           continue_final_message=continue_final_message, **kwargs)
+        except Exception as e:  # noqa: BLE001 - template errors come from the input
+            raise bad_request(f"the chat template could not render these messages: {e}", "messages") from e
+        return _Prompt(text, tok.encode(text, add_special_tokens=False))
+
+    def _context_check(self, prompt: _Prompt, max_tokens: Optional[int], where: str) -> int:
+        """The effective max_tokens; 400 when the prompt (plus max_tokens) does not fit."""
+        n, limit = len(prompt.token_ids), self.max_model_len
+        if n == 0:
+            raise bad_request("the prompt is empty: give at least one token", where)
+        if n >= limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens, but the prompt has {n} "
+                                f"tokens (at least one token must remain for the output). Shorten the "
+                                f"{where}.", where, "context_length_exceeded")
+        if max_tokens is None:
+            return limit - n
+        if n + max_tokens > limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                                f"{n + max_tokens} tokens ({n} in the {where}, {max_tokens} in the completion). "
+                                f"Reduce the length of the {where} or max_tokens.", "max_tokens",
+                           "context_length_exceeded")
+        return max_tokens
+
+    def sampling_params(self, req, max_tokens: int, logprobs: Optional[int],
+                        prompt_logprobs: Optional[int]) -> SamplingParams:
+        n = 1 if req.n is None else req.n
+        if n > self.limits.max_n:
+            raise bad_request(f"n={n} is more than this server allows ({self.limits.max_n})", "n")
+        if req.seed is not None and not _LONG_MIN <= req.seed <= _LONG_MAX:
+            raise bad_request("seed is out of range (a 64-bit integer)", "seed")
+        bias = None
+        if req.logit_bias:
+            bias = {}
+            for k, v in req.logit_bias.items():
+                try:
+                    tid = int(k)
+                except ValueError:
+                    raise bad_request(f"logit_bias keys must be token ids, got {k!r}", "logit_bias") from None
+                if not 0 <= tid < self.vocab_size:
+                    raise bad_request(f"logit_bias names token id {tid}, outside [0, {self.vocab_size})",
+                                      "logit_bias")
+                if not -100 <= v <= 100:
+                    raise bad_request(f"logit_bias values must be in [-100, 100], got {v}", "logit_bias")
+                bias[tid] = v
+        for name, k in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if k is not None and k > self.max_logprobs:
+                raise bad_request(f"{name}={k} is more than this server allows ({self.max_logprobs})",
+                                  "top_logprobs" if isinstance(req, ChatCompletionRequest) else name)
+        if req.stop_token_ids:
+            self.check_token_ids(req.stop_token_ids, "stop_token_ids")
+        if req.min_tokens and req.min_tokens > max_tokens:
+            raise bad_request(f"min_tokens={req.min_tokens} is more than max_tokens={max_tokens}", "min_tokens")
+        try:
+            return SamplingParams(
+                n=n, temperature=1.0 if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
+                min_p=req.min_p or 0.0, presence_penalty=req.presence_penalty or 0.0,
+                frequency_penalty=req.frequency_penalty or 0.0,
+                repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                logit_bias=bias, seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens,
+                stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
+                include_stop_str_in_output=req.include_stop_str_in_output, logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs, skip_special_tokens=req.skip_special_tokens,
+                spaces_between_special_tokens=req.spaces_between_special_tokens, output_kind="delta")
+        except (ValueError, TypeError) as e:
+            msg = str(e)
+            param = msg.split(" ", 1)[0].removeprefix("SamplingParams.") if msg.startswith("SamplingParams.") \
+                else None
+            raise bad_request(msg.removeprefix("SamplingParams."), param) from e
+
+    async def _start(self, prompts: list[_Prompt], params: SamplingParams, base_id: str, req,
+                     arrival: float) -> list[RequestStream]:
+        """Add every prompt's request at once; all or nothing."""
+        ids = [base_id] if len(prompts) == 1 else [f"{base_id}-{i}" for i in range(len(prompts))]
+        results = await asyncio.gather(
+            *[self.engine.add_request({"prompt": p.text, "prompt_token_ids": p.token_ids}, params, rid,
+                                      priority=req.priority, arrival_time=arrival, cache_salt=req.cache_salt)
+              for p, rid in zip(prompts, ids)], return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            for r in results:
+                if isinstance(r, RequestStream):
+                    r.abort()
+            err = errors[0]
+            if isinstance(err, EngineDeadError):
+                raise APIError(503, str(err), code="engine_dead")
+            if isinstance(err, (ValueError, TypeError)):
+                msg = str(err)
+                code = "context_length_exceeded" if "max_model_len" in msg else "invalid_value"
+                raise bad_request(msg, None, code)
+            raise err
+        return list(results)
+
+    # /v1/completions ------------------------------------------------------------------------------
+    def _completion_prompts(self, req: CompletionRequest) -> list[_Prompt]:
+        p = req.prompt
+        if p is None:
+            raise bad_request("prompt is required", "prompt", "missing_required_parameter")
+        if isinstance(p, str):
+            items: list = [p]
+        elif isinstance(p, list) and p:
+            if all(isinstance(x, int) and not isinstance(x, bool) for x in p):
+                items = [p]
+            elif all(isinstance(x, str) for x in p) or all(isinstance(x, list) for x in p):
+                items = p
+            else:
+                raise bad_request("prompt must be a string, a list of strings, a list of token ids or a list of "
+                                  "lists of token ids", "prompt")
+        else:
+            raise bad_request("prompt must be a non-empty string, list of strings, list of token ids or list of "
+                              "lists of token ids", "prompt")
+        if len(items) > self.limits.max_prompts:
+            raise bad_request(f"{len(items)} prompts in one request; this server allows {self.limits.max_prompts}",
+                              "prompt")
+        out = []
+        for x in items:
+            if isinstance(x, str):
+                ids = self._need_tokenizer().encode(x, add_special_tokens=req.add_special_tokens)
+                out.append(_Prompt(x, ids))
+            else:
+                if not x:
+                    raise bad_request("a prompt of token ids is empty", "prompt")
+                self.check_token_ids(x, "prompt")
+                out.append(_Prompt(None, list(x)))
+        return out
+
+    async def create_completion(self, req: CompletionRequest, arrival: float):
+        model = self.check_model(req.model)
+        if req.suffix is not None:
+            raise bad_request("suffix is not supported (pageport has no fill-in-the-middle)", "suffix",
+                              "unsupported_parameter")
+        n = req.n or 1
+        if req.best_of is not None and req.best_of != n:
+            raise bad_request("best_of is not supported (it must be absent or equal n)", "best_of",
+                              "unsupported_parameter")
+        if req.max_tokens == 0 and not req.echo:
+            raise bad_request("max_tokens must be at least 1 (0 only together with echo)", "max_tokens")
+        prompts = self._completion_prompts(req)
+        echo_only = req.max_tokens == 0
+        max_tokens = [self._context_check(p, 1 if echo_only else req.max_tokens, "prompt") for p in prompts]
+        if req.echo:
+            for p in prompts:
+                if p.text is None:
+                    p.text = self._need_tokenizer().decode(p.token_ids, skip_special_tokens=False)
+        prompt_lp = req.prompt_logprobs
+        if req.echo and req.logprobs is not None:
+            prompt_lp = max(prompt_lp or 0, req.logprobs)
+        # max_tokens may differ per prompt when it was left open; group by it
+        params_by_max: dict[int, SamplingParams] = {}
+        for m in set(max_tokens):
+            params_by_max[m] = self.sampling_params(req, m, req.logprobs, prompt_lp)
+        base_id = req.request_id or f"cmpl-{uuid.uuid4().hex}"
+        if len(params_by_max) == 1:
+            streams = await self._start(prompts, params_by_max[max_tokens[0]], base_id, req, arrival)
+        else:
+            streams = []
+            for i, (p, m) in enumerate(zip(prompts, max_tokens)):
+                try:
+                    streams += await self._start([p], params_by_max[m], f"{base_id}-{i}", req, arrival)
+                except BaseException:
+                    for s in streams:
+                        s.abort()
+                    raise
+        ctx = _CompletionContext(self, req, model, base_id, prompts, streams, n, echo_only)
+        if req.stream:
+            return ctx.stream()
+        return await ctx.collect()
+
+    # /v1/chat/completions ---------------------------------------------------------------------------
+    async def create_chat_completion(self, req: ChatCompletionRequest, arrival: float):
+        model = self.check_model(req.model)
+        _refuse_unsupported_chat_fields(req)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
+        prompt = self.render_chat(req.messages, req.add_generation_prompt, req.continue_final_message,
+                                  req.chat_template_kwargs)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        max_tokens = self._context_check(prompt, max_tokens, "messages")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        params = self.sampling_params(req, max_tokens, logprobs, req.prompt_logprobs)
+        base_id = req.request_id or f"chatcmpl-{uuid.uuid4().hex}"
+        streams = await self._start([prompt], params, base_id, req, arrival)
+        ctx = _ChatContext(self, req, model, base_id, prompt, streams[0], req.n or 1)
+        if req.stream:
+            return ctx.stream()
+        return await ctx.collect()
+
+    # logprobs in OpenAI's shapes ----------------------------------------------------------------------
+    def completion_logprobs(self, token_ids: list[int], logprobs: list[Optional[dict[int, Logprob]]], k: int,
+                            offset: int) -> tuple[dict, int]:
+        tokens, token_lps, tops, offsets = [], [], [], []
+        for tid, d in zip(token_ids, logprobs):
+            chosen = d.get(tid) if d else None
+            s = self._lp_str(tid, chosen)
+            tokens.append(s)
+            offsets.append(offset)
+            offset += len(s)
+            if d is None:
+                token_lps.append(None)
+                tops.append(None)
+                continue
+            token_lps.append(_clamp(chosen.logprob) if chosen is not None else None)
+            top = {}
+            for t2, lp in sorted(d.items(), key=lambda kv: kv[1].rank or 0):
+                if t2 == tid or (lp.rank is not None and lp.rank <= k):
+                    top[self._lp_str(t2, lp)] = _clamp(lp.logprob)
+            tops.append(top)
+        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}, offset
+
+    def chat_logprobs(self, token_ids: list[int], logprobs: list[dict[int, Logprob]], k: int) -> list[dict]:
+        content = []
+        for tid, d in zip(token_ids, logprobs):
+            chosen = d.get(tid)
+            s = self._lp_str(tid, chosen)
+            top = []
+            for t2, lp in sorted(d.items(), key=lambda kv: kv[1].rank or 0):
+                if lp.rank is not None and lp.rank <= k and len(top) < k:
+                    s2 = self._lp_str(t2, lp)
+                    top.append({"token": s2, "logprob": _clamp(lp.logprob), "bytes": list(s2.encode("utf-8"))})
+            content.append({"token": s, "logprob": _clamp(chosen.logprob) if chosen is not None else -9999.0,
+                            "bytes": list(s.encode("utf-8")), "top_logprobs": top})
+        return content
+
+    def prompt_logprobs_json(self, plps) -> Optional[list]:
+        if plps is None:
+            return None
+        return [None if d is None else {str(t): {"logprob": _clamp(lp.logprob), "rank": lp.rank,
+                                                 "decoded_token": self._lp_str(t, lp)} for t, lp in d.items()}
+                for d in plps]
+
+
+def _refuse_unsupported_chat_fields(req: ChatCompletionRequest) -> None:
+    def refuse(param: str, why: str):
+        raise bad_request(f"{param} is not supported: {why}", param, "unsupported_parameter")
+
+    if req.tools:
+        refuse("tools", "pageport has no tool calling")
+    if req.tool_choice not in (None, "none"):
+        refuse("tool_choice", "pageport has no tool calling")
+    if req.functions:
+        refuse("functions", "pageport has no function calling")
+    if req.function_call not in (None, "none"):
+        refuse("function_call", "pageport has no function calling")
+    if req.response_format is not None and req.response_format.get("type", "text") != "text":
+        refuse("response_format", f"type {req.response_format.get('type')!r} needs structured output, which "
+                                  "pageport does not have (only {\"type\": \"text\"})")
+    if req.modalities is not None and list(req.modalities) != ["text"]:
+        refuse("modalities", "only text output")
+    if req.audio is not None:
+        refuse("audio", "only text output")
+    if req.prediction is not None:
+        refuse("prediction", "pageport has no predicted outputs")
+
+
+def _conversation(messages: list[dict]) -> list[dict]:
+    conv = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        role = m.get("role")
+        if role in ("tool", "function") or m.get("tool_calls") or m.get("function_call"):
+            raise bad_request(f"{where}: tool and function messages are not supported (pageport has no tool "
+                              "calling)", "messages", "unsupported_parameter")
+        if role not in ("system", "developer", "user", "assistant"):
+            raise bad_request(f"{where}.role must be system, developer, user or assistant, got {role!r}",
+                              "messages")
+        content = m.get("content")
+        if content is None:
+            if role != "assistant":
+                raise bad_request(f"{where}.content is required", "messages")
+            content = ""
+        elif isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind not in ("text", "input_text") or not isinstance(part.get("text"), str):
+                    raise bad_request(f"{where}.content[{j}]: content of type {kind!r} is not supported "
+                                      "(this model takes text only)", "messages", "unsupported_parameter")
+                texts.append(part["text"])
+            content = "\n".join(texts)
+        elif not isinstance(content, str):
+            raise bad_request(f"{where}.content must be a string or a list of text parts", "messages")
+        conv.append({"role": "system" if role == "developer" else role, "content": content})
+    return conv
+
+
+async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several streams as they come, tagged with the stream's index."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, s: RequestStream):
+        try:
+            async for out in s:
+                q.put_nowait((i, out))
+            q.put_nowait((i, None))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # noqa: BLE001
+            q.put_nowait((i, e))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, item = await q.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict:
+    u = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+         "total_tokens": prompt_tokens + completion_tokens}
+    if cached:
+        u["prompt_tokens_details"] = {"cached_tokens": cached}
+    return u
+
+
+def _stream_error(e: BaseException) -> str:
+    if isinstance(e, EngineDeadError):
+        return _sse(error_body(503, str(e), code="engine_dead"))
+    if isinstance(e, APIError):
+        return _sse(error_body(e.status, e.message, e.param, e.code, e.type))
+    logger.exception("a streaming request failed", exc_info=e)
+    return _sse(error_body(500, f"internal error: {e!r}"))
+
+
+class _Context:
+    """One request's streams and its accumulation; subclasses write OpenAI's shapes."""
+
+    def __init__(self, serving: OpenAIServing, req, model: str, request_id: str, streams: list[RequestStream]):
+        self.serving = serving
+        self.req = req
+        self.model = model
+        self.id = request_id
+        self.streams = streams
+        self.created = int(time.time())
+        opts = req.stream_options
+        self.include_usage = bool(opts and opts.include_usage)
+        self.continuous_usage = bool(opts and opts.continuous_usage_stats)
+
+    def _abort_all(self) -> None:
+        for s in self.streams:
+            if not s.finished:
+                s.abort()
+
+    async def _gather(self, n: int) -> tuple[list[list[_Choice]], list[Optional[RequestOutput]]]:
+        choices = [[_Choice() for _ in range(n)] for _ in self.streams]
+        finals: list[Optional[RequestOutput]] = [None] * len(self.streams)
+        try:
+            async for i, out in _merged(self.streams):
+                for c in out.outputs:
+                    acc = choices[i][c.index]
+                    if c.text:
+                        acc.text.append(c.text)
+                    acc.token_ids.extend(c.token_ids)
+                    if c.logprobs is not None:
+                        acc.logprobs = (acc.logprobs or []) + list(c.logprobs)
+                    acc.cumulative_logprob = c.cumulative_logprob
+                    acc.finish_reason, acc.stop_reason = c.finish_reason, c.stop_reason
+                if out.finished:
+                    finals[i] = out
+        except EngineDeadError as e:
+            raise APIError(503, str(e), code="engine_dead") from e
+        finally:
+            self._abort_all()
+        return choices, finals
+
+
+class _CompletionContext(_Context):
+    def __init__(self, serving, req: CompletionRequest, model, request_id, prompts: list[_Prompt],
+                 streams, n: int, echo_only: bool):
+        super().__init__(serving, req, model, request_id, streams)
+        self.prompts = prompts
+        self.n = n
+        self.echo_only = echo_only
+
+    def _echo_logprobs(self, i: int, final: Optional[RequestOutput]):
+        p = self.prompts[i]
+        plps = final.prompt_logprobs if final is not None else None
+        if plps is None:
+            plps = [None] * len(p.token_ids)
+        return p.token_ids, list(plps) + [None] * (len(p.token_ids) - len(plps))
+
+    async def collect(self) -> dict:
+        s, req = self.serving, self.req
+        per_prompt, finals = await self._gather(self.n)
+        choices, completion_tokens = [], 0
+        for i, accs in enumerate(per_prompt):
+            p = self.prompts[i]
+            for j, acc in enumerate(accs):
+                text = "" if self.echo_only else "".join(acc.text)
+                token_ids = [] if self.echo_only else acc.token_ids
+                completion_tokens += len(token_ids)
+                logprobs = None
+                if req.logprobs is not None:
+                    ids, lps, offset = [], [], 0
+                    if req.echo:
+                        ids, lps = self._echo_logprobs(i, finals[i])
+                    if not self.echo_only:
+                        ids = list(ids) + token_ids
+                        lps = list(lps) + list(acc.logprobs or [])
+                    logprobs, _ = s.completion_logprobs(ids, lps, req.logprobs, offset)
+                if req.echo:
+                    text = p.text + text
+                choice = {"index": i * self.n + j, "text": text, "logprobs": logprobs,
+                          "finish_reason": "length" if self.echo_only else acc.finish_reason,
+                          "stop_reason": None if self.echo_only else acc.stop_reason}
+                if req.prompt_logprobs is not None and j == 0:
+                    choice["prompt_logprobs"] = s.prompt_logprobs_json(finals[i].prompt_logprobs if finals[i]
+                                                                       else None)
+                if req.return_token_ids:
+                    choice["prompt_token_ids"] = p.token_ids
+                    choice["token_ids"] = token_ids
+                choices.append(choice)
+        prompt_tokens = sum(len(p.token_ids) for p in self.prompts)
+        cached = sum(f.num_cached_tokens for f in finals if f is not None)
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": choices, "usage": _usage(prompt_tokens, completion_tokens, cached),
+                "system_fingerprint": None}
+
+    async def stream(self) -> AsyncIterator[str]:
+        s, req, n = self.serving, self.req, self.n
+        prompt_tokens = sum(len(p.token_ids) for p in self.prompts)
+        completion_tokens = 0
+        echoed: set[int] = set()
+        offsets: dict[int, int] = {}
+        head = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model}
+        try:
+            async for i, out in _merged(self.streams):
+                p = self.prompts[i]
+                for c in out.outputs:
+                    idx = i * n + c.index
+                    text = "" if self.echo_only else c.text
+                    token_ids = [] if self.echo_only else c.token_ids
+                    lp_ids, lps = [], []
+                    if req.echo and idx not in echoed and (c.token_ids or c.finish_reason):
+                        # the prompt once it is fully computed (its logprobs complete)
+                        echoed.add(idx)
+                        text = p.text + text
+                        if req.logprobs is not None:
+                            lp_ids, lps = self._echo_logprobs(i, out)
+                    completion_tokens += len(token_ids)
+                    finish = c.finish_reason if not self.echo_only else ("length" if c.finish_reason else None)
+                    if not text and not token_ids and finish is None and not lp_ids:
+                        continue
+                    if self.echo_only and not text and finish is None:
+                        continue
+                    logprobs = None
+                    if req.logprobs is not None:
+                        if not self.echo_only:
+                            lp_ids, lps = list(lp_ids) + token_ids, list(lps) + list(c.logprobs or [])
+                        logprobs, offsets[idx] = s.completion_logprobs(lp_ids, lps, req.logprobs,
+                                                                       offsets.get(idx, 0))
+                    choice = {"index": idx, "text": text, "logprobs": logprobs, "finish_reason": finish,
+                              "stop_reason": c.stop_reason if finish and not self.echo_only else None}
+                    if req.return_token_ids:
+                        choice["token_ids"] = token_ids
+                    chunk = dict(head, choices=[choice])
+                    if self.include_usage:
+                        chunk["usage"] = (_usage(prompt_tokens, completion_tokens) if self.continuous_usage
+                                          else None)
+                    yield _sse(chunk)
+            if self.include_usage:
+                yield _sse(dict(head, choices=[], usage=_usage(prompt_tokens, completion_tokens)))
+        except Exception as e:  # noqa: BLE001 - the status line is gone: report in the stream
+            yield _stream_error(e)
+        finally:
+            self._abort_all()
+        yield "data: [DONE]\n\n"
+
+
+class _ChatContext(_Context):
+    def __init__(self, serving, req: ChatCompletionRequest, model, request_id, prompt: _Prompt, stream,
+                 n: int):
+        super().__init__(serving, req, model, request_id, [stream])
+        self.prompt = prompt
+        self.n = n
+        self.top_k = req.top_logprobs or 0
+
+    async def collect(self) -> dict:
+        s, req = self.serving, self.req
+        per_prompt, finals = await self._gather(self.n)
+        choices, completion_tokens = [], 0
+        for j, acc in enumerate(per_prompt[0]):
+            completion_tokens += len(acc.token_ids)
+            logprobs = None
+            if req.logprobs:
+                logprobs = {"content": s.chat_logprobs(acc.token_ids, acc.logprobs or [], self.top_k)}
+            choice = {"index": j, "message": {"role": "assistant", "content": "".join(acc.text),
+                                              "tool_calls": []},
+                      "logprobs": logprobs, "finish_reason": acc.finish_reason, "stop_reason": acc.stop_reason}
+            if req.return_token_ids:
+                choice["token_ids"] = acc.token_ids
+            choices.append(choice)
+        final = finals[0]
+        body = {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": choices,
+                "usage": _usage(len(self.prompt.token_ids), completion_tokens,
+                                final.num_cached_tokens if final else 0),
+                "system_fingerprint": None}
+        if req.prompt_logprobs is not None:
+            body["prompt_logprobs"] = s.prompt_logprobs_json(final.prompt_logprobs if final else None)
+        if req.return_token_ids:
+            body["prompt_token_ids"] = self.prompt.token_ids
+        return body
+
+    async def stream(self) -> AsyncIterator[str]:
+        s, req = self.serving, self.req
+        prompt_tokens = len(self.prompt.token_ids)
+        completion_tokens = 0
+        head = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}
+
+        def chunk(choice: dict) -> str:
+            c = dict(head, choices=[choice])
+            if self.include_usage:
+                c["usage"] = _usage(prompt_tokens, completion_tokens) if self.continuous_usage else None
+            return _sse(c)
+
+        try:
+            for j in range(self.n):  # the role first, before any token
+                yield chunk({"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None})
+            async for _, out in _merged(self.streams):
+                for c in out.outputs:
+                    completion_tokens += len(c.token_ids)
+                    if not c.text and c.finish_reason is None and not (req.logprobs and c.token_ids):
+                        continue
+                    logprobs = None
+                    if req.logprobs:
+                        logprobs = {"content": s.chat_logprobs(c.token_ids, c.logprobs or [], self.top_k)}
+                    choice = {"index": c.index, "delta": {"content": c.text} if c.text else {},
+                              "logprobs": logprobs, "finish_reason": c.finish_reason}
+                    if c.finish_reason is not None:
+                        choice["stop_reason"] = c.stop_reason
+                    if req.return_token_ids:
+                        choice["token_ids"] = c.token_ids
+                    yield chunk(choice)
+            if self.include_usage:
+                yield _sse(dict(head, choices=[], usage=_usage(prompt_tokens, completion_tokens)))
+        except Exception as e:  # noqa: BLE001
+            yield _stream_error(e)
+        finally:
+            self._abort_all()
+        yield "data: [DONE]\n\n"

@@ -1,0 +1,41 @@
+"""Platform ops backed by the Triton kernels; the torch reference where Triton can't run."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from pageport.platforms.ops import Ops
+
+
+def _triton_runs(x: torch.Tensor) -> bool:
+    """CUDA tensors, or CPU tensors under the Triton interpreter (CI)."""
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class TritonOps(Ops):
+    """rms_norm (fused residual), neox rotary (in place on q and k), silu_and_mul.
+
+    Kernel modules import triton, so they are imported on first use only."""
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: Optional[torch.Tensor] = None):
+        if not _triton_runs(x):
+            return super().rms_norm(x, weight, eps, residual)
+        from pageport.kernels_cuda.norm import rms_norm
+        return rms_norm(x, weight, eps, residual)
+
+    def rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+               cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotates q and k in place (no copies) and returns them."""
+        if not _triton_runs(q) or q.stride(-1) != 1 or k.stride(-1) != 1:
+            return super().rotary(positions, q, k, cos_sin_cache)
+        from pageport.kernels_cuda.rotary import rotary_embedding
+        return rotary_embedding(positions, q, k, cos_sin_cache)
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        if not _triton_runs(x):
+            return super().silu_and_mul(x)
+        from pageport.kernels_cuda.activation import silu_and_mul
+        return silu_and_mul(x)

@@ -1,0 +1,310 @@
+"""Model building blocks: tensor-parallel-ready linears, embeddings, RMSNorm and rotary.
+
+The linears follow vLLM's split: a column-parallel layer shards its output features over
+the tensor-parallel group, a row-parallel layer shards its input features and all-reduces.
+At world size 1 (the only size the engine runs today) they are plain linears. Every
+parameter carries a `weight_loader(param, loaded_weight, shard_id=None)` that takes the
+*full* Hugging Face tensor and copies this rank's slice of it into place, so fused
+parameters (q|k|v, gate|up) load from the unfused checkpoint names.
+
+Norm and rotary call `ops` (the platform's fused kernels, `pageport.platforms.Ops` otherwise).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pageport.platforms.ops import Ops
+
+# Tensor parallelism ---------------------------------------------------------------------------
+_TP_RANK, _TP_SIZE = 0, 1
+
+
+def set_tensor_parallel(rank: int, size: int) -> None:
+    """Set this process's place in the tensor-parallel group before building a model.
+
+    Only (0, 1) is exercised today; the layers shard and reduce accordingly otherwise.
+    """
+    global _TP_RANK, _TP_SIZE
+    if not 0 <= rank < size:
+        raise ValueError(f"tensor-parallel rank {rank} is outside a group of {size}")
+    _TP_RANK, _TP_SIZE = rank, size
+
+
+def get_tensor_parallel() -> tuple[int, int]:
+    """(rank, size) of the tensor-parallel group."""
+    return _TP_RANK, _TP_SIZE
+
+
+def _all_reduce(x: torch.Tensor) -> torch.Tensor:
+    if _TP_SIZE > 1:
+        torch.distributed.all_reduce(x)
+    return x
+
+
+def _all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    if _TP_SIZE == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(_TP_SIZE)]
+    torch.distributed.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=-1)
+
+
+def _divide(n: int, d: int, what: str) -> int:
+    if n % d:
+        raise ValueError(f"{what} ({n}) is not divisible by the tensor-parallel size ({d})")
+    return n // d
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Create parameters in `dtype` (torch.set_default_dtype, restored on exit)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+    if tuple(param.shape) != tuple(loaded_weight.shape):
+        raise ValueError(f"weight shape {tuple(loaded_weight.shape)} does not fit parameter "
+                         f"shape {tuple(param.shape)}")
+    param.data.copy_(loaded_weight)
+
+
+def _param(*shape: int, loader=None, fill: Optional[float] = None) -> nn.Parameter:
+    data = torch.empty(*shape) if fill is None else torch.full(shape, fill)
+    p = nn.Parameter(data, requires_grad=False)
+    p.weight_loader = loader or default_weight_loader
+    return p
+
+
+# Linear layers -------------------------------------------------------------------------------------
+class LinearBase(nn.Module):
+    """y = x W^T (+ b); `tp_dim` is the weight dimension sharded over the tensor-parallel group
+    (0: output features / column-parallel, 1: input features / row-parallel, None: replicated)."""
+
+    tp_dim: Optional[int] = None
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+        super().__init__()
+        self.tp_rank, self.tp_size = get_tensor_parallel()
+        self.input_size, self.output_size = input_size, output_size
+        self.weight = _param(output_size, input_size, loader=self.weight_loader)
+        self.bias = _param(output_size, loader=self.weight_loader) if bias else None
+
+    def _shard(self, param: nn.Parameter, w: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a full checkpoint tensor."""
+        if self.tp_dim is None or self.tp_size == 1 or (param.dim() == 1 and self.tp_dim == 1):
+            return w
+        size = param.shape[self.tp_dim]
+        return w.narrow(self.tp_dim, self.tp_rank * size, size)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+        default_weight_loader(param, self._shard(param, loaded_weight))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ReplicatedLinear(LinearBase):
+    tp_dim = None
+
+
+class ColumnParallelLinear(LinearBase):
+    """Output features sharded; each rank returns its slice (no gather: the next layer is row-parallel)."""
+
+    tp_dim = 0
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+        _, tp = get_tensor_parallel()
+        super().__init__(input_size, _divide(output_size, tp, "output size"), bias)
+
+
+class RowParallelLinear(LinearBase):
+    """Input features sharded; partial products are all-reduced, the bias added once."""
+
+    tp_dim = 1
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+        _, tp = get_tensor_parallel()
+        super().__init__(_divide(input_size, tp, "input size"), output_size, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        return _all_reduce(y)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs in one matmul (gate|up). shard_id = index into output_sizes."""
+
+    def __init__(self, input_size: int, output_sizes: Sequence[int], bias: bool = False):
+        self.output_sizes = list(output_sizes)
+        super().__init__(input_size, sum(output_sizes), bias)
+
+    def weight_loader(self, param, loaded_weight, shard_id=None) -> None:
+        if shard_id is None:  # an already fused checkpoint tensor
+            return super().weight_loader(param, loaded_weight)
+        size = self.output_sizes[shard_id] // self.tp_size
+        offset = sum(self.output_sizes[:shard_id]) // self.tp_size
+        w = loaded_weight.narrow(0, self.tp_rank * size, size) if self.tp_size > 1 else loaded_weight
+        default_weight_loader(param.data.narrow(0, offset, size), w)
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Fused q|k|v projection. shard_id in "q", "k", "v". KV heads are replicated when there are
+    fewer of them than tensor-parallel ranks."""
+
+    def __init__(self, hidden_size: int, head_size: int, total_num_heads: int,
+                 total_num_kv_heads: Optional[int] = None, bias: bool = False):
+        _, tp = get_tensor_parallel()
+        total_num_kv_heads = total_num_kv_heads or total_num_heads
+        self.head_size = head_size
+        self.num_heads = _divide(total_num_heads, tp, "number of attention heads")
+        if total_num_kv_heads >= tp:
+            self.num_kv_heads = _divide(total_num_kv_heads, tp, "number of KV heads")
+            self.kv_replicas = 1
+        else:
+            self.num_kv_heads = 1
+            self.kv_replicas = _divide(tp, total_num_kv_heads, "tensor-parallel size over KV heads")
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_size * tp
+        super().__init__(hidden_size, out, bias)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_size
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_size
+
+    def weight_loader(self, param, loaded_weight, shard_id=None) -> None:
+        if shard_id is None:
+            return super().weight_loader(param, loaded_weight)
+        if shard_id == "q":
+            offset, size, rank = 0, self.q_size, self.tp_rank
+        elif shard_id in ("k", "v"):
+            offset = self.q_size + (self.kv_size if shard_id == "v" else 0)
+            size, rank = self.kv_size, self.tp_rank // self.kv_replicas
+        else:
+            raise ValueError(f"unknown qkv shard {shard_id!r}")
+        w = loaded_weight.narrow(0, rank * size, size) if self.tp_size > 1 else loaded_weight
+        default_weight_loader(param.data.narrow(0, offset, size), w)
+
+
+# Embedding and LM head -----------------------------------------------------------------------------
+class VocabParallelEmbedding(nn.Module):
+    """Embedding with the vocabulary sharded over ranks; out-of-shard ids give zeros, summed by all-reduce."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__()
+        self.tp_rank, self.tp_size = get_tensor_parallel()
+        self.num_embeddings = num_embeddings
+        self.shard_size = _divide(num_embeddings, self.tp_size, "vocabulary size")
+        self.vocab_start = self.tp_rank * self.shard_size
+        self.weight = _param(self.shard_size, embedding_dim, loader=self.weight_loader)
+
+    def weight_loader(self, param, loaded_weight, shard_id=None) -> None:
+        if self.tp_size > 1:
+            loaded_weight = loaded_weight.narrow(0, self.vocab_start, self.shard_size)
+        default_weight_loader(param, loaded_weight)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        ids = input_ids - self.vocab_start
+        mask = (ids >= 0) & (ids < self.shard_size)
+        y = F.embedding(ids.clamp(0, self.shard_size - 1), self.weight) * mask.unsqueeze(-1).to(self.weight.dtype)
+        return _all_reduce(y)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """hidden -> logits over the (gathered) vocabulary. `tie(embedding)` shares the embedding's weight."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bias: bool = False):
+        super().__init__(num_embeddings, embedding_dim)
+        self.bias = _param(self.shard_size, loader=self.weight_loader) if bias else None
+
+    def tie(self, embedding: VocabParallelEmbedding) -> None:
+        self.weight = embedding.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return _all_gather_last_dim(F.linear(hidden, self.weight, self.bias))
+
+
+# Norm and rotary ------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """RMSNorm through `ops.rms_norm`; with a residual, adds it first and returns (normed, new_residual)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, ops: Optional[Ops] = None):
+        super().__init__()
+        self.eps = eps
+        self.ops = ops or Ops()
+        self.weight = _param(hidden_size, fill=1.0)
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        return self.ops.rms_norm(x, self.weight, self.eps, residual)
+
+
+_STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
+
+
+def rope_parameters(hf_config) -> dict:
+    """The config's RoPE parameters as one dict (rope_type, rope_theta, scaling keys).
+
+    Transformers 5 standardizes `rope_scaling` + `rope_theta` of older configs into
+    `config.rope_parameters`; older transformers keep them apart.
+    """
+    params = getattr(hf_config, "rope_parameters", None)
+    if params is None:
+        params = dict(getattr(hf_config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    params = dict(params)
+    if "rope_type" not in params:
+        params["rope_type"] = params.pop("type", "default")
+    return params
+
+
+def compute_cos_sin_cache(hf_config, head_size: int, max_position: int) -> torch.Tensor:
+    """[max_position, head_size] float32, cos | sin, from transformers' own RoPE init functions."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = rope_parameters(hf_config)
+    rope_type = params["rope_type"]
+    if rope_type not in _STATIC_ROPE_TYPES:
+        raise NotImplementedError(f"rope_type {rope_type!r} needs position-dependent frequencies; "
+                                  f"supported: {', '.join(_STATIC_ROPE_TYPES)}")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise NotImplementedError("partial rotary embeddings are not supported")
+    if rope_type == "default" and "default" not in ROPE_INIT_FUNCTIONS:
+        # transformers 5 keeps the unscaled formula inside each model, not in ROPE_INIT_FUNCTIONS
+        base = params["rope_theta"]
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.int64, device="cpu").float() / head_size))
+        attention_scaling = 1.0
+    else:
+        inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+    inv_freq = inv_freq.float().cpu()
+    if inv_freq.numel() * 2 != head_size:
+        raise ValueError(f"rotary frequencies ({inv_freq.numel()}) do not fit head size {head_size}")
+    freqs = torch.arange(max_position, dtype=torch.float32, device="cpu")[:, None] * inv_freq[None, :]
+    return torch.cat((freqs.cos() * attention_scaling, freqs.sin() * attention_scaling), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style rotary embedding through `ops.rotary`; the cos|sin cache stays float32."""
+
+    def __init__(self, hf_config, head_size: int, max_position: int, ops: Optional[Ops] = None):
+        super().__init__()
+        self.head_size = head_size
+        self.ops = ops or Ops()
+        self.register_buffer("cos_sin_cache", compute_cos_sin_cache(hf_config, head_size, max_position)
+                             .to(torch.get_default_device()), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        return self.ops.rotary(positions, q, k, self.cos_sin_cache)

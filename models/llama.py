@@ -1,0 +1,198 @@
+"""The Llama family in one implementation: Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM.
+
+Differences are read from the config: qkv bias (Qwen2, `attention_bias`), per-head q/k RMSNorm
+(Qwen3), explicit `head_dim`, sliding window (Mistral; per-layer `layer_types` in Qwen),
+tied embeddings (SmolLM, small Qwen), RoPE scaling (llama3, yarn, linear via transformers).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from pageport.models.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
+                                    RotaryEmbedding, RowParallelLinear, VocabParallelEmbedding, default_dtype,
+                                    get_tensor_parallel)
+from pageport.platforms import AttentionBackend, AttentionMetadata, Platform
+from pageport.platforms.ops import Ops
+
+logger = logging.getLogger(__name__)
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _layer_windows(config) -> list[Optional[int]]:
+    """Sliding window of each layer (None = full attention)."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    n = config.num_hidden_layers
+    if not window:
+        return [None] * n
+    if types is None:  # Mistral: every layer slides
+        return [window] * n
+    return [window if t == "sliding_attention" else None for t in types]
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config, ops: Ops, rotary_emb: RotaryEmbedding, attn: AttentionBackend):
+        super().__init__()
+        _, tp = get_tensor_parallel()
+        self.head_dim = _head_dim(config)
+        qkv_bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
+        o_bias = bool(getattr(config, "attention_bias", False))
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, config.num_attention_heads,
+                                          config.num_key_value_heads, bias=qkv_bias)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=o_bias)
+        self.qk_norm = config.model_type == "qwen3"
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ops)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ops)
+        self.rotary_emb = rotary_emb  # shared by all layers
+        self.attn = attn
+
+    def forward(self, positions, hidden, kv_cache, attn_metadata):
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(-1, self.num_heads, self.head_dim)
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
+        v = v.reshape(-1, self.num_kv_heads, self.head_dim).contiguous()
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.attn.forward(q, k, v, kv_cache, attn_metadata)
+        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config, ops: Ops):
+        super().__init__()
+        if config.hidden_act != "silu":
+            raise ValueError(f"unsupported activation {config.hidden_act!r} (only silu)")
+        bias = bool(getattr(config, "mlp_bias", False))
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, bias=bias)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.ops = ops
+
+    def forward(self, x):
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config, ops, rotary_emb, attn):
+        super().__init__()
+        self.self_attn = LlamaAttention(config, ops, rotary_emb, attn)
+        self.mlp = LlamaMLP(config, ops)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+
+    def forward(self, positions, hidden, residual, kv_cache, attn_metadata):
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, attn_metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config, ops, backends: list[AttentionBackend]):
+        super().__init__()
+        head_dim = _head_dim(config)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        rotary = RotaryEmbedding(config, head_dim, config.max_position_embeddings, ops)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, ops, rotary, backends[i])
+                                    for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+
+    def forward(self, input_ids, positions, kv_caches, attn_metadata):
+        hidden, residual = self.embed_tokens(input_ids), None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden, residual = layer(positions, hidden, residual, kv_cache, attn_metadata)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """Engine interface: forward(input_ids [T], positions [T], kv_caches, attn_metadata) -> hidden [T, H];
+    compute_logits(hidden [N, H]) -> float32 [N, vocab]; load_weights(iterable of (HF name, tensor))."""
+
+    # (our fused parameter, checkpoint name, shard id)
+    stacked_params = (("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v"),
+                      ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1))
+
+    def __init__(self, hf_config, platform: Platform, dtype: torch.dtype):
+        super().__init__()
+        self.config = hf_config
+        self.dtype = dtype
+        _, tp = get_tensor_parallel()
+        self.head_size = _head_dim(hf_config)
+        self.num_layers = hf_config.num_hidden_layers
+        self.num_heads = hf_config.num_attention_heads // tp
+        self.num_kv_heads = max(1, hf_config.num_key_value_heads // tp)
+        self.sliding_windows = _layer_windows(hf_config)
+        # One backend per distinct window; a uniform model (the usual case) shares a single one.
+        by_window = {w: platform.attention_backend(self.num_heads, self.num_kv_heads, self.head_size,
+                                                   self.head_size ** -0.5, w)
+                     for w in dict.fromkeys(self.sliding_windows)}
+        self.attn_backends = [by_window[w] for w in self.sliding_windows]
+        self.attn_backend = self.attn_backends[0]
+        ops = platform.ops
+        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        with torch.device(platform.device), default_dtype(dtype):
+            self.model = LlamaModel(hf_config, ops, self.attn_backends)
+        # a tied head is built on "meta" (no memory) and then shares the embedding's weight
+        with torch.device("meta" if self.tie_word_embeddings else platform.device), default_dtype(dtype):
+            self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size)
+        if self.tie_word_embeddings:
+            self.lm_head.tie(self.model.embed_tokens)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, attn_metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load Hugging Face-named tensors; returns the names of the parameters that were filled.
+        Raises ValueError if a parameter was never loaded."""
+        params = dict(self.named_parameters())
+        loaded: dict[str, set] = {}  # parameter -> shard ids seen (None for unfused)
+        unexpected: list[str] = []
+        for name, w in weights:
+            if "rotary_emb." in name:  # inv_freq / cos_cached buffers of old checkpoints
+                continue
+            if name == "lm_head.weight" and self.tie_word_embeddings:
+                continue
+            shard = None
+            for fused, part, shard_id in self.stacked_params:
+                if f".{part}." in name:
+                    name, shard = name.replace(f".{part}.", f".{fused}."), shard_id
+                    break
+            param = params.get(name)
+            if param is None:
+                unexpected.append(name)
+                continue
+            param.weight_loader(param, w, shard)
+            loaded.setdefault(name, set()).add(shard)
+        if unexpected:
+            logger.warning("ignored %d checkpoint tensors the model does not have: %s", len(unexpected),
+                           ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else ""))
+        shards = {"qkv_proj": {"q", "k", "v"}, "gate_up_proj": {0, 1}}
+        missing = []
+        for name in params:
+            fused = name.split(".")[-2]
+            need = shards.get(fused, {None})
+            got = loaded.get(name, set())
+            if not (need <= got or (None in got)):
+                missing.append(name if not got else f"{name} (has {sorted(map(str, got))})")
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} weights: {', '.join(missing[:8])}"
+                             + (" ..." if len(missing) > 8 else ""))
+        return set(loaded)

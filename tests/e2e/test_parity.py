@@ -1,0 +1,52 @@
+"""Greedy decoding equals Transformers token for token on the default model (float32)."""
+import pytest
+
+from pageport import LLM, SamplingParams
+from tests.e2e.conftest import NEW_TOKENS
+
+GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS)
+
+
+def assert_same(outs, hf_greedy):
+    for i, (out, ref) in enumerate(zip(outs, hf_greedy)):
+        assert out.outputs[0].token_ids == ref, f"prompt {i} diverged"
+
+
+def test_one_mixed_batch_matches_transformers(llm, chat_prompts, hf_greedy):
+    assert len({len(p) for p in chat_prompts}) > 4  # mixed lengths in one batch
+    outs = llm.generate([{"prompt_token_ids": p} for p in chat_prompts], GREEDY)
+    assert_same(outs, hf_greedy)
+    assert sum(len(o.outputs[0].token_ids) for o in outs) >= 8 * 16
+
+
+def test_chunked_prefill_matches_transformers(chat_prompts, hf_greedy):
+    llm = LLM(dtype="float32", max_model_len=1024, max_num_batched_tokens=24, max_num_seqs=8)
+    outs = llm.generate([{"prompt_token_ids": p} for p in chat_prompts], GREEDY)
+    assert_same(outs, hf_greedy)
+
+
+def test_preemption_keeps_tokens_identical(chat_prompts, hf_greedy):
+    llm = LLM(dtype="float32", num_gpu_blocks_override=24, block_size=16)
+    outs = llm.generate([{"prompt_token_ids": p} for p in chat_prompts], GREEDY)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert_same(outs, hf_greedy)
+    pool = llm.engine.kv.pool
+    assert pool.num_free == pool.num_usable
+
+
+def test_chat_api_uses_the_template(llm, chat_prompts, hf_greedy):
+    from tests.e2e.conftest import CHATS
+    outs = llm.chat([[{"role": "user", "content": c}] for c in CHATS[:2]], GREEDY)
+    assert [o.prompt_token_ids for o in outs] == chat_prompts[:2]
+    assert_same(outs, hf_greedy[:2])
+    assert outs[0].outputs[0].text.strip()
+
+
+@pytest.mark.parametrize("device", ["refcpu"])
+def test_vendor_platform_generates_the_same_tokens(device, chat_prompts, hf_greedy):
+    llm = LLM(device=device, dtype="float32", max_model_len=512)
+    assert llm.engine.platform.name == device
+    outs = llm.generate([{"prompt_token_ids": p} for p in chat_prompts[:2]],
+                        SamplingParams(temperature=0, max_tokens=8))
+    for out, ref in zip(outs, hf_greedy):
+        assert out.outputs[0].token_ids == ref[:8]
