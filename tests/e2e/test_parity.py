@@ -26,7 +26,7 @@ def test_chunked_prefill_matches_transformers(chat_prompts, hf_greedy):
 
 
 def test_preemption_keeps_tokens_identical(chat_prompts, hf_greedy):
-    llm = LLM(dtype="float32", num_gpu_blocks_override=24, block_size=16)
+    llm = LLM(dtype="float32", num_gpu_blocks_override=16, block_size=16)  # shared system prompt: 16 forces preemption
     outs = llm.generate([{"prompt_token_ids": p} for p in chat_prompts], GREEDY)
     assert llm.engine.scheduler.num_preemptions > 0
     assert_same(outs, hf_greedy)
