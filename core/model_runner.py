@@ -36,6 +36,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
+        self.graphs = None  # the platform's GraphRunner, if it has one
 
     # KV cache -------------------------------------------------------------------------
     def kv_block_bytes(self) -> int:
@@ -76,6 +77,10 @@ class ModelRunner:
         shape = m.attn_backend.kv_cache_shape(num_blocks, self.block_size, m.num_kv_heads, m.head_size)
         self.kv_caches = [torch.zeros(shape, dtype=self.config.dtype, device=self.device)
                           for _ in range(m.num_layers)]
+        if not self.config.enforce_eager:
+            self.graphs = self.platform.graph_runner(m, self.kv_caches, self.config)
+            if self.graphs is not None:
+                self.graphs.capture()
 
     # one step ------------------------------------------------------------------------------
     def _metadata(self, query_lens: list[int], seq_lens: list[int], block_rows: list[list[int]],
@@ -115,10 +120,11 @@ class ModelRunner:
             seq_lens.append(end)
             block_rows.append(blocks)
         md = self._metadata(query_lens, seq_lens, block_rows, slots)
-        md = self.model.attn_backend.build_metadata(md)
-        hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=self.device),
-                            torch.tensor(positions, dtype=torch.long, device=self.device),
-                            self.kv_caches, md)
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        hidden = self.graphs.run(ids, pos, md) if self.graphs is not None else None
+        if hidden is None:
+            hidden = self.model(ids, pos, self.kv_caches, self.model.attn_backend.build_metadata(md))
 
         results = [StepResult(s.request.request_id, None) for s in sched.scheduled]
         sampling = [i for i, s in enumerate(sched.scheduled) if s.samples]

@@ -1,8 +1,8 @@
 """The Platform/AttentionBackend interfaces and --device selection."""
-from pageport.platforms.interface import AttentionBackend, AttentionMetadata, Platform
+from pageport.platforms.interface import AttentionBackend, AttentionMetadata, GraphRunner, Platform
 from pageport.platforms.ops import Ops
 from pageport.platforms.selection import (PlatformInfo, UnknownDeviceError, list_platforms,
                                           platforms_table, resolve_platform)
 
-__all__ = ["AttentionBackend", "AttentionMetadata", "Platform", "Ops", "PlatformInfo", "UnknownDeviceError",
+__all__ = ["AttentionBackend", "AttentionMetadata", "GraphRunner", "Platform", "Ops", "PlatformInfo", "UnknownDeviceError",
            "list_platforms", "platforms_table", "resolve_platform"]

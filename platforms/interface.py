@@ -157,4 +157,19 @@ class Platform:
                           softcap: Optional[float] = None) -> AttentionBackend:
         raise NotImplementedError(f"platform {self.name} offers no attention backend")
 
-    graph_runner: Any = None  # optional: captures decode steps (CUDA/HIP graphs, XLA)
+    def graph_runner(self, model: Any, kv_caches: list[torch.Tensor],
+                     config: "EngineConfig") -> Optional["GraphRunner"]:
+        """Optional: something that runs steps faster than eager (CUDA/HIP graphs, XLA buckets)."""
+        return None
+
+
+class GraphRunner:
+    """Runs the model for the steps it can (captured graphs, compiled shape buckets)."""
+
+    def capture(self) -> None:
+        """Called once after the KV cache is allocated, before the first request."""
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
+            metadata: AttentionMetadata) -> Optional[torch.Tensor]:
+        """Hidden states [num_actual_tokens, hidden] for this step, or None to let the runner go eager."""
+        return None

@@ -1,0 +1,81 @@
+"""CUDA graphs for decode steps: captured once per batch size, replayed with padded inputs.
+
+Also used by the ROCm platform (torch's graph API is the same on HIP).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from pageport.platforms import AttentionMetadata, GraphRunner
+
+
+def capture_sizes(max_num_seqs: int, limit: int = 256) -> list[int]:
+    top = min(max_num_seqs, limit)
+    sizes = [s for s in (1, 2, 4, 8) if s <= top] + list(range(16, top + 1, 16))
+    return sizes if sizes[-1] == top else sizes + [top]
+
+
+class CudaGraphRunner(GraphRunner):
+    """Decode-only steps (one query token per sequence) up to the largest captured batch.
+
+    Padding rows write to slot -1 (skipped) and attend to one token of the null block 0,
+    so their outputs are finite and ignored.
+    """
+
+    def __init__(self, model, kv_caches: list[torch.Tensor], config):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.sizes = capture_sizes(config.max_num_seqs)
+        self.block_size = config.block_size
+        self.max_seq_len = config.max_model_len
+        n, dev = self.sizes[-1], kv_caches[0].device
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.long, device=dev)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        self.block_table = torch.zeros(n, math.ceil(self.max_seq_len / self.block_size), dtype=torch.int32,
+                                       device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+
+    def _metadata(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            num_actual_tokens=bs, query_start_loc=self.query_start_loc[:bs + 1], seq_lens=self.seq_lens[:bs],
+            block_table=self.block_table[:bs], slot_mapping=self.slot_mapping[:bs], max_query_len=1,
+            max_seq_len=self.max_seq_len, query_start_loc_cpu=list(range(bs + 1)),
+            seq_lens_cpu=[self.max_seq_len] * bs, block_size=self.block_size)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        pool = None
+        for bs in tqdm(list(reversed(self.sizes)), desc="Capturing CUDA graphs", leave=False):
+            md = self.model.attn_backend.build_metadata(self._metadata(bs))
+            args = (self.input_ids[:bs], self.positions[:bs], self.kv_caches, md)
+            self.model(*args)  # warm-up: compile kernels outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[bs] = self.model(*args)
+            pool = graph.pool()
+            self.graphs[bs] = graph
+        torch.cuda.synchronize()
+
+    def run(self, input_ids, positions, md: AttentionMetadata):
+        n = md.num_seqs
+        if md.max_query_len != 1 or n > self.sizes[-1] or md.max_seq_len > self.max_seq_len:
+            return None
+        bs = next(s for s in self.sizes if s >= n)
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(positions)
+        self.slot_mapping[:n].copy_(md.slot_mapping)
+        self.slot_mapping[n:bs].fill_(-1)
+        self.seq_lens[:n].copy_(md.seq_lens)
+        self.seq_lens[n:bs].fill_(1)
+        self.block_table[:n, :md.block_table.shape[1]].copy_(md.block_table)
+        self.block_table[n:bs, 0].fill_(0)
+        self.graphs[bs].replay()
+        return self.outputs[bs][:n]
