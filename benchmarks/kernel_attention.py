@@ -2,8 +2,9 @@
 
     python benchmarks/kernel_attention.py --out benchmarks/results/kernel_attention.json
 
-Decode batch (one query token per sequence), every sequence at the same context, block tables
-of scattered random block ids. For each context: a correctness check of every launch config
+Decode batch (one query token per sequence; --batch 64 by default, a list such as 1,8,64 shows
+the split-KV heuristic at work), every sequence at the same context, block tables of scattered
+random block ids. For each context: a correctness check of every launch config
 against a float32 torch reference, then medians (triton.testing.do_bench, L2 flushed between
 runs) of
   paged       the backend's default launch (what the engine runs),
@@ -33,7 +34,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="JSON result file")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", default="64", help="comma-separated batch sizes (e.g. 1,8,64 to see split-KV at work)")
     p.add_argument("--contexts", default="1024,4096,8192", help="comma-separated context lengths")
     p.add_argument("--num-heads", type=int, default=32)
     p.add_argument("--num-kv-heads", type=int, default=8)
@@ -48,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--check-only", action="store_true", help="correctness of every config, no timing")
     args = p.parse_args(argv)
     args.context_list = [int(c) for c in args.contexts.split(",") if c]
+    args.batch_list = [int(b) for b in args.batch.split(",") if b]
     args.torch_dtype = DTYPES[args.dtype]
     return args
 
@@ -96,10 +98,10 @@ def run_paged(inp, config, out=None, workspace=None):
                            config=config, workspace=workspace)
 
 
-def default_launch(args, ctx, device):
+def default_launch(args, batch, ctx, device):
     from pageport.kernels_cuda.paged_attention import default_config
     return default_config(group=args.num_heads // args.num_kv_heads, head_size=args.head_size, max_query_len=1,
-                          num_seqs=args.batch, num_kv_heads=args.num_kv_heads, max_seq_len=ctx,
+                          num_seqs=batch, num_kv_heads=args.num_kv_heads, max_seq_len=ctx,
                           device=torch.device(device))
 
 
@@ -153,10 +155,10 @@ def copy_bandwidth(mib, device):
     return 2 * src.numel() / (ms * 1e-3)
 
 
-def kv_bytes(args, ctx):
+def kv_bytes(args, batch, ctx):
     elem = torch.empty((), dtype=args.torch_dtype).element_size()
-    kv = 2 * args.batch * ctx * args.num_kv_heads * args.head_size * elem
-    return kv + 2 * args.batch * args.num_heads * args.head_size * elem
+    kv = 2 * batch * ctx * args.num_kv_heads * args.head_size * elem
+    return kv + 2 * batch * args.num_heads * args.head_size * elem
 
 
 def main(argv=None) -> dict:
@@ -165,22 +167,22 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     result = {"benchmark": "paged decode attention", "device": _device_name(device), "torch": torch.__version__,
               "triton": _triton_version(), "shape": {k: getattr(args, k) for k in (
-                  "batch", "num_heads", "num_kv_heads", "head_size", "block_size", "dtype")},
-              "check_only": args.check_only, "contexts": {}}
+                  "num_heads", "num_kv_heads", "head_size", "block_size", "dtype")},
+              "check_only": args.check_only, "runs": []}
     if not args.check_only:
         result["copy_bandwidth_GBps"] = copy_bandwidth(args.copy_mib, device) / 1e9
         print(f"device-to-device copy: {result['copy_bandwidth_GBps']:.0f} GB/s (read + write)")
     flex = None if args.no_flex or args.check_only else _compiled_flex()
 
-    for ctx in args.context_list:
-        inp = make_inputs(args.batch, ctx, args.num_heads, args.num_kv_heads, args.head_size, args.block_size,
+    for batch, ctx in [(b, c) for b in args.batch_list for c in args.context_list]:
+        inp = make_inputs(batch, ctx, args.num_heads, args.num_kv_heads, args.head_size, args.block_size,
                           args.torch_dtype, device, args.seed)
         k, v = gather_dense(inp)
         ref = reference(inp, k, v)
-        default = default_launch(args, ctx, device)
+        default = default_launch(args, batch, ctx, device)
         configs = [default] if args.no_sweep else sweep_configs(default)
-        nbytes = kv_bytes(args, ctx)
-        entry = {"bytes": nbytes, "default_config": config_dict(default), "sweep": []}
+        nbytes = kv_bytes(args, batch, ctx)
+        entry = {"batch": batch, "context": ctx, "bytes": nbytes, "default_config": config_dict(default), "sweep": []}
         for c in configs:
             row = config_dict(c)
             try:
@@ -196,7 +198,7 @@ def main(argv=None) -> dict:
             entry["sweep"].append(row)
         for r in entry["sweep"]:
             if not r["correct"]:
-                print(f"ctx {ctx}: launch failed or wrong: {r}", file=sys.stderr)
+                print(f"batch {batch} ctx {ctx}: launch failed or wrong: {r}", file=sys.stderr)
         if not args.check_only:
             entry["paged"] = entry["sweep"][0]
             timed = [r for r in entry["sweep"] if "ms" in r]
@@ -206,7 +208,7 @@ def main(argv=None) -> dict:
             for r in timed + list(entry["peers"].values()):
                 if "GBps" in r:
                     r["frac_of_copy"] = r["GBps"] / copy
-        result["contexts"][str(ctx)] = entry
+        result["runs"].append(entry)
         del inp, k, v, ref
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -261,8 +263,8 @@ def _triton_version():
 def _print_table(result):
     copy = result.get("copy_bandwidth_GBps")
     print(f"\n{result['device']}  {result['shape']}" + (f"  copy {copy:.0f} GB/s" if copy else ""))
-    for ctx, e in result["contexts"].items():
-        print(f"\ncontext {ctx}")
+    for e in result["runs"]:
+        print(f"\nbatch {e['batch']}, context {e['context']}")
         print(f"  {'launch':46s} {'ms':>8s} {'GB/s':>8s} {'%copy':>6s} {'err':>9s}")
         for r in e["sweep"]:
             name = (f"{'decode' if r['decode'] else 'unified'} m{r['block_m']} tile{r['tile_n']} "

@@ -129,8 +129,7 @@ class ModelRunner:
         results = [StepResult(s.request.request_id, None) for s in sched.scheduled]
         sampling = [i for i, s in enumerate(sched.scheduled) if s.samples]
         if sampling:
-            last_rows = torch.tensor([md.query_start_loc_cpu[i + 1] - 1 for i in sampling], device=self.device)
-            logits = self.model.compute_logits(hidden[last_rows])
+            logits = self._logits(hidden, [md.query_start_loc_cpu[i + 1] - 1 for i in sampling])
             out = self.sampler(logits, [sched.scheduled[i].request for i in sampling])
             for k, i in enumerate(sampling):
                 results[i].token_id = out.token_ids[k]
@@ -142,6 +141,15 @@ class ModelRunner:
                 results[i].prompt_logprobs = self._prompt_logprobs(hidden, md, i, s.request, s.num_tokens)
         return results
 
+    def _logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """float32 logits of these rows of `hidden`; a GraphRunner with `compute_logits` may produce them
+        (e.g. the XLA runner, in compiled shape buckets, on the host) or return None to leave it here."""
+        if self.graphs is not None and hasattr(self.graphs, "compute_logits"):
+            logits = self.graphs.compute_logits(hidden, rows)
+            if logits is not None:
+                return logits
+        return self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
+
     def _prompt_logprobs(self, hidden, md, i, r, n) -> list[dict[int, Logprob]]:
         """Logprobs of prompt tokens p+1 given p, for the prompt positions in this chunk."""
         start = r.num_computed_tokens
@@ -149,6 +157,6 @@ class ModelRunner:
         if end <= start:
             return []
         row0 = md.query_start_loc_cpu[i]
-        logits = self.model.compute_logits(hidden[row0:row0 + end - start])
+        logits = self._logits(hidden, list(range(row0, row0 + end - start)))
         nxt = torch.tensor(r.prompt_token_ids[start + 1:end + 1], device=logits.device)
         return prompt_logprobs(logits, nxt, r.params.prompt_logprobs)

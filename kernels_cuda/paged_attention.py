@@ -144,7 +144,7 @@ def _paged_attention_kernel(
         tl.store(out_ptr + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     else:
-        part = ((q_start + tok) * num_heads + head) * NUM_SPLITS + split
+        part = ((q_start + tok).to(tl.int64) * num_heads + head) * NUM_SPLITS + split
         tl.store(part_out_ptr + part[:, None] * HEAD_PAD + d[None, :], o, mask=row_ok[:, None])
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
         tl.store(part_lse_ptr + part, lse, mask=row_ok)
@@ -158,7 +158,7 @@ def _merge_splits_kernel(out_ptr, part_out_ptr, part_lse_ptr, num_heads, stride_
     h = tl.program_id(1)
     s = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, HEAD_PAD)
-    base = (t * num_heads + h) * NUM_SPLITS
+    base = (t.to(tl.int64) * num_heads + h) * NUM_SPLITS
     lse = tl.load(part_lse_ptr + base + s, mask=s < NUM_SPLITS, other=float("-inf"))
     m = tl.max(lse, axis=0)
     m = tl.where(m == float("-inf"), 0.0, m)

@@ -103,6 +103,21 @@ class CudaPlatform(Platform):
             raise ValueError(f"cuda: compute capability {cap[0]}.{cap[1]} has no bfloat16 (needs 8.0); "
                              "use --dtype float16")
 
+    def profile_peak_bytes(self, run) -> int:
+        """Peak memory one worst-case step allocates beyond what is already held (weights)."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.index)
+        base = torch.cuda.memory_allocated(self.index)
+        run()
+        self.synchronize()
+        peak = torch.cuda.max_memory_allocated(self.index) - base
+        torch.cuda.empty_cache()
+        return peak
+
+    def graph_runner(self, model, kv_caches, config):
+        from pageport.kernels_cuda.graphs import CudaGraphRunner
+        return CudaGraphRunner(model, kv_caches, config)
+
     def attention_backend(self, num_heads, num_kv_heads, head_size, scale, sliding_window=None, softcap=None):
         from pageport.kernels_cuda.attention import TritonPagedAttention
         return TritonPagedAttention(num_heads, num_kv_heads, head_size, scale, sliding_window, softcap)

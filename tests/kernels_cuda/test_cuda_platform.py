@@ -1,6 +1,7 @@
 """The CUDA platform's identity and probes; on this CPU-only torch it must say why it can't run."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -88,3 +89,16 @@ def test_attention_backend():
     assert be.kv_cache_shape(100, 16, 8, 128) == (2, 100, 16, 8, 128)
     with pytest.raises(ValueError):
         CudaPlatform().attention_backend(30, 8, 128, 1.0)
+
+
+def test_importable_without_triton():
+    """With triton absent, the plugin, platform, ops and backend modules still import; the
+    platform reports itself unavailable and the ops fall back to torch."""
+    code = ("import sys; sys.modules['triton'] = None; import torch; "
+            "from pageport.kernels_cuda import plugin, platform, ops, attention; "
+            "[c] = plugin.pageport_platforms(); r = c.unavailable_reason(); assert r, r; "
+            "x = torch.randn(2, 8); assert torch.equal(c.ops.silu_and_mul(x), ops.Ops().silu_and_mul(x)); "
+            "print('ok', r)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr

@@ -1,0 +1,1 @@
+"""TPU platform via XLA (torch-xla / PJRT): Pallas ragged paged attention, static shape buckets."""
