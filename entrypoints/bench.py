@@ -48,6 +48,8 @@ def register(subparsers) -> None:
         sp = sub.add_parser(cmd.name, help=cmd.help)
         cmd.add_cli_args(sp)
         sp.set_defaults(func=cmd.run)
+    from pageport.entrypoints import bench_offline  # throughput, latency: offline, with peers
+    bench_offline.register(sub)
 
 
 # shared helpers ------------------------------------------------------------------------------------------

@@ -50,7 +50,10 @@ class XlaPagedAttention(AttentionBackend):
 
     def write_kv(self, k, v, kv_cache, slot_mapping):
         kv = self.layout.pack_kv(k, v).to(kv_cache.dtype)
-        kv_cache.view(-1, kv_cache.shape[2], kv_cache.shape[3]).index_copy_(0, slot_mapping, kv)
+        # in place on the cache tensor itself, not through a view: torch-xla then aliases the cache's
+        # buffer with the step's output (an update through a view copies all of it, every step)
+        block_size = kv_cache.shape[1]
+        kv_cache.index_put_((slot_mapping // block_size, slot_mapping % block_size), kv)
 
     def forward(self, q, k, v, kv_cache, metadata: Union[AttentionMetadata, PaddedStep]):
         step = self.build_metadata(metadata)

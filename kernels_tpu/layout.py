@@ -112,6 +112,12 @@ class KVLayout:
         v = kv_cache[:, :, 1::2, :][:, :, :self.num_kv_heads, :self.head_size]
         return k, v
 
+    def heads_major(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V pages as [Hkv, num_blocks, block_size, D]: the layout of the decode-only Pallas
+        ``paged_attention`` kernels (JAX's TPU and GPU ones, torch-xla's ``paged_attention``)."""
+        k, v = self.unpack_cache(kv_cache)
+        return k.permute(2, 0, 1, 3).contiguous(), v.permute(2, 0, 1, 3).contiguous()
+
 
 # --- buckets ------------------------------------------------------------------------------------------
 def buckets(max_size: int, minimum: int) -> list[int]:

@@ -23,7 +23,7 @@ if [ "$MODE" = full ]; then
   bench tp_1b_hf_b64 $TP --backend hf --hf-batch-size 64 --num-prompts 128
   bench tp_1b_hf_b256 $TP --backend hf --hf-batch-size 256 --num-prompts 256
   bench tp_1b_hfcb $TP --backend hf-cb --num-prompts 256
-  for shape in qwen2.5-0.5b llama-3.1-8b; do
+  for shape in ${SHAPES-qwen2.5-0.5b llama-3.1-8b}; do
     python3 scripts/make_checkpoint.py benchmarks/configs/$shape.json /tmp/$shape
     bench tp_${shape}_pageport throughput --model /tmp/$shape --dtype bfloat16 --input-len 1024 --output-len 128 --backend pageport --num-prompts 1000
   done
