@@ -112,7 +112,8 @@ def run_hf_cb(args, config: EngineConfig, prompts):
         t = time.perf_counter()
         res = model.generate_batch(inputs=prompts, generation_config=gen)
         dt = time.perf_counter() - t
-    return dt, [len(r.generated_tokens) for r in res.values()], {}
+    lens = [len(r.generated_tokens) for r in res.values()]
+    return dt, lens, {"failed_requests": len(prompts) - sum(1 for n in lens if n > 0)}
 
 
 def run_llama_cpp(args, config: EngineConfig, prompts):

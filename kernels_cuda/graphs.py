@@ -41,6 +41,7 @@ class CudaGraphRunner(GraphRunner):
                                        device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.metadata: dict = {}  # keeps each graph's backend buffers (split-KV workspace) alive
 
     def _metadata(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -53,7 +54,7 @@ class CudaGraphRunner(GraphRunner):
     def capture(self) -> None:
         pool = None
         for bs in tqdm(list(reversed(self.sizes)), desc="Capturing CUDA graphs", leave=False):
-            md = self.model.attn_backend.build_metadata(self._metadata(bs))
+            md = self.metadata[bs] = self.model.attn_backend.build_metadata(self._metadata(bs))
             args = (self.input_ids[:bs], self.positions[:bs], self.kv_caches, md)
             self.model(*args)  # warm-up: compile kernels outside the capture
             torch.cuda.synchronize()

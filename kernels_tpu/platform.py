@@ -27,7 +27,7 @@ from pageport.platforms import Platform
 
 logger = logging.getLogger(__name__)
 
-CACHE_ENV = "PAGEPORT_XLA_CACHE_DIR"  # persistent compilation cache; "" disables it
+CACHE_ENV = "PAGEPORT_XLA_CACHE_DIR"  # persistent compilation cache directory; "" disables it
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "pageport" / "xla"
 DEFAULT_XLA_KV_BYTES = 1 << 30  # non-TPU PJRT devices: a fixed budget (the CPU platform uses 4 GiB)
 
@@ -124,8 +124,8 @@ class XlaPlatform(Platform):
     def device_name(self) -> str:
         if self.on_tpu:
             try:
-                import torch_xla
-                return str(torch_xla.tpu.get_tpu_type())
+                from torch_xla._internal import tpu
+                return str(tpu.get_tpu_type())
             except Exception:
                 return "TPU"
         return f"XLA on PJRT {self.pjrt_device()}"
@@ -162,8 +162,12 @@ class XlaPlatform(Platform):
         super().check_config(config)
         if config.kv_cache_memory_bytes is None and not self.on_tpu:
             config.kv_cache_memory_bytes = DEFAULT_XLA_KV_BYTES
-        # before any tensor is created: the cache must exist before the first compilation
-        path = os.environ.get(CACHE_ENV, str(DEFAULT_CACHE_DIR))
+        # before any tensor is created: the cache must exist before the first compilation. On by default
+        # where PJRT can load compiled executables back (TPU, CUDA); the CPU client cannot ("Deserializing
+        # serialized executable not supported"), so there it is used only when PAGEPORT_XLA_CACHE_DIR asks.
+        path = os.environ.get(CACHE_ENV)
+        if path is None and self.pjrt_device() in ("TPU", "CUDA", "GPU"):
+            path = str(DEFAULT_CACHE_DIR)
         if path:
             used = _init_cache(path)
             if used:

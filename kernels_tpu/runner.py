@@ -64,7 +64,8 @@ class XlaGraphRunner(GraphRunner):
         self.hidden_size = model.config.hidden_size
         self._hidden: Optional[torch.Tensor] = None  # last forward's hidden states, [max bucket, hidden]
         self._returned = None  # weakref to the view run() handed out
-        self.compiles_at_capture: Optional[int] = None
+        self.compiles_at_capture: Optional[int] = None  # this process's XLA compilations once capture() ended
+        self.compiles_in_capture: Optional[int] = None  # those capture() did (loading + every bucket)
         self.capture_seconds = 0.0
         backend = model.attn_backend
         if not getattr(backend, "use_kernel", False):
@@ -82,6 +83,7 @@ class XlaGraphRunner(GraphRunner):
     def capture(self) -> None:
         import torch_xla
         t0 = time.perf_counter()
+        before = compile_count()
         torch_xla.sync()  # weights and the zeroed KV caches become device data first
         shapes = [("tokens", t) for t in self.token_buckets] + [("rows", r) for r in self.row_buckets]
         with _no_inference_mode():
@@ -92,9 +94,10 @@ class XlaGraphRunner(GraphRunner):
                     self._logits([0] * size)
         self.capture_seconds = time.perf_counter() - t0
         self.compiles_at_capture = compile_count()
-        logger.info("XLA: %d token buckets %s and %d logits buckets %s ready in %.1f s (%d compilations so far)",
+        self.compiles_in_capture = self.compiles_at_capture - before
+        logger.info("XLA: %d token buckets %s and %d logits buckets %s compiled in %.1f s (%d compilations)",
                     len(self.token_buckets), self.token_buckets, len(self.row_buckets), self.row_buckets,
-                    self.capture_seconds, self.compiles_at_capture)
+                    self.capture_seconds, self.compiles_in_capture)
 
     def _dummy(self, num_tokens: int):
         step = pad_step([0], [], torch.zeros(0, self.width, dtype=torch.int32), torch.zeros(0, dtype=torch.int64),

@@ -13,7 +13,8 @@ python3 -m pytest -q -m gpu tests/kernels_cuda tests/e2e/test_gpu.py -p no:cache
 
 bench() {  # name, args...
   local name=$1; shift
-  timeout 900 pageport bench "$@" --output-json /tmp/pp/$name.json 2>&1 | grep -v "it/s\]\|Processed\|Loading\|Capturing" | tail -4
+  timeout 900 pageport bench "$@" --output-json /tmp/pp/$name.json > /tmp/pp/$name.log 2>&1
+  grep -v "it/s\]\|Processed\|Loading\|Capturing\|^\s*$" /tmp/pp/$name.log | tail -${BENCH_TAIL:-3}
 }
 python3 scripts/make_checkpoint.py benchmarks/configs/llama-3.2-1b.json /tmp/llama1b
 TP="throughput --model /tmp/llama1b --dtype bfloat16 --input-len 1024 --output-len 128"
@@ -35,3 +36,4 @@ res = {os.path.basename(f)[:-5]: json.load(open(f)) for f in sorted(glob.glob("/
 json.dump(res, open(os.path.join(sys.argv[1], "gpu_results.json"), "w"), indent=2)
 print("collected:", ", ".join(res))
 PY
+tar czf "$OUT/logs.tgz" -C /tmp/pp $(cd /tmp/pp && ls *.log 2>/dev/null)

@@ -45,7 +45,7 @@ def test_jax_ragged_reference_reads_our_step(i):
     for dtype in (jnp.float32, jnp.bfloat16):  # our padded heads tile in every dtype the kernel packs
         rpa.kernel.get_min_heads_per_blk(lay.num_heads_padded, lay.combined_heads, dtype, dtype)
     out = rpa.ref_ragged_paged_attention(*args, sm_scale=scale, sliding_window=case.sliding_window)
-    out = torch.from_numpy(np.asarray(out))
+    out = torch.from_numpy(np.array(out))
     n = step.num_actual_tokens
     assert out.shape[0] == n  # it stops at cu_q_lens[num_seqs]: padded rows are not computed
     assert (lay.unpad_out(out).double() - ref).abs().max() < 1e-5
@@ -73,7 +73,7 @@ def test_tpu_paged_attention_in_interpret_mode():
     with pltpu.force_tpu_interpret_mode():
         out = paged_attention(_j(q * case.head_size ** -0.5), _j(k_pages), _j(v_pages), _j(step.kv_lens),
                               _j(step.page_indices), pages_per_compute_block=2)
-    err = (torch.from_numpy(np.asarray(out)).double() - ref).abs().max().item()
+    err = (torch.from_numpy(np.array(out)).double() - ref).abs().max().item()
     assert err < 2e-2, err  # K/V go through bfloat16 inside the kernel
 
 
@@ -83,5 +83,5 @@ def test_gpu_pallas_paged_attention_interpret():
     case, step, q, ref, k_pages, v_pages = _decode_case(2)
     out = paged_attention(_j(q * case.head_size ** -0.5), _j(k_pages), _j(v_pages), _j(step.page_indices),
                           _j(step.kv_lens), block_h=16, pages_per_compute_block=2, k_splits=2, interpret=True)
-    err = (torch.from_numpy(np.asarray(out)).double() - ref).abs().max().item()
+    err = (torch.from_numpy(np.array(out)).double() - ref).abs().max().item()
     assert err < 1e-5, err
