@@ -107,7 +107,7 @@ def run_hf_cb(args, config: EngineConfig, prompts):
     from transformers import GenerationConfig
     gen = GenerationConfig(max_new_tokens=args.output_len, do_sample=False, eos_token_id=None if args.ignore_eos
                            else model.generation_config.eos_token_id, pad_token_id=0)
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: generate_batch updates its cache from a worker thread
         model.generate_batch(inputs=prompts[:2], generation_config=gen)  # warm-up
         t = time.perf_counter()
         res = model.generate_batch(inputs=prompts, generation_config=gen)

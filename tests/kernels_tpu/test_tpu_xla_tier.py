@@ -139,8 +139,9 @@ def test_no_compilation_after_warmup(engines):
     graphs = xla.engine.runner.graphs
     start = graphs.compiles_at_capture
     assert start is not None and compile_count() == start
-    # capture compiled one program per token bucket and per logits bucket, plus the loaded weights
-    assert graphs.compiles_in_capture == len(graphs.token_buckets) + len(graphs.row_buckets) + 1
+    # capture compiled one program per token bucket and per logits bucket (+ one materializing the weights)
+    programs = len(graphs.token_buckets) + len(graphs.row_buckets)
+    assert programs <= graphs.compiles_in_capture <= programs + 1
     greedy = SamplingParams(temperature=0, max_tokens=16)
     long_prompt = " ".join(f"item {i}," for i in range(100))  # ~300 tokens: chunked prefill beside decodes
     batches = {
