@@ -189,7 +189,7 @@ class LaunchConfig:
 
 # Split-KV aims for this many programs per SM on decode batches, and gives each split at least
 # MIN_SPLIT_TOKENS keys so the merge stays cheap relative to the attention itself.
-TARGET_PROGRAMS_PER_SM = 4
+TARGET_PROGRAMS_PER_SM = 2  # H100 sweep: batch 64 x 8 KV heads runs fastest unsplit (benchmarks/results)
 MIN_SPLIT_TOKENS = 512
 MAX_SPLITS = 32
 

@@ -67,7 +67,7 @@ def test_cuda_graphs_on_and_off_agree(checkpoint):
     from pageport import LLM, SamplingParams
     path, _ = checkpoint
     ps = [{"prompt_token_ids": p} for p in prompts(24)]
-    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=2)
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=5)
     eager = LLM(str(path), device="cuda", dtype="bfloat16", gpu_memory_utilization=0.3, enforce_eager=True)
     a = [o.outputs[0] for o in eager.generate(ps, params)]
     del eager
@@ -79,9 +79,9 @@ def test_cuda_graphs_on_and_off_agree(checkpoint):
     for oa, ob in zip(a, b):
         for x, y, la, lb in zip(oa.token_ids, ob.token_ids, oa.logprobs, ob.logprobs):
             if x != y:
-                gap_a = la[x].logprob - la[y].logprob if y in la else None
-                gap_b = lb[y].logprob - lb[x].logprob if x in lb else None
-                assert gap_a is not None and gap_a < 0.05 and gap_b is not None and gap_b < 0.05
+                # each run's choice is within 0.05 nats of the other's among its own top 5
+                assert y in la and la[x].logprob - la[y].logprob < 0.05
+                assert x in lb and lb[y].logprob - lb[x].logprob < 0.05
                 break
             assert abs(la[x].logprob - lb[x].logprob) < 0.05
             compared += 1

@@ -13,7 +13,7 @@ from pageport.kernels_tpu.layout import (KVLayout, PaddedStep, buckets, pad_step
                                          padded_kv_heads, pick_bucket, reference_ragged_paged_attention,
                                          xla_native_paged_attention)
 from pageport.plugins import conformance
-from pageport.plugins.conformance import Case, build_metadata, reference_attention
+from pageport.plugins.conformance import Case, build_metadata
 from pageport.platforms import Platform
 
 from .helpers import random_step
