@@ -34,19 +34,22 @@ class TritonPagedAttention(AttentionBackend):
 
     name = "triton-paged"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, tuning=None, **kwargs):
+        """tuning: a paged_attention.LaunchTuning (the platform's launch choices; CUDA's when None).
+        The ROCm and XPU platforms run this same backend with their own tuning."""
         super().__init__(*args, **kwargs)
+        self.tuning = tuning
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1, got {self.sliding_window}")
 
     def build_metadata(self, metadata: AttentionMetadata) -> TritonAttentionMetadata:
-        from pageport.kernels_cuda.paged_attention import default_config
+        from pageport.kernels_cuda.paged_attention import CUDA_TUNING, default_config
         config = default_config(group=self.num_heads // self.num_kv_heads, head_size=self.head_size,
                                 max_query_len=metadata.max_query_len, num_seqs=metadata.num_seqs,
                                 num_kv_heads=self.num_kv_heads, max_seq_len=metadata.max_seq_len,
-                                device=metadata.seq_lens.device)
+                                device=metadata.seq_lens.device, tuning=self.tuning or CUDA_TUNING)
         return TritonAttentionMetadata(metadata, config)
 
     def write_kv(self, k, v, kv_cache, slot_mapping):

@@ -17,11 +17,15 @@ def _triton_runs(x: torch.Tensor) -> bool:
 class TritonOps(Ops):
     """rms_norm (fused residual), neox rotary (in place on q and k), silu_and_mul.
 
-    Kernel modules import triton, so they are imported on first use only."""
+    Kernel modules import triton, so they are imported on first use only. Subclasses for other
+    Triton targets (ROCm tensors are "cuda" tensors already; XPU) override `runs_triton`."""
+
+    def runs_triton(self, x: torch.Tensor) -> bool:
+        return _triton_runs(x)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: Optional[torch.Tensor] = None):
-        if not _triton_runs(x):
+        if not self.runs_triton(x):
             return super().rms_norm(x, weight, eps, residual)
         from pageport.kernels_cuda.norm import rms_norm
         return rms_norm(x, weight, eps, residual)
@@ -29,13 +33,13 @@ class TritonOps(Ops):
     def rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotates q and k in place (no copies) and returns them."""
-        if not _triton_runs(q) or q.stride(-1) != 1 or k.stride(-1) != 1:
+        if not self.runs_triton(q) or q.stride(-1) != 1 or k.stride(-1) != 1:
             return super().rotary(positions, q, k, cos_sin_cache)
         from pageport.kernels_cuda.rotary import rotary_embedding
         return rotary_embedding(positions, q, k, cos_sin_cache)
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
-        if not _triton_runs(x):
+        if not self.runs_triton(x):
             return super().silu_and_mul(x)
         from pageport.kernels_cuda.activation import silu_and_mul
         return silu_and_mul(x)

@@ -175,21 +175,52 @@ def _merge_splits_kernel(out_ptr, part_out_ptr, part_lse_ptr, num_heads, stride_
 @dataclass(frozen=True)
 class LaunchConfig:
     """One launch of the attention kernel. decode: the grid walks sequences (every sequence
-    has <= block_q query tokens); num_splits > 1: split-KV plus the merge kernel."""
+    has <= block_q query tokens); num_splits > 1: split-KV plus the merge kernel.
+    extra: backend-specific compile options passed with the launch, e.g. (("waves_per_eu", 2),)
+    for AMD; empty for NVIDIA, whose Triton backend rejects options it does not know."""
     decode: bool
     block_m: int
     tile_n: int
     num_splits: int
     num_warps: int
     num_stages: int
+    extra: tuple = ()
 
     def __post_init__(self):
         assert self.block_m >= 16 and self.tile_n >= 16, "tl.dot needs M, N >= 16"
         assert self.num_splits >= 1
 
+
+@dataclass(frozen=True)
+class LaunchTuning:
+    """How one platform (or GPU family) launches the shared kernels: every number that
+    default_config uses. The kernels are the same everywhere; only these differ.
+
+    warp_size: threads per warp/wavefront of the target (NVIDIA 32, AMD CDNA 64, RDNA 32);
+    num_warps counts warps of that size. *_extra: compile options for that backend only."""
+    name: str = "cuda"
+    warp_size: int = 32
+    target_programs_per_sm: int = 2  # split-KV fills the GPU to this many programs per SM/CU
+    # decode launch
+    decode_tile_n: int = 64  # keys per tile for head_pad <= 128 (halved above)
+    decode_num_warps: int = 4
+    decode_num_stages: int = 3
+    decode_extra: tuple = ()
+    # unified (prefill / mixed) launch
+    prefill_max_block_m: int = 64
+    prefill_tile_n: int = 32  # for head_pad <= 128 (halved above)
+    prefill_wide_num_warps: int = 8  # when block_m * head_pad > prefill_wide_elems
+    prefill_num_warps: int = 4
+    prefill_wide_elems: int = 64 * 128  # the fp32 accumulator lives in registers
+    prefill_num_stages: int = 2
+    prefill_extra: tuple = ()
+
+
+CUDA_TUNING = LaunchTuning()
+
 # Split-KV aims for this many programs per SM on decode batches, and gives each split at least
 # MIN_SPLIT_TOKENS keys so the merge stays cheap relative to the attention itself.
-TARGET_PROGRAMS_PER_SM = 2  # H100 sweep: batch 64 x 8 KV heads runs fastest unsplit (benchmarks/results)
+TARGET_PROGRAMS_PER_SM = CUDA_TUNING.target_programs_per_sm  # H100 sweep: batch 64 x 8 KV heads runs fastest unsplit
 MIN_SPLIT_TOKENS = 512
 MAX_SPLITS = 32
 
@@ -200,16 +231,22 @@ def _pow2_floor(x: int) -> int:
 
 @functools.lru_cache(maxsize=16)
 def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors (NVIDIA), compute units (AMD: torch's HIP build reports CUs
+    as multi_processor_count) or Xe cores (Intel XPU: gpu_subslice_count)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
+    if device.type == "xpu":
+        props = torch.xpu.get_device_properties(device)
+        return int(getattr(props, "gpu_subslice_count", 0) or getattr(props, "max_compute_units", 64) // 8 or 8)
     return 4  # the interpreter: any small number
 
 
-def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, sms: int) -> int:
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, sms: int,
+                      programs_per_sm: int = TARGET_PROGRAMS_PER_SM) -> int:
     """Splits for a decode batch: enough programs to fill the GPU, none shorter than
     MIN_SPLIT_TOKENS keys. A power of two, so few variants get compiled."""
     programs = max(1, num_seqs * num_kv_heads)
-    want = -(-TARGET_PROGRAMS_PER_SM * sms // programs)
+    want = -(-programs_per_sm * sms // programs)
     cap = max(1, max_seq_len // MIN_SPLIT_TOKENS)
     return _pow2_floor(min(want, cap, MAX_SPLITS))
 
@@ -220,20 +257,26 @@ def group_rows(group: int, want: int) -> int:
 
 
 def default_config(*, group: int, head_size: int, max_query_len: int, num_seqs: int, num_kv_heads: int,
-                   max_seq_len: int, device: torch.device, num_splits: Optional[int] = None) -> LaunchConfig:
+                   max_seq_len: int, device: torch.device, num_splits: Optional[int] = None,
+                   tuning: LaunchTuning = CUDA_TUNING) -> LaunchConfig:
     """Heuristic launch configuration (benchmarks/kernel_attention.py sweeps around it)."""
+    t = tuning
     head_pad = max(16, triton.next_power_of_2(head_size))
     block_m = group_rows(group, 16)
     if max_query_len <= block_m // group:  # decode-like: one program per (sequence, KV head)
         if num_splits is None:
-            num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, num_sms(device))
-        tile_n = 64 if head_pad <= 128 else 32
-        return LaunchConfig(True, block_m, tile_n, num_splits, 4, 3)
+            num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, num_sms(device),
+                                           t.target_programs_per_sm)
+        tile_n = t.decode_tile_n if head_pad <= 128 else max(16, t.decode_tile_n // 2)
+        return LaunchConfig(True, block_m, tile_n, num_splits, t.decode_num_warps, t.decode_num_stages,
+                            t.decode_extra)
     # prefill / mixed: taller query tiles reuse each K/V tile for more rows
-    block_m = group_rows(group, 64 if max_query_len * group >= 64 else 32 if max_query_len * group >= 32 else 16)
-    tile_n = 32 if head_pad <= 128 else 16
-    num_warps = 8 if block_m * head_pad > 64 * 128 else 4  # the fp32 accumulator lives in registers
-    return LaunchConfig(False, block_m, tile_n, num_splits or 1, num_warps, 2)
+    rows = max_query_len * group
+    want = 64 if rows >= 64 else 32 if rows >= 32 else 16
+    block_m = group_rows(group, min(want, t.prefill_max_block_m))
+    tile_n = t.prefill_tile_n if head_pad <= 128 else max(16, t.prefill_tile_n // 2)
+    num_warps = t.prefill_wide_num_warps if block_m * head_pad > t.prefill_wide_elems else t.prefill_num_warps
+    return LaunchConfig(False, block_m, tile_n, num_splits or 1, num_warps, t.prefill_num_stages, t.prefill_extra)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
@@ -294,7 +337,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         BLOCK_SIZE=block_size, TILE_N=config.tile_n, NUM_SPLITS=splits, DECODE=config.decode,
         USE_WINDOW=bool(sliding_window), USE_SOFTCAP=bool(softcap),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,  # fp32: no silent tf32
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, **dict(config.extra),
     )
     if splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
@@ -304,4 +347,5 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out
 
 
-__all__ = ["LaunchConfig", "paged_attention", "default_config", "choose_num_splits", "num_sms"]
+__all__ = ["LaunchConfig", "LaunchTuning", "CUDA_TUNING", "paged_attention", "default_config", "choose_num_splits",
+           "num_sms"]

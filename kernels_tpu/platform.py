@@ -141,7 +141,7 @@ class XlaPlatform(Platform):
     def describe(self) -> dict:
         import torch_xla
         return {"device": self.device_name(), "pjrt": self.pjrt_device(), "count": self.device_count(),
-                "torch_xla": torch_xla.__version__,
+                "torch_xla": torch_xla.__version__, "compile_cache": XlaPlatform.cache_dir or "-",
                 "attention": "pallas ragged_paged_attention" if self.on_tpu else "xla-native (kernel layout)"}
 
     # runtime -----------------------------------------------------------------------------------
@@ -160,6 +160,11 @@ class XlaPlatform(Platform):
     def check_config(self, config) -> None:
         config.resolve_dtype(self.supported_dtypes)
         super().check_config(config)
+        if config.enforce_eager:
+            # the model runner's eager step runs under torch.inference_mode, which torch-xla 2.9 cannot
+            # trace ("Cannot set version_counter for inference tensor"); and eager XLA recompiles every shape
+            raise ValueError(f"{self.name}: enforce_eager is not supported; steps always run as compiled "
+                             "shape buckets (XlaGraphRunner)")
         if config.kv_cache_memory_bytes is None and not self.on_tpu:
             config.kv_cache_memory_bytes = DEFAULT_XLA_KV_BYTES
         # before any tensor is created: the cache must exist before the first compilation. On by default
@@ -171,7 +176,7 @@ class XlaPlatform(Platform):
         if path:
             used = _init_cache(path)
             if used:
-                type(self).cache_dir = used
+                XlaPlatform.cache_dir = used
                 logger.info("XLA persistent compilation cache: %s", used)
 
     def kv_cache_bytes(self, config, model_bytes: int, peak_activation_bytes: int) -> int:

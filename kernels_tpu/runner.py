@@ -61,7 +61,6 @@ class XlaGraphRunner(GraphRunner):
         self.num_seqs = config.max_num_seqs
         self.row_buckets = buckets(config.max_num_seqs, MIN_ROW_BUCKET)
         self.width = num_table_columns(config.max_model_len, config.block_size)
-        self.hidden_size = model.config.hidden_size
         self._hidden: Optional[torch.Tensor] = None  # last forward's hidden states, [max bucket, hidden]
         self._returned = None  # weakref to the view run() handed out
         self.compiles_at_capture: Optional[int] = None  # this process's XLA compilations once capture() ended
@@ -76,8 +75,7 @@ class XlaGraphRunner(GraphRunner):
                     f"{platform.name}: without the TPU kernel, attention scores every token against all "
                     f"max_num_seqs x max_model_len slots ({elems / 2**20:.0f} M elements per layer at "
                     f"max_num_batched_tokens={self.token_buckets[-1]}, max_num_seqs={self.num_seqs}, "
-                    f"max_model_len={config.max_model_len}); lower those (e.g. 128 / 8 / 512) or use "
-                    "enforce_eager=True")
+                    f"max_model_len={config.max_model_len}); lower those (e.g. 128 / 8 / 512)")
 
     # start-up ---------------------------------------------------------------------------------
     def capture(self) -> None:
@@ -89,7 +87,7 @@ class XlaGraphRunner(GraphRunner):
         with _no_inference_mode():
             for kind, size in tqdm(shapes, desc="XLA: compiling shape buckets", unit="graph", leave=False):
                 if kind == "tokens":
-                    self._forward(self._dummy(size), size, sync=True)
+                    self._forward(self._dummy(size), size)
                 else:
                     self._logits([0] * size)
         self.capture_seconds = time.perf_counter() - t0
@@ -107,11 +105,14 @@ class XlaGraphRunner(GraphRunner):
 
     # one step -------------------------------------------------------------------------------------------
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
-            metadata: AttentionMetadata) -> Optional[torch.Tensor]:
+            metadata: AttentionMetadata) -> torch.Tensor:
         n = metadata.num_actual_tokens
         size = pick_bucket(n, self.token_buckets)
         if size is None or metadata.num_seqs > self.num_seqs or metadata.max_seq_len > self.width * self.block_size:
-            return None  # outside what was compiled: the model runner goes eager
+            # the scheduler keeps every step within these limits; an eager fallback would not run on XLA
+            raise RuntimeError(f"step of {n} tokens, {metadata.num_seqs} sequences, up to {metadata.max_seq_len} "
+                               f"positions is outside the compiled buckets (tokens {self.token_buckets}, "
+                               f"{self.num_seqs} sequences, {self.width * self.block_size} positions)")
         with _no_inference_mode():
             ids = torch.zeros(size, dtype=torch.long)
             pos = torch.zeros(size, dtype=torch.long)
@@ -119,20 +120,20 @@ class XlaGraphRunner(GraphRunner):
             pos[:n] = positions.cpu()
             step = pad_step(metadata.query_start_loc_cpu, metadata.seq_lens_cpu, metadata.block_table.cpu(),
                             metadata.slot_mapping.cpu(), self.block_size, size, self.num_seqs, self.width)
-            self._forward((ids, pos, step), size, sync=True)
+            self._forward((ids, pos, step), size)
             view = self._hidden[:n]  # lazy: never materialized (compute_logits reads the padded buffer)
         self._returned = weakref.ref(view)
         return view
 
-    def _forward(self, inputs, size: int, sync: bool) -> None:
+    def _forward(self, inputs, size: int) -> None:
+        """Program (1) for token bucket `size`, executed now: hidden states stay on the device."""
         import torch_xla
         ids, pos, step = inputs
         dev = self.device
         hidden = self.model(ids.to(dev), pos.to(dev), self.kv_caches, step.to(dev))
         self._hidden = torch.nn.functional.pad(hidden, (0, 0, 0, self.token_buckets[-1] - size))
-        del hidden
-        if sync:
-            torch_xla.sync()
+        del hidden  # not an output of the program
+        torch_xla.sync()
 
     def compute_logits(self, hidden: torch.Tensor, rows: list[int]) -> Optional[torch.Tensor]:
         """float32 logits [len(rows), vocab] on the host for these rows of run()'s hidden states, in

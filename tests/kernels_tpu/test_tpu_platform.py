@@ -79,3 +79,9 @@ def test_importing_the_plugin_loads_neither_torch_xla_nor_jax():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PATH": "/usr/bin:/bin"})
     assert out.stdout.strip() == "[]"
+
+
+def test_enforce_eager_is_refused_with_a_reason():
+    from pageport.core.config import EngineConfig
+    with pytest.raises(ValueError, match="enforce_eager is not supported"):
+        XlaPlatform().check_config(EngineConfig(enforce_eager=True, dtype="float32"))
