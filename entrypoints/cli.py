@@ -89,7 +89,7 @@ def cmd_chat(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pageport", description=pageport.__doc__)
     parser.add_argument("--version", action="version", version=f"pageport {pageport.__version__}")
-    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--log-level", default="INFO", help="pageport's own log level (others log warnings)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("platforms", help="list every registered platform, available or not, and why")
@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pageport").setLevel(args.log_level.upper())
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
