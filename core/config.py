@@ -36,6 +36,10 @@ class EngineConfig:
     gpu_memory_utilization: float = _opt(0.9, "fraction of device memory the engine may use")
     kv_cache_memory_bytes: Optional[int] = _opt(None, "KV-cache size in bytes (CPU default 4 GiB)")
     num_gpu_blocks_override: Optional[int] = _opt(None, "exact number of KV-cache blocks")
+    quantization: Optional[str] = _opt(None, "weight-only quantized matmuls for small batches, where the platform "
+                                             "has them (CPU: int4 = group-32 asymmetric, Q4_1's layout; int8 = "
+                                             "per channel); dense weights are kept for large batches",
+                                       choices=("int4", "int8"))
     enforce_eager: bool = _opt(False, "never capture graphs")
     num_threads: Optional[int] = _opt(None, "CPU threads (default: OMP_NUM_THREADS or all cores)")
     tensor_parallel_size: int = _opt(1, "devices to shard the model over")

@@ -50,6 +50,8 @@ def register(subparsers) -> None:
         sp.set_defaults(func=cmd.run)
     from pageport.entrypoints import bench_offline  # throughput, latency: offline, with peers
     bench_offline.register(sub)
+    from pageport.entrypoints import bench_memory  # kv-memory, prefix-caching
+    bench_memory.register(sub)
 
 
 # shared helpers ------------------------------------------------------------------------------------------

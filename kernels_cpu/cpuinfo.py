@@ -9,7 +9,16 @@ from pathlib import Path
 _X86_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX-512-BF16",
               "avx512_fp16": "AVX-512-FP16", "avx512_vnni": "AVX-512-VNNI",
               "amx_bf16": "AMX-BF16", "amx_int8": "AMX-INT8"}
-_ARM_FLAGS = {"asimd": "NEON", "sve": "SVE", "sve2": "SVE2", "bf16": "BF16", "i8mm": "I8MM"}
+_ARM_FLAGS = {"asimd": "NEON", "asimdhp": "FP16", "asimddp": "DOTPROD", "sve": "SVE", "sve2": "SVE2",
+              "bf16": "BF16", "svebf16": "SVE-BF16", "i8mm": "I8MM", "sme": "SME"}
+# /proc/cpuinfo on ARM servers has no model name: "CPU implementer" + "CPU part" name the core.
+_ARM_PARTS = {("0x41", "0xd0c"): "Neoverse-N1", ("0x41", "0xd40"): "Neoverse-V1", ("0x41", "0xd49"): "Neoverse-N2",
+              ("0x41", "0xd4f"): "Neoverse-V2", ("0x41", "0xd8e"): "Neoverse-N3", ("0x41", "0xd84"): "Neoverse-V3",
+              ("0x41", "0xd08"): "Cortex-A72", ("0x41", "0xd0b"): "Cortex-A76",
+              ("0xc0", "0xac3"): "Ampere-1", ("0x61", "0x022"): "Apple M1 (Icestorm)",
+              ("0x61", "0x023"): "Apple M1 (Firestorm)", ("0x61", "0x032"): "Apple M2 (Blizzard)",
+              ("0x61", "0x033"): "Apple M2 (Avalanche)"}
+_ARM_IMPLEMENTERS = {"0x41": "Arm", "0x61": "Apple", "0xc0": "Ampere", "0x48": "HiSilicon", "0x51": "Qualcomm"}
 
 
 @dataclass(frozen=True)
@@ -22,6 +31,20 @@ class CpuInfo:
     def native_bf16(self) -> bool:
         """bf16 matmuls run in hardware rather than by conversion to float32."""
         return bool({"AVX-512-BF16", "AMX-BF16", "BF16", "MMA"} & set(self.isa))
+
+    @property
+    def native_fp16(self) -> bool:
+        """fp16 arithmetic in hardware (AVX-512-FP16, ARMv8.2 FP16)."""
+        return bool({"AVX-512-FP16", "FP16"} & set(self.isa))
+
+    @property
+    def vector_isa(self) -> str:
+        """The widest SIMD extension the kernels can use: AMX > AVX-512 > AVX2 (x86),
+        SVE2 > SVE > NEON (ARM), VSX (POWER7+), or '-'."""
+        for name in ("AMX-BF16", "AVX-512", "AVX2", "SVE2", "SVE", "NEON", "VSX"):
+            if name in self.isa:
+                return name.removesuffix("-BF16")
+        return "-"
 
 
 def parse_cpuinfo(machine: str, text: str) -> CpuInfo:
@@ -39,7 +62,10 @@ def parse_cpuinfo(machine: str, text: str) -> CpuInfo:
     if machine in ("aarch64", "arm64"):
         feats = set(fields.get("Features", "").split())
         isa = tuple(name for flag, name in _ARM_FLAGS.items() if flag in feats)
-        return CpuInfo("aarch64", fields.get("model name") or f"ARM CPU part {fields.get('CPU part', '?')}", isa)
+        impl, part = fields.get("CPU implementer", "").lower(), fields.get("CPU part", "").lower()
+        model = (fields.get("model name") or _ARM_PARTS.get((impl, part))
+                 or f"{_ARM_IMPLEMENTERS.get(impl, 'ARM')} CPU part {part or '?'}")
+        return CpuInfo("aarch64", model, isa)
     if machine.startswith("ppc64"):
         model = fields.get("cpu", "POWER CPU")
         gen = "".join(ch for ch in model.split(",")[0] if ch.isdigit())

@@ -7,7 +7,10 @@ from typing import Optional
 import torch
 
 from pageport.kernels_cpu import cpuinfo
+from pageport.kernels_cpu.ops import CpuOps
 from pageport.platforms import Platform
+
+ATTENTION_ENV = "PAGEPORT_CPU_ATTENTION"  # auto (default) | ipex | torch
 
 
 @functools.cache
@@ -20,9 +23,30 @@ class CpuPlatform(Platform):
     device_type = "cpu"
     priority = 10
     dist_backend = "gloo"
+    ops = CpuOps()
 
-    def __init__(self, info: Optional[cpuinfo.CpuInfo] = None):
+    def __init__(self, info: Optional[cpuinfo.CpuInfo] = None, attention: Optional[str] = None):
+        """attention: "auto" (IPEX where usable, else torch), "ipex" or "torch"; default from
+        the PAGEPORT_CPU_ATTENTION environment variable, else auto."""
         self.info = info or _cpu()
+        self.attention = (attention or os.environ.get(ATTENTION_ENV) or "auto").lower()
+        if self.attention not in ("auto", "ipex", "torch"):
+            raise ValueError(f"{ATTENTION_ENV}={self.attention!r}: choose auto, ipex or torch")
+        self.model_dtype: Optional[torch.dtype] = None  # set by check_config
+
+    def attention_kernel(self) -> tuple[str, str]:
+        """(backend name, why): which paged-attention kernel this CPU gets."""
+        if self.attention == "torch":
+            return "torch-sdpa", f"{ATTENTION_ENV}=torch"
+        from pageport.kernels_cpu.ipex_attention import IPEX_DTYPES, ipex_status
+        why_not = ipex_status() if self.info.arch == "x86-64" else f"IPEX is x86-64 only ({self.info.arch})"
+        if why_not is None and self.model_dtype is not None and self.model_dtype not in IPEX_DTYPES:
+            why_not = f"IPEX paged attention has no {str(self.model_dtype).removeprefix('torch.')} kernels"
+        if why_not is None:
+            return "ipex-paged", "intel-extension-for-pytorch"
+        if self.attention == "ipex":
+            raise RuntimeError(f"{ATTENTION_ENV}=ipex but {why_not}")
+        return "torch-sdpa", why_not
 
     @property
     def supported_dtypes(self):
@@ -38,19 +62,43 @@ class CpuPlatform(Platform):
         return self.info.model
 
     def describe(self) -> dict:
-        return {"arch": self.info.arch, "isa": "+".join(self.info.isa) or "-",
-                "dtype": str(self.default_dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
-                "cpu": self.info.model}
+        try:
+            kernel = self.attention_kernel()[0]
+        except RuntimeError as e:
+            kernel = f"error: {e}"
+        return {"arch": self.info.arch, "isa": "+".join(self.info.isa) or "-", "vector": self.info.vector_isa,
+                "bf16": "native" if self.info.native_bf16 else "emulated",
+                "dtype": str(self.default_dtype).removeprefix("torch."), "attention": kernel,
+                "threads": torch.get_num_threads(), "cpu": self.info.model}
 
     def check_config(self, config) -> None:
         super().check_config(config)
+        self.model_dtype = config.dtype
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         elif "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(len(os.sched_getaffinity(0)))
+        quantization = getattr(config, "quantization", None)
+        if quantization:
+            from pageport.kernels_cpu.quant import QUANTIZATIONS
+            if quantization not in QUANTIZATIONS:
+                raise ValueError(f"quantization {quantization!r} is not supported on the CPU; "
+                                 f"choose one of {', '.join(QUANTIZATIONS)}")
+            if config.dtype != torch.bfloat16:  # the kernels are fast only with bf16 activations
+                raise ValueError(f"quantization={quantization} on the CPU needs dtype bfloat16, got "
+                                 f"{str(config.dtype).removeprefix('torch.')}")
         if config.kv_cache_memory_bytes is None:
             config.kv_cache_memory_bytes = 4 << 30  # CPU: a fixed budget, like vLLM's VLLM_CPU_KVCACHE_SPACE
 
     def attention_backend(self, num_heads, num_kv_heads, head_size, scale, sliding_window=None, softcap=None):
+        kernel, _ = self.attention_kernel()
+        if kernel == "ipex-paged":
+            from pageport.kernels_cpu.ipex_attention import IpexPagedAttention
+            return IpexPagedAttention(num_heads, num_kv_heads, head_size, scale, sliding_window, softcap)
         from pageport.kernels_cpu.attention import TorchPagedAttention
         return TorchPagedAttention(num_heads, num_kv_heads, head_size, scale, sliding_window, softcap)
+
+    def linear_method(self, quantization: str):
+        """Weight-only int4/int8 matmuls (torch's CPU kernels), used for steps of at most 16 rows."""
+        from pageport.kernels_cpu.quant import WeightOnlyLinearMethod
+        return WeightOnlyLinearMethod(quantization)

@@ -24,12 +24,13 @@ GPU under-filled (see choose_num_splits).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from pageport.kernels_cuda.launch import CUDA_TUNING, LaunchConfig, LaunchTuning  # noqa: F401
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -172,51 +173,7 @@ def _merge_splits_kernel(out_ptr, part_out_ptr, part_lse_ptr, num_heads, stride_
 # ---------------------------------------------------------------------------------------------
 # Host side
 
-@dataclass(frozen=True)
-class LaunchConfig:
-    """One launch of the attention kernel. decode: the grid walks sequences (every sequence
-    has <= block_q query tokens); num_splits > 1: split-KV plus the merge kernel.
-    extra: backend-specific compile options passed with the launch, e.g. (("waves_per_eu", 2),)
-    for AMD; empty for NVIDIA, whose Triton backend rejects options it does not know."""
-    decode: bool
-    block_m: int
-    tile_n: int
-    num_splits: int
-    num_warps: int
-    num_stages: int
-    extra: tuple = ()
-
-    def __post_init__(self):
-        assert self.block_m >= 16 and self.tile_n >= 16, "tl.dot needs M, N >= 16"
-        assert self.num_splits >= 1
-
-
-@dataclass(frozen=True)
-class LaunchTuning:
-    """How one platform (or GPU family) launches the shared kernels: every number that
-    default_config uses. The kernels are the same everywhere; only these differ.
-
-    warp_size: threads per warp/wavefront of the target (NVIDIA 32, AMD CDNA 64, RDNA 32);
-    num_warps counts warps of that size. *_extra: compile options for that backend only."""
-    name: str = "cuda"
-    warp_size: int = 32
-    target_programs_per_sm: int = 2  # split-KV fills the GPU to this many programs per SM/CU
-    # decode launch
-    decode_tile_n: int = 64  # keys per tile for head_pad <= 128 (halved above)
-    decode_num_warps: int = 4
-    decode_num_stages: int = 3
-    decode_extra: tuple = ()
-    # unified (prefill / mixed) launch
-    prefill_max_block_m: int = 64
-    prefill_tile_n: int = 32  # for head_pad <= 128 (halved above)
-    prefill_wide_num_warps: int = 8  # when block_m * head_pad > prefill_wide_elems
-    prefill_num_warps: int = 4
-    prefill_wide_elems: int = 64 * 128  # the fp32 accumulator lives in registers
-    prefill_num_stages: int = 2
-    prefill_extra: tuple = ()
-
-
-CUDA_TUNING = LaunchTuning()
+# LaunchConfig / LaunchTuning / CUDA_TUNING live in launch.py (no triton import: platforms read them)
 
 # Split-KV aims for this many programs per SM on decode batches, and gives each split at least
 # MIN_SPLIT_TOKENS keys so the merge stays cheap relative to the attention itself.

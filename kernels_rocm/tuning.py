@@ -3,36 +3,41 @@
 No kernel code lives here: only the numbers default_config reads (a LaunchTuning), one set per
 GPU family, chosen from the device's gcnArchName. Pure Python, no triton import.
 
-Rules behind the numbers (not yet measured on AMD hardware; see README "What runs where"):
-- CDNA (MI200 gfx90a, MI300 gfx942, MI350 gfx950) runs 64-wide wavefronts, so num_warps counts
-  wave64s: the CUDA launch's thread counts are kept (CUDA 4 warps x 32 = AMD 2 waves x 64), which
-  keeps the accumulator's per-lane register share the same as on NVIDIA.
-- waves_per_eu is an occupancy hint to the AMDGPU backend (it caps VGPRs per lane at
-  512 / waves_per_eu): memory-bound decode asks for more waves per SIMD, prefill for fewer.
+Rules behind the numbers (not measured on AMD hardware: none is reachable; see README "What
+runs where"). The CDNA numbers come from compiling the kernel for gfx942 here, ahead of time
+(kernels_rocm/aot.py, benchmarks/results/rocm_aot_compile.json), and reading its register use:
+- CDNA (MI200 gfx90a, MI300 gfx942, MI350 gfx950) runs 64-wide wavefronts; num_warps counts
+  wave64s. With CUDA's thread counts (2 waves) the fp32 accumulator plus the Q tile need >256
+  VGPRs at head 128: the compiler spills or moves them to AGPRs. 4 waves (8 for the 64x256
+  accumulator) keep every head size 64-256 at <=256 VGPRs with no spills.
+- waves_per_eu=2 caps VGPRs at 256 per lane (2 waves per SIMD); 4 (128 VGPRs) spills 50-365
+  registers at head 128-256, so it is not used.
 - matrix_instr_nonkdim=16 picks 16x16 MFMA tiles: the kernel's M is 16-64 rows.
 - num_stages 2: the AMD stream pipeliner keeps one tile in flight through LDS (64 KiB per CU);
-  3 stages of 64-key tiles at head 256 would not fit beside the other buffers.
-- RDNA3/4 (gfx11xx/gfx12xx, Radeon) runs wave32 with WMMA: CUDA's warp counts, no MFMA option.
+  the compiled launches use 8-32 KiB.
+- RDNA3/4 (gfx11xx/gfx12xx, Radeon) runs wave32 with WMMA, no MFMA option. Compiled for gfx1100
+  here, every warp count / waves_per_eu tried spills VGPRs at head >= 128 (fewest with 8 waves:
+  ~35-50 at head 128); 8 waves are used. Head 64 compiles without spills.
 """
 from __future__ import annotations
 
 from typing import Optional
 
-from pageport.kernels_cuda.paged_attention import LaunchTuning
+from pageport.kernels_cuda.launch import LaunchTuning
 
 CDNA_TUNING = LaunchTuning(
     name="rocm-cdna", warp_size=64, target_programs_per_sm=2,
-    decode_tile_n=64, decode_num_warps=2, decode_num_stages=2,
-    decode_extra=(("waves_per_eu", 4), ("matrix_instr_nonkdim", 16)),
-    prefill_max_block_m=64, prefill_tile_n=32, prefill_num_warps=2, prefill_wide_num_warps=4,
+    decode_tile_n=64, decode_num_warps=4, decode_num_stages=2,
+    decode_extra=(("waves_per_eu", 2), ("matrix_instr_nonkdim", 16)),
+    prefill_max_block_m=64, prefill_tile_n=32, prefill_num_warps=4, prefill_wide_num_warps=8,
     prefill_wide_elems=64 * 128, prefill_num_stages=2,
     prefill_extra=(("waves_per_eu", 2), ("matrix_instr_nonkdim", 16)),
 )
 
 RDNA_TUNING = LaunchTuning(
     name="rocm-rdna", warp_size=32, target_programs_per_sm=2,
-    decode_tile_n=32, decode_num_warps=4, decode_num_stages=2, decode_extra=(),
-    prefill_max_block_m=32, prefill_tile_n=32, prefill_num_warps=4, prefill_wide_num_warps=8,
+    decode_tile_n=32, decode_num_warps=8, decode_num_stages=2, decode_extra=(),
+    prefill_max_block_m=32, prefill_tile_n=32, prefill_num_warps=8, prefill_wide_num_warps=8,
     prefill_wide_elems=32 * 128, prefill_num_stages=2, prefill_extra=(),
 )
 

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from pageport.kernels_cuda.ops import TritonOps, _triton_runs
-from pageport.kernels_cuda.paged_attention import LaunchTuning
+from pageport.kernels_cuda.launch import LaunchTuning
 from pageport.platforms import Platform
 
 BLOCK_SIZE_MULTIPLE = 16

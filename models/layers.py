@@ -86,11 +86,33 @@ def _param(*shape: int, loader=None, fill: Optional[float] = None) -> nn.Paramet
 
 
 # Linear layers -------------------------------------------------------------------------------------
+def apply_linear(layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x W^T (+ b), through the layer's `quant_method` when the platform gave it one (see `set_linear_method`)."""
+    method = layer.quant_method
+    if method is None:
+        return F.linear(x, layer.weight, bias)
+    return method.apply(layer, x, bias)
+
+
+def set_linear_method(model: nn.Module, method) -> int:
+    """After loading: hand every linear layer and the LM head to `method` (a platform's quantized matmul:
+    `process(layer, role) -> bool` prepares its weights, role "linear" or "lm_head"; `apply(layer, x, bias)`
+    runs it). Returns how many layers took it."""
+    n = 0
+    for module in model.modules():
+        role = "lm_head" if isinstance(module, ParallelLMHead) else "linear" if isinstance(module, LinearBase) else None
+        if role and method.process(module, role):
+            module.quant_method = method
+            n += 1
+    return n
+
+
 class LinearBase(nn.Module):
     """y = x W^T (+ b); `tp_dim` is the weight dimension sharded over the tensor-parallel group
     (0: output features / column-parallel, 1: input features / row-parallel, None: replicated)."""
 
     tp_dim: Optional[int] = None
+    quant_method = None  # set after loading by `set_linear_method`
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False):
         super().__init__()
@@ -110,7 +132,7 @@ class LinearBase(nn.Module):
         default_weight_loader(param, self._shard(param, loaded_weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return apply_linear(self, x, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -137,7 +159,7 @@ class RowParallelLinear(LinearBase):
         super().__init__(_divide(input_size, tp, "input size"), output_size, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        y = apply_linear(self, x, self.bias if self.tp_rank == 0 else None)
         return _all_reduce(y)
 
 
@@ -227,6 +249,8 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """hidden -> logits over the (gathered) vocabulary. `tie(embedding)` shares the embedding's weight."""
 
+    quant_method = None  # set after loading by `set_linear_method`
+
     def __init__(self, num_embeddings: int, embedding_dim: int, bias: bool = False):
         super().__init__(num_embeddings, embedding_dim)
         self.bias = _param(self.shard_size, loader=self.weight_loader) if bias else None
@@ -235,7 +259,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.weight = embedding.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return _all_gather_last_dim(F.linear(hidden, self.weight, self.bias))
+        return _all_gather_last_dim(apply_linear(self, hidden, self.bias))
 
 
 # Norm and rotary ------------------------------------------------------------------------------------------

@@ -67,9 +67,22 @@ def load_model(config, platform) -> LoadedModel:
         model.load_weights(tqdm(weights, total=n_weights, desc=f"Loading {fmt} weights", unit="tensor",
                                 leave=False))
     model.eval()
+    quantization = getattr(config, "quantization", None)
+    if quantization:
+        _quantize(model, platform, quantization)
     dt = time.perf_counter() - t0
     logger.info("loaded %s (%s, %s) in %.1f s", path, fmt, str(config.dtype).removeprefix("torch."), dt)
     return LoadedModel(model, hf_config, tokenizer, str(path), fmt, dt)
+
+
+def _quantize(model: nn.Module, platform, quantization: str) -> None:
+    """Give the linear layers the platform's quantized matmul (`platform.linear_method(name)`)."""
+    from pageport.models.layers import set_linear_method
+    make = getattr(platform, "linear_method", None)
+    if make is None:
+        raise ValueError(f"platform {platform.name} has no quantized matmuls (quantization={quantization!r})")
+    n = set_linear_method(model, make(quantization))
+    logger.info("quantization %s: %d linear layers quantized", quantization, n)
 
 
 # paths and formats ---------------------------------------------------------------------------------

@@ -1,0 +1,48 @@
+"""CPU versions of the fusable model ops: the same math as `pageport.platforms.Ops` in fewer torch calls.
+
+At batch 1 a SmolLM2 layer is a dozen small ops around four small matmuls, and each eager op costs
+microseconds of dispatch, so the op count is the cost. Measured (1 thread, bf16, one token): rotary
+43 -> 20 us (q and k rotated in one pass; cos/sin looked up once per step instead of once per layer),
+RMSNorm 19 -> 15 us (torch's fused rms_norm).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from pageport.platforms.ops import Ops
+
+
+class CpuOps(Ops):
+    def __init__(self):
+        # (positions, cos_sin_cache, (cos, sin)) of the last call: every layer of a step passes the same
+        # positions tensor; held as one tuple so a lookup never mixes two steps
+        self._memo: tuple = (None, None, None)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: Optional[torch.Tensor] = None):
+        if residual is not None:
+            x = x + residual
+            residual = x
+        out = F.rms_norm(x, weight.shape, weight, eps)
+        return out if residual is None else (out, residual)
+
+    def _cos_sin(self, positions: torch.Tensor, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pos, cached, cs = self._memo
+        if pos is positions and cached is cache:
+            return cs
+        cos, sin = cache[positions].chunk(2, dim=-1)
+        cs = (torch.cat((cos, cos), -1).unsqueeze(1), torch.cat((-sin, sin), -1).unsqueeze(1))  # [T, 1, D]
+        self._memo = (positions, cache, cs)
+        return cs
+
+    def rotary(self, positions, q, k, cos_sin_cache):
+        cos, sin = self._cos_sin(positions, cos_sin_cache)
+        hq = q.shape[1]
+        x = torch.cat((q, k), dim=1).float()  # [T, Hq + Hk, D]
+        half = x.shape[-1] // 2
+        rotated = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+        out = (x * cos + rotated * sin).to(q.dtype)
+        return out[:, :hq], out[:, hq:]
