@@ -51,6 +51,20 @@ class CpuAttentionMetadata:
             self._masks[key] = ok[:, None, None, :]
         return self._masks[key]
 
+    def prefill_bias(self, i: int, p: _Prefill, window: Optional[int], group: int) -> torch.Tensor:
+        """Additive float32 mask [group * q_len, seq_len] (0 = attend, -inf = not), rows repeated per query head
+        of a KV head."""
+        key = ("b", i, window, group)
+        if key not in self._masks:
+            q_len = p.rows.stop - p.rows.start
+            q_pos = torch.arange(p.seq_len - q_len, p.seq_len)[:, None]
+            key_pos = torch.arange(p.seq_len)[None, :]
+            ok = key_pos <= q_pos
+            if window:
+                ok &= key_pos > q_pos - window
+            self._masks[key] = torch.zeros(ok.shape).masked_fill_(~ok, float("-inf")).repeat(group, 1)
+        return self._masks[key]
+
     def prefill_mask(self, i: int, p: _Prefill, window: Optional[int]) -> Optional[torch.Tensor]:
         """Boolean [q_len, seq_len] causal(+window) mask; None for a fresh prefill without a window."""
         if p.fresh and not window:
@@ -131,8 +145,7 @@ class TorchPagedAttention(AttentionBackend):
         if md.num_decodes:
             out[md.decode_rows] = self._decode(q[md.decode_rows], kv_cache, md)
         for i, p in enumerate(md.prefills):
-            out[p.rows] = self._prefill(q[p.rows], k[p.rows], v[p.rows], kv_cache, p, md.prefill_mask(
-                i, p, self.sliding_window))
+            out[p.rows] = self._prefill(q[p.rows], k[p.rows], v[p.rows], kv_cache, md, i, p)
         return out
 
     def _decode(self, q, kv_cache, md: CpuAttentionMetadata):
@@ -149,13 +162,27 @@ class TorchPagedAttention(AttentionBackend):
                                            scale=self.scale)
         return o.reshape(b, self.num_heads, d)
 
-    def _prefill(self, q, k_new, v_new, kv_cache, p: _Prefill, mask):
+    # float32 scores [q heads, q_len, seq_len] up to this many elements per head go through plain matmuls:
+    # ~1.8x faster than the CPU flash-attention kernel at these sizes (128-token prompt, 1 thread: 0.57 vs
+    # 1.0 ms a layer), the same float32 accumulation; beyond it SDPA keeps the memory flat
+    MATMUL_MAX_SCORES = 512 * 1024
+
+    def _prefill(self, q, k_new, v_new, kv_cache, md: CpuAttentionMetadata, i: int, p: _Prefill):
+        hkv, d = self.num_kv_heads, self.head_size
         if p.fresh:
             k, v = k_new.transpose(0, 1), v_new.transpose(0, 1)
         else:
-            hkv, d = self.num_kv_heads, self.head_size
             k = kv_cache[0].view(-1, hkv, d).index_select(0, p.slots).transpose(0, 1)
             v = kv_cache[1].view(-1, hkv, d).index_select(0, p.slots).transpose(0, 1)
+        q_len = q.shape[0]
+        if q_len * p.seq_len <= self.MATMUL_MAX_SCORES:
+            # the query heads of one KV head as that head's rows: [Hkv, group * q_len, D], no K/V repeat
+            qg = q.transpose(0, 1).float().reshape(hkv, self.group * q_len, d)
+            bias = md.prefill_bias(i, p, self.sliding_window, self.group)
+            scores = torch.baddbmm(bias, qg, k.float().transpose(1, 2), alpha=self.scale)
+            o = torch.bmm(scores.softmax(-1), v.float()).view(self.num_heads, q_len, d)
+            return o.transpose(0, 1).to(q.dtype)
+        mask = md.prefill_mask(i, p, self.sliding_window)
         o = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask, is_causal=mask is None,
                                            scale=self.scale, enable_gqa=True)
         return o.transpose(0, 1)

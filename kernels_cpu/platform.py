@@ -88,7 +88,8 @@ class CpuPlatform(Platform):
                 raise ValueError(f"quantization={quantization} on the CPU needs dtype bfloat16, got "
                                  f"{str(config.dtype).removeprefix('torch.')}")
         if config.kv_cache_memory_bytes is None:
-            config.kv_cache_memory_bytes = 4 << 30  # CPU: a fixed budget, like vLLM's VLLM_CPU_KVCACHE_SPACE
+            # CPU: a fixed budget in GiB, like vLLM's VLLM_CPU_KVCACHE_SPACE (default 4)
+            config.kv_cache_memory_bytes = int(float(os.environ.get("PAGEPORT_CPU_KVCACHE_SPACE", "4")) * (1 << 30))
 
     def attention_backend(self, num_heads, num_kv_heads, head_size, scale, sliding_window=None, softcap=None):
         kernel, _ = self.attention_kernel()

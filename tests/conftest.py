@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Each CPU engine zero-fills its KV cache: keep the many test engines small (the CI box has 24 GiB).
+os.environ.setdefault("PAGEPORT_CPU_KVCACHE_SPACE", "0.5")
 
 
 def default_model_dir() -> Path:
