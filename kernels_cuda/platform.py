@@ -21,6 +21,7 @@ class CudaPlatform(Platform):
     supported_dtypes = (torch.bfloat16, torch.float16, torch.float32)
 
     ops = TritonOps()
+    min_bf16_capability: Optional[tuple[int, int]] = (8, 0)  # NVIDIA: Ampere and newer
 
     def __init__(self, index: int = 0):
         self.index = index
@@ -96,11 +97,11 @@ class CudaPlatform(Platform):
         config.resolve_dtype(self.supported_dtypes)
         super().check_config(config)
         if config.block_size % BLOCK_SIZE_MULTIPLE:
-            raise ValueError(f"cuda: block_size must be a multiple of {BLOCK_SIZE_MULTIPLE} "
+            raise ValueError(f"{self.name}: block_size must be a multiple of {BLOCK_SIZE_MULTIPLE} "
                              f"(16, 32, 64...), got {config.block_size}")
-        cap = self.capability() if config.dtype == torch.bfloat16 else None
-        if cap is not None and cap < (8, 0):
-            raise ValueError(f"cuda: compute capability {cap[0]}.{cap[1]} has no bfloat16 (needs 8.0); "
+        cap = self.capability() if config.dtype == torch.bfloat16 and self.min_bf16_capability else None
+        if cap is not None and cap < self.min_bf16_capability:
+            raise ValueError(f"{self.name}: compute capability {cap[0]}.{cap[1]} has no bfloat16 (needs 8.0); "
                              "use --dtype float16")
 
     def profile_peak_bytes(self, run) -> int:

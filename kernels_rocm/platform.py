@@ -12,11 +12,8 @@ from typing import Optional
 
 import torch
 
-from pageport.kernels_cuda.ops import TritonOps
+from pageport.kernels_cuda.platform import CudaPlatform
 from pageport.kernels_rocm import tuning as _tuning
-from pageport.platforms import Platform
-
-BLOCK_SIZE_MULTIPLE = 16  # tl.dot tiles and the attention kernel's key tiles
 
 
 def _arch(index: int = 0) -> str:
@@ -24,17 +21,14 @@ def _arch(index: int = 0) -> str:
     return getattr(props, "gcnArchName", "") or ""
 
 
-class RocmPlatform(Platform):
+class RocmPlatform(CudaPlatform):
+    """CudaPlatform's runtime, memory profiling, checks and graphs; its own probe, facts and tuning."""
+
     name = "rocm"
     device_type = "cuda"  # torch's HIP build names AMD GPUs "cuda"
     priority = 100  # a torch build is either CUDA or ROCm: at most one of the two is available
     dist_backend = "nccl"  # RCCL behind torch's nccl backend
-    supported_dtypes = (torch.bfloat16, torch.float16, torch.float32)
-
-    ops = TritonOps()  # ROCm tensors are "cuda" tensors: the Triton ops run as they are
-
-    def __init__(self, index: int = 0):
-        self.index = index
+    min_bf16_capability = None  # every GPU Triton's AMD backend targets has bf16
 
     # identity ---------------------------------------------------------------------
     @classmethod
@@ -58,16 +52,6 @@ class RocmPlatform(Platform):
             return f"ROCm probe failed: {type(e).__name__}: {e}"
 
     # device facts -------------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cuda", self.index)
-
-    def device_count(self) -> int:
-        return torch.cuda.device_count()
-
-    def device_name(self) -> str:
-        return torch.cuda.get_device_name(self.index)
-
     def arch(self) -> str:
         """Base gfx architecture, e.g. 'gfx942' (MI300X/A), 'gfx90a' (MI250X), 'gfx1100' (RX 7900)."""
         return _tuning.base_arch(_arch(self.index))
@@ -91,9 +75,6 @@ class RocmPlatform(Platform):
         fp8 = self.fp8_dtype()
         return self.supported_dtypes + ((fp8,) if fp8 is not None else ())
 
-    def memory_info(self) -> tuple[int, int]:
-        return torch.cuda.mem_get_info(self.index)
-
     def describe(self) -> dict:
         props = torch.cuda.get_device_properties(self.index)
         fp8 = self.fp8_dtype()
@@ -106,43 +87,6 @@ class RocmPlatform(Platform):
                 "cus": props.multi_processor_count, "memory": f"{props.total_memory / 2**30:.0f} GiB",
                 "count": self.device_count(), "hip": torch.version.hip, "triton": triton_version,
                 "tuning": self.tuning().name, "fp8": str(fp8).removeprefix("torch.") if fp8 else "-"}
-
-    # runtime --------------------------------------------------------------------------
-    def set_device(self, index: int = 0) -> None:
-        self.index = index
-        torch.cuda.set_device(index)
-
-    def synchronize(self) -> None:
-        torch.cuda.synchronize(self.index)
-
-    def seed(self, seed: int) -> None:
-        torch.manual_seed(seed)
-        torch.cuda.manual_seed_all(seed)
-
-    def empty_cache(self) -> None:
-        torch.cuda.empty_cache()
-
-    # configuration ------------------------------------------------------------------------
-    def check_config(self, config) -> None:
-        config.resolve_dtype(self.supported_dtypes)
-        super().check_config(config)
-        if config.block_size % BLOCK_SIZE_MULTIPLE:
-            raise ValueError(f"rocm: block_size must be a multiple of {BLOCK_SIZE_MULTIPLE} "
-                             f"(16, 32, 64...), got {config.block_size}")
-
-    def profile_peak_bytes(self, run) -> int:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.index)
-        base = torch.cuda.memory_allocated(self.index)
-        run()
-        self.synchronize()
-        peak = torch.cuda.max_memory_allocated(self.index) - base
-        torch.cuda.empty_cache()
-        return peak
-
-    def graph_runner(self, model, kv_caches, config):
-        from pageport.kernels_cuda.graphs import CudaGraphRunner  # HIP graphs through torch.cuda.graph
-        return CudaGraphRunner(model, kv_caches, config)
 
     def attention_backend(self, num_heads, num_kv_heads, head_size, scale, sliding_window=None, softcap=None):
         from pageport.kernels_cuda.attention import TritonPagedAttention
