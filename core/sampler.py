@@ -33,7 +33,7 @@ class SamplerOutput:
     # per request: None unless params.logprobs is not None; then the chosen token plus the top-`logprobs`
     # tokens, each Logprob(logprob, rank) with rank 1 = most likely (decoded_token filled by the detokenizer)
     logprobs: list[Optional[dict[int, Logprob]]]
-    chosen_logprobs: list[float]  # logprob of the chosen token (raw logits), for cumulative_logprob
+    chosen_logprobs: list[float]  # logprob of the chosen token (raw logits) where logprobs were asked, else 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -220,7 +220,6 @@ class Sampler:
         params = [r.params for r in requests]
 
         raw = logits.float()  # may be `logits` itself: never written to
-        lse = torch.logsumexp(raw, dim=-1)
 
         # what this batch needs
         greedy = [p.greedy for p in params]
@@ -243,24 +242,21 @@ class Sampler:
                 work = self._penalties(work, requests)
             token_ids = self._draw(work, requests, greedy)
 
-        chosen = (raw.gather(1, token_ids.unsqueeze(1)).squeeze(1) - lse)
-
-        # logprobs for the requests that asked
+        # logprobs (and the chosen token's, for cumulative_logprob) only for the requests that asked: the
+        # log-normaliser over the vocabulary is a pass over every logit (~2.5 ms at 64 x 49152 on a CPU)
         lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         logprobs: list[Optional[dict[int, Logprob]]] = [None] * batch
+        chosen = [0.0] * batch
         if lp_rows:
-            if len(lp_rows) == batch:
-                lp = raw - lse.unsqueeze(1)
-                ids = token_ids
-            else:
-                idx = torch.tensor(lp_rows, device=device)
-                lp = raw[idx] - lse[idx].unsqueeze(1)
-                ids = token_ids[idx]
+            idx = None if len(lp_rows) == batch else torch.tensor(lp_rows, device=device)
+            sub = raw if idx is None else raw[idx]
+            ids = token_ids if idx is None else token_ids[idx]
+            lp = sub - torch.logsumexp(sub, dim=-1, keepdim=True)
             dicts = _logprob_dicts(lp, ids, [params[i].logprobs for i in lp_rows])
-            for i, d in zip(lp_rows, dicts):
-                logprobs[i] = d
+            for i, d, c in zip(lp_rows, dicts, lp.gather(1, ids.unsqueeze(1)).squeeze(1).tolist()):
+                logprobs[i], chosen[i] = d, c
 
-        return SamplerOutput(token_ids.tolist(), logprobs, chosen.tolist())
+        return SamplerOutput(token_ids.tolist(), logprobs, chosen)
 
     # -------------------------------------------------------------------------------------------
     @staticmethod

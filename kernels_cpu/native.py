@@ -2,13 +2,14 @@
 
 `csrc/paged_attention.cpp` registers `torch.ops.pageport_cpu.paged_decode_attention`. The build needs a C++
 compiler and ninja (`pip install 'pageport[cpu]'` brings ninja); it takes ~10 s once and is cached by
-torch under ~/.cache/torch_extensions (TORCH_EXTENSIONS_DIR). `-march=native` is safe because the library
-is built where it runs.
+torch under ~/.cache/torch_extensions (TORCH_EXTENSIONS_DIR). `-march=native` (`-mcpu=native` on POWER) is safe
+because the library is built where it runs.
 """
 from __future__ import annotations
 
 import functools
 import logging
+import platform
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -18,7 +19,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
-FLAGS = ["-O3", "-march=native", "-fopenmp",
+FLAGS = ["-O3", "-mcpu=native" if platform.machine().startswith("ppc") else "-march=native", "-fopenmp",
          # let the compiler vectorize float sums (reassociation), nothing that changes inf/NaN handling
          "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
 

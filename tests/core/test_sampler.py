@@ -36,13 +36,16 @@ sampler = Sampler()
 def test_greedy_is_argmax_and_chosen_logprob():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
-    reqs = [make_request(SamplingParams(temperature=0.0), rid=str(i)) for i in range(4)]
+    # rows 1 and 3 ask for logprobs: they get the chosen token's logprob; the others skip the normaliser
+    reqs = [make_request(SamplingParams(temperature=0.0, logprobs=0 if i % 2 else None), rid=str(i))
+            for i in range(4)]
     out = sampler(logits, reqs)
     assert out.token_ids == logits.argmax(-1).tolist()
     ref = torch.log_softmax(logits, -1)
     for i, t in enumerate(out.token_ids):
-        assert out.chosen_logprobs[i] == pytest.approx(ref[i, t].item(), abs=1e-5)
-    assert out.logprobs == [None] * 4
+        assert out.chosen_logprobs[i] == (pytest.approx(ref[i, t].item(), abs=1e-5) if i % 2 else 0.0)
+    assert out.logprobs[0] is None and out.logprobs[2] is None
+    assert list(out.logprobs[1]) == [out.token_ids[1]]
 
 
 def test_greedy_with_half_precision_logits():
