@@ -60,115 +60,21 @@ def _prompts(n, length, vocab, seed):
     return [[rng.randrange(100, vocab - 100) for _ in range(length)] for _ in range(n)]
 
 
-class PageportRunner:
-    def __init__(self, quantization=None, threads=None, compile=True):
-        from pageport import LLM, SamplingParams
-        self.llm = LLM(quantization=quantization, num_threads=threads, max_model_len=2048,
-                       kv_cache_memory_bytes=1 << 30, compile=compile)
-        self.SamplingParams = SamplingParams
-        backend = self.llm.engine.runner.model.attn_backend.name
-        self.info = {"dtype": str(self.llm.config.dtype).removeprefix("torch."), "quantization": quantization,
-                     "compile": compile, "attention": backend}
-
-    def __call__(self, prompts, output_len):
-        params = self.SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-        self.llm.engine.kv.reset_prefix_cache()  # no reuse across repeats
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        return sum(len(o.outputs[0].token_ids) for o in outs)
-
-
-def _hf_model():
-    from transformers import AutoModelForCausalLM
-
-    from pageport.models.loader import resolve_model_path
-    path = resolve_model_path(None)
-    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.bfloat16,
-                                                attn_implementation="sdpa").eval()
-
-
-class HfRunner:
-    def __init__(self):
-        self.model = _hf_model()
-        self.info = {"dtype": "bfloat16", "api": "generate (static batch)"}
-
-    @torch.inference_mode()
-    def __call__(self, prompts, output_len):
-        ids = torch.tensor(prompts)
-        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
-                                  min_new_tokens=output_len, do_sample=False, pad_token_id=0)
-        return (out.shape[1] - ids.shape[1]) * len(prompts)
-
-
-class HfCbRunner:
-    def __init__(self):
-        from transformers import GenerationConfig
-        self.model = _hf_model()
-        self.GenerationConfig = GenerationConfig
-        self.info = {"dtype": "bfloat16", "api": "generate_batch (continuous batching)"}
-
-    @torch.inference_mode()
-    def __call__(self, prompts, output_len):
-        gen = self.GenerationConfig(max_new_tokens=output_len, do_sample=False, eos_token_id=None, pad_token_id=0)
-        res = self.model.generate_batch(inputs=prompts, generation_config=gen, progress_bar=False)
-        return sum(len(r.generated_tokens) for r in res.values())
-
-
-class LlamaCppRunner:
-    """Greedy generation for many sequences at once through llama.cpp's C API: every prompt token of every
-    sequence, then one token per sequence per llama_decode. A context of its own with one KV stream per
-    sequence (a unified stream makes every token attend over all sequences' cells: ~4x slower at 64)."""
-
-    def __init__(self, threads, max_seqs=64, max_len=512, batch=2048):
-        import llama_cpp
-
-        from pageport.models.loader import resolve_model_path
-        self.L = llama_cpp
-        self.llm = llama_cpp.Llama(str(resolve_model_path(None)), n_ctx=512, verbose=False)  # owns the weights
-        p = llama_cpp.llama_context_default_params()
-        p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max, p.kv_unified = max_seqs * max_len, batch, 512, max_seqs, False
-        p.n_threads = p.n_threads_batch = threads or len(os.sched_getaffinity(0))
-        self.ctx = llama_cpp.llama_init_from_model(self.llm.model, p)
-        self.batch, self.size, self.n_vocab = llama_cpp.llama_batch_init(batch, 0, 1), batch, self.llm.n_vocab()
-        self.info = {"version": llama_cpp.__version__, "api": "llama_decode, all sequences batched",
-                     "threads": p.n_threads}
-
-    def _decode(self, items) -> dict[int, int]:
-        """items: (token, position, sequence, wants logits) -> {sequence: argmax of its logits}."""
-        import numpy as np
-        out = {}
-        for start in range(0, len(items), self.size):
-            b, rows = self.batch, {}
-            for i, (tok, pos, seq, want) in enumerate(items[start:start + self.size]):
-                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, want
-                b.seq_id[i][0] = seq
-                if want:
-                    rows[seq] = i
-            b.n_tokens = min(self.size, len(items) - start)
-            if self.L.llama_decode(self.ctx, b) != 0:
-                raise RuntimeError("llama_decode failed")
-            for seq, i in rows.items():
-                logits = np.ctypeslib.as_array(self.L.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
-                out[seq] = int(logits.argmax())
-        return out
-
-    def __call__(self, prompts, output_len):
-        self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
-        nxt = self._decode([(t, j, s, j == len(p) - 1) for s, p in enumerate(prompts) for j, t in enumerate(p)])
-        for step in range(1, output_len):
-            nxt = self._decode([(nxt[s], len(p) + step - 1, s, True) for s, p in enumerate(prompts)])
-        return len(prompts) * output_len
-
-
 def make_runner(name, threads, compile=True):
-    if name == "pageport":
-        return PageportRunner(None, threads, compile)
-    if name == "pageport-int4":
-        return PageportRunner("int4", threads, compile)
-    if name == "hf":
-        return HfRunner()
-    if name == "hf-cb":
-        return HfCbRunner()
-    return LlamaCppRunner(threads)
+    """The `pageport bench throughput` backend behind a sweep column, loaded once; call(prompts, output_len)
+    returns the number of output tokens."""
+    from pageport.core.config import EngineConfig
+    from pageport.entrypoints.bench_offline import BACKEND_CLASSES
+    config = EngineConfig(num_threads=threads)
+    if name.startswith("pageport"):
+        config = EngineConfig(num_threads=threads, max_model_len=2048, kv_cache_memory_bytes=1 << 30,
+                              compile=compile, quantization="int4" if name == "pageport-int4" else None)
+    backend = BACKEND_CLASSES[name.removesuffix("-int4")](config)
+
+    def run(prompts, output_len):
+        return sum(backend(prompts, output_len))
+    run.info = backend.info
+    return run
 
 
 def sweep(args) -> dict:

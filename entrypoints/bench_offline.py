@@ -1,7 +1,8 @@
 """`pageport bench throughput | latency`: offline benchmarks with a peer in the same run.
 
 Backends: pageport, hf (Transformers `generate`, static batches), hf-cb (Transformers
-`generate_batch`, its paged continuous batching), llama-cpp (llama-cpp-python on the same GGUF).
+`generate_batch`, its paged continuous batching), llama-cpp (llama.cpp through llama-cpp-python's bindings,
+all sequences batched, on the same GGUF).
 Every backend gets the same token ids and the same weights; results print in vLLM's wording.
 """
 from __future__ import annotations
@@ -16,7 +17,6 @@ from typing import Optional
 
 from pageport.core.config import EngineConfig
 
-BACKENDS = ("pageport", "hf", "hf-cb", "llama-cpp")
 
 
 def add_dataset_args(p: argparse.ArgumentParser) -> None:
@@ -50,20 +50,23 @@ def machine() -> str:
     return f"{pyplatform.processor() or pyplatform.machine()} CPU"
 
 
-# backends ---------------------------------------------------------------------------------------
-def run_pageport(args, config: EngineConfig, prompts):
-    from pageport import LLM, SamplingParams
-    llm = LLM(**vars(config))
-    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=args.ignore_eos)
-    llm.generate(prompts[: min(4, len(prompts))], params, use_tqdm=False)  # warm-up
-    t = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-    dt = time.perf_counter() - t
-    return dt, [len(o.outputs[0].token_ids) for o in outs], {"dtype": str(llm.config.dtype)}
+# backends: each loads its model once; calling one generates greedily for token-id prompts and returns the
+# number of tokens each prompt got. The concurrency sweep (benchmarks/concurrency_sweep.py) uses them too.
+class PageportBackend:
+    def __init__(self, config: EngineConfig, args=None):
+        from pageport import LLM, SamplingParams
+        self.llm, self.SamplingParams = LLM(**vars(config)), SamplingParams
+        self.info = {"dtype": str(self.llm.config.dtype).removeprefix("torch."), "quantization": config.quantization,
+                     "compile": config.compile, "attention": self.llm.engine.runner.model.attn_backend.name}
+
+    def __call__(self, prompts, output_len, ignore_eos=True) -> list[int]:
+        self.llm.engine.kv.reset_prefix_cache()  # a repeat measures the work again, not the cache
+        params = self.SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=ignore_eos)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [len(o.outputs[0].token_ids) for o in outs]
 
 
 def _hf_model(config: EngineConfig):
-    import torch
     from transformers import AutoModelForCausalLM
     from pageport.models.loader import resolve_model_path
     from pageport.platforms import resolve_platform
@@ -75,78 +78,136 @@ def _hf_model(config: EngineConfig):
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kw)
     else:
         model = AutoModelForCausalLM.from_pretrained(path if path.is_dir() else path.parent, **kw)
-    return model.to(platform.device).eval(), torch
+    return model.to(platform.device).eval()
 
 
-def run_hf(args, config: EngineConfig, prompts):
-    """Static batches, each batch of equal-length prompts (random prompts: no padding)."""
-    model, torch = _hf_model(config)
-    batch = args.hf_batch_size
-    with torch.inference_mode():
-        def go(chunk):
-            ids = torch.tensor(chunk, device=model.device)
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.output_len,
-                                 min_new_tokens=args.output_len if args.ignore_eos else None,
-                                 do_sample=False, pad_token_id=0)
-            return [args.output_len if args.ignore_eos else int((row[ids.shape[1]:] != 0).sum()) for row in out]
-        go(prompts[:1])  # warm-up
-        t = time.perf_counter()
+class HfBackend:
+    """Transformers `generate` in static batches of equal-length prompts (random prompts: no padding)."""
+
+    def __init__(self, config: EngineConfig, args=None):
+        self.model = _hf_model(config)
+        self.batch_size = getattr(args, "hf_batch_size", None) or 64
+        self.info = {"dtype": str(self.model.dtype).removeprefix("torch."), "api": "generate (static batches)",
+                     "batch_size": self.batch_size}
+
+    def __call__(self, prompts, output_len, ignore_eos=True) -> list[int]:
+        import torch
         lens = []
-        for i in range(0, len(prompts), batch):
-            chunk = prompts[i:i + batch]
-            if len({len(p) for p in chunk}) != 1:
-                raise ValueError("the hf backend needs equal-length prompts (use --dataset random)")
-            lens += go(chunk)
+        with torch.inference_mode():
+            for i in range(0, len(prompts), self.batch_size):
+                chunk = prompts[i:i + self.batch_size]
+                if len({len(p) for p in chunk}) != 1:
+                    raise ValueError("the hf backend needs equal-length prompts (use --dataset random)")
+                ids = torch.tensor(chunk, device=self.model.device)
+                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
+                                          min_new_tokens=output_len if ignore_eos else None, do_sample=False,
+                                          pad_token_id=0)
+                lens += [output_len if ignore_eos else int((row[ids.shape[1]:] != 0).sum()) for row in out]
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        return time.perf_counter() - t, lens, {"batch_size": batch}
+        return lens
 
 
-def run_hf_cb(args, config: EngineConfig, prompts):
-    model, torch = _hf_model(config)
-    from transformers import GenerationConfig
-    gen = GenerationConfig(max_new_tokens=args.output_len, do_sample=False, eos_token_id=None if args.ignore_eos
-                           else model.generation_config.eos_token_id, pad_token_id=0)
-    with torch.no_grad():  # not inference_mode: generate_batch updates its cache from a worker thread
-        model.generate_batch(inputs=prompts[:2], generation_config=gen)  # warm-up
-        t = time.perf_counter()
-        res = model.generate_batch(inputs=prompts, generation_config=gen)
-        dt = time.perf_counter() - t
-    lens = [len(r.generated_tokens) for r in res.values()]
-    return dt, lens, {"failed_requests": len(prompts) - sum(1 for n in lens if n > 0)}
+class HfCbBackend:
+    """Transformers `generate_batch`: its paged continuous batching."""
+
+    def __init__(self, config: EngineConfig, args=None):
+        self.model = _hf_model(config)
+        self.info = {"dtype": str(self.model.dtype).removeprefix("torch."),
+                     "api": "generate_batch (continuous batching)"}
+
+    def __call__(self, prompts, output_len, ignore_eos=True) -> list[int]:
+        import torch
+        from transformers import GenerationConfig
+        gen = GenerationConfig(max_new_tokens=output_len, do_sample=False, pad_token_id=0,
+                               eos_token_id=None if ignore_eos else self.model.generation_config.eos_token_id)
+        with torch.no_grad():  # not inference_mode: generate_batch updates its cache from a worker thread
+            res = self.model.generate_batch(inputs=prompts, generation_config=gen, progress_bar=False)
+        return [len(r.generated_tokens) for r in res.values()]
 
 
-def run_llama_cpp(args, config: EngineConfig, prompts):
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        raise SystemExit("llama-cpp: llama-cpp-python is not installed (no prebuilt wheel runs here; "
-                         "`CMAKE_ARGS=-DGGML_NATIVE=ON pip install llama-cpp-python` builds it in ~8 min)")
-    from pageport.models.loader import resolve_model_path
-    import os
-    llm = Llama(str(resolve_model_path(config.model)), n_ctx=args.input_len + args.output_len + 8,
-                n_threads=config.num_threads or len(os.sched_getaffinity(0)), verbose=False, logits_all=False)
-    lens = []
-    t = time.perf_counter()
-    for p in prompts:  # llama-cpp-python serves one sequence at a time
-        n = 0
-        llm.reset()
-        for tok in llm.generate(p, temp=0.0, reset=True):
-            n += 1
-            if n >= args.output_len or (not args.ignore_eos and tok == llm.token_eos()):
-                break
-        lens.append(n)
-    return time.perf_counter() - t, lens, {}
+class LlamaCppBackend:
+    """llama.cpp through llama-cpp-python's C bindings, all sequences batched: every prompt token of every
+    sequence, then one token per live sequence per llama_decode, greedy. Its own context with one KV stream
+    per sequence (a unified stream makes each token attend over every sequence's cells: ~4x slower at 64)."""
+
+    def __init__(self, config: EngineConfig, args=None, max_seqs: int = 64, max_len: int = 512, batch: int = 2048):
+        try:
+            import llama_cpp
+        except ImportError as e:
+            raise ImportError("llama-cpp-python is not installed (no prebuilt wheel runs here; "
+                              "`CMAKE_ARGS=-DGGML_NATIVE=ON pip install llama-cpp-python` builds it in ~8 min)") from e
+        import os
+        from pageport.models.loader import resolve_model_path
+        if args is not None and hasattr(args, "num_prompts"):
+            max_seqs, max_len = min(args.num_prompts, 256), args.input_len + args.output_len + 8
+        self.L, self.max_seqs = llama_cpp, max_seqs
+        self.llm = llama_cpp.Llama(str(resolve_model_path(config.model)), n_ctx=512, verbose=False)  # the weights
+        p = llama_cpp.llama_context_default_params()
+        p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max, p.kv_unified = max_seqs * max_len, batch, 512, max_seqs, False
+        p.n_threads = p.n_threads_batch = config.num_threads or len(os.sched_getaffinity(0))
+        self.ctx = llama_cpp.llama_init_from_model(self.llm.model, p)
+        self.batch, self.size, self.n_vocab = llama_cpp.llama_batch_init(batch, 0, 1), batch, self.llm.n_vocab()
+        self.eos = self.llm.token_eos()
+        self.info = {"version": llama_cpp.__version__, "api": "llama_decode, all sequences batched",
+                     "threads": p.n_threads}
+
+    def _decode(self, items) -> dict[int, int]:
+        """items: (token, position, sequence, wants logits) -> {sequence: argmax of its logits}."""
+        import numpy as np
+        out = {}
+        for start in range(0, len(items), self.size):
+            b, rows = self.batch, {}
+            for i, (tok, pos, seq, want) in enumerate(items[start:start + self.size]):
+                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, want
+                b.seq_id[i][0] = seq
+                if want:
+                    rows[seq] = i
+            b.n_tokens = min(self.size, len(items) - start)
+            if self.L.llama_decode(self.ctx, b) != 0:
+                raise RuntimeError("llama_decode failed")
+            for seq, i in rows.items():
+                logits = np.ctypeslib.as_array(self.L.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
+                out[seq] = int(logits.argmax())
+        return out
+
+    def __call__(self, prompts, output_len, ignore_eos=True) -> list[int]:
+        lens = []
+        for w in range(0, len(prompts), self.max_seqs):  # waves of at most max_seqs sequences
+            wave = prompts[w:w + self.max_seqs]
+            self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
+            nxt = self._decode([(t, j, s, j == len(p) - 1) for s, p in enumerate(wave) for j, t in enumerate(p)])
+            n = [1] * len(wave)
+            live = [s for s in range(len(wave)) if ignore_eos or nxt[s] != self.eos]
+            for step in range(1, output_len):
+                live = [s for s in live if n[s] < output_len]
+                if not live:
+                    break
+                nxt = self._decode([(nxt[s], len(wave[s]) + step - 1, s, True) for s in live])
+                for s in list(live):
+                    n[s] += 1
+                    if not ignore_eos and nxt[s] == self.eos:
+                        live.remove(s)
+            lens += n
+        return lens
 
 
-RUNNERS = {"pageport": run_pageport, "hf": run_hf, "hf-cb": run_hf_cb, "llama-cpp": run_llama_cpp}
+BACKEND_CLASSES = {"pageport": PageportBackend, "hf": HfBackend, "hf-cb": HfCbBackend, "llama-cpp": LlamaCppBackend}
 
 
 def cmd_throughput(args) -> int:
     config = EngineConfig.from_cli_args(args)
     tokenizer, vocab = _tokenizer_and_vocab(config)
     prompts = make_prompts(args, tokenizer, vocab)
-    dt, lens, extra = RUNNERS[args.backend](args, config, prompts)
+    try:
+        backend = BACKEND_CLASSES[args.backend](config, args)
+    except ImportError as e:
+        raise SystemExit(f"{args.backend}: {e}")
+    backend(prompts[: min(4, len(prompts))], 4, True)  # warm-up (and CPU compilation, if any)
+    t = time.perf_counter()
+    lens = backend(prompts, args.output_len, args.ignore_eos)
+    dt = time.perf_counter() - t
+    extra = backend.info
     n_in, n_out = sum(len(p) for p in prompts), sum(lens)
     result = {"backend": args.backend, "machine": machine(), "model": config.model or "default",
               "load_format": config.load_format, "num_prompts": len(prompts), "input_len": args.input_len,
@@ -217,7 +278,7 @@ def _write(path: Optional[str], result: dict) -> None:
 
 def register(bench_sub) -> None:
     p = bench_sub.add_parser("throughput", help="offline throughput, pageport or a peer")
-    p.add_argument("--backend", choices=BACKENDS, default="pageport")
+    p.add_argument("--backend", choices=list(BACKEND_CLASSES), default="pageport")
     p.add_argument("--hf-batch-size", type=int, default=64, help="static batch size of the hf backend")
     add_dataset_args(p)
     EngineConfig.add_cli_args(p, model_positional=False)
