@@ -89,8 +89,9 @@ def sweep(args) -> dict:
             print(f"skipping {name}: {e}", file=sys.stderr)
     torch.set_num_threads(threads)  # a runner may have changed it
     vocab = 49152
-    for name, run in runners.items():  # warm-up
-        run(_prompts(2, 16, vocab, args.seed + 99), 4)
+    for name, run in runners.items():  # warm-up: batch 1 and a larger batch (compile specialises on 1)
+        for n in (1, 3):
+            run(_prompts(n, 16, vocab, args.seed + 99), 4)
     cells = {name: {c: [] for c in args.concurrency} for name in runners}
     partial = Path(args.out).with_suffix(".partial.json")
     if args.resume and partial.is_file():

@@ -203,7 +203,8 @@ def cmd_throughput(args) -> int:
         backend = BACKEND_CLASSES[args.backend](config, args)
     except ImportError as e:
         raise SystemExit(f"{args.backend}: {e}")
-    backend(prompts[: min(4, len(prompts))], 4, True)  # warm-up (and CPU compilation, if any)
+    for n in {1, min(4, len(prompts))}:  # warm-up (and compilation, which specialises on batch 1)
+        backend(prompts[:n], 4, True)
     t = time.perf_counter()
     lens = backend(prompts, args.output_len, args.ignore_eos)
     dt = time.perf_counter() - t

@@ -29,7 +29,8 @@ inline void to_float<c10::BFloat16>(const c10::BFloat16* src, float* dst, int64_
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint32_t>(bits[i]) << 16;
 }
 
-// HS > 0: the head size as a compile-time constant (fully vectorized inner loops); 0: read at run time
+// HS, GS > 0: the head size / query heads per KV head as compile-time constants (unrolled inner loops, the
+// accumulators in registers); 0: read at run time
 // exp(x) for x <= 0 (scores minus their max) in straight-line code the compiler vectorizes (libm's expf is a
 // scalar call per score): 2^(x log2 e) = 2^n * 2^f, |f| <= 1/2, 2^f by its Taylor series to degree 7
 // (relative error < 1e-7); below -87 the result is 0 to float precision anyway.
@@ -51,13 +52,13 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
-template <typename T, int64_t HS>
+template <typename T, int64_t HS, int64_t GS>
 void decode_attention_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                              const at::Tensor& v_cache, const at::Tensor& block_table, const at::Tensor& seq_lens,
                              double scale, int64_t window) {
   const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_size = HS > 0 ? HS : q.size(2);
   const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
-  const int64_t group = num_heads / num_kv_heads;
+  const int64_t group = GS > 0 ? GS : num_heads / num_kv_heads;
   const T* qp = q.data_ptr<T>();
   T* op = out.data_ptr<T>();
   const T* kp = k_cache.data_ptr<T>();
@@ -129,13 +130,25 @@ void decode_attention_kernel(at::Tensor& out, const at::Tensor& q, const at::Ten
   });
 }
 
+template <typename T, int64_t HS>
+void dispatch_group(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                    const at::Tensor& block_table, const at::Tensor& seq_lens, double scale, int64_t window) {
+#define PAGEPORT_GROUP(G) \
+  case G: return decode_attention_kernel<T, HS, G>(out, q, k_cache, v_cache, block_table, seq_lens, scale, window);
+  switch (q.size(1) / k_cache.size(2)) {
+    PAGEPORT_GROUP(1) PAGEPORT_GROUP(2) PAGEPORT_GROUP(3) PAGEPORT_GROUP(4) PAGEPORT_GROUP(6) PAGEPORT_GROUP(8)
+    default: return decode_attention_kernel<T, HS, 0>(out, q, k_cache, v_cache, block_table, seq_lens, scale, window);
+  }
+#undef PAGEPORT_GROUP
+}
+
 template <typename T>
 void dispatch_head_size(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                         const at::Tensor& block_table, const at::Tensor& seq_lens, double scale, int64_t window) {
   switch (q.size(2)) {
-    case 64: return decode_attention_kernel<T, 64>(out, q, k_cache, v_cache, block_table, seq_lens, scale, window);
-    case 128: return decode_attention_kernel<T, 128>(out, q, k_cache, v_cache, block_table, seq_lens, scale, window);
-    default: return decode_attention_kernel<T, 0>(out, q, k_cache, v_cache, block_table, seq_lens, scale, window);
+    case 64: return dispatch_group<T, 64>(out, q, k_cache, v_cache, block_table, seq_lens, scale, window);
+    case 128: return dispatch_group<T, 128>(out, q, k_cache, v_cache, block_table, seq_lens, scale, window);
+    default: return decode_attention_kernel<T, 0, 0>(out, q, k_cache, v_cache, block_table, seq_lens, scale, window);
   }
 }
 
