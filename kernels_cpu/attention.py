@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from pageport.kernels_cpu import native
 from pageport.platforms import AttentionBackend, AttentionMetadata
 
 
@@ -198,7 +199,6 @@ class NativePagedAttention(TorchPagedAttention):
     name = "cpu-native"
 
     def _decode(self, q, kv_cache, md: CpuAttentionMetadata):
-        from pageport.kernels_cpu import native
         return native.paged_decode_attention(torch.empty_like(q), q.contiguous(), kv_cache[0], kv_cache[1],
                                              md.decode_blocks, md.decode_lens.view(-1), self.scale,
                                              self.sliding_window)

@@ -90,11 +90,11 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
 
-    def forward(self, positions, hidden, residual, kv_cache, attn_metadata, pre=None, post=None):
+    def forward(self, positions, hidden, residual, kv_cache, attn_metadata, pre, post):
         """pre / post: `pre_attention` / `post_attention`, as the platform compiled them."""
-        q, k, v, residual = (pre or pre_attention)(self, positions, hidden, residual)
+        q, k, v, residual = pre(self, positions, hidden, residual)
         out = self.self_attn.attn.forward(q, k, v, kv_cache, attn_metadata)
-        return (post or post_attention)(self, out, residual)
+        return post(self, out, residual)
 
 
 def pre_attention(layer: LlamaDecoderLayer, positions, hidden, residual):
@@ -116,11 +116,10 @@ def post_attention(layer: LlamaDecoderLayer, attn_out, residual):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, ops, backends: list[AttentionBackend], platform: Optional[Platform] = None):
+    def __init__(self, config, ops, backends: list[AttentionBackend], platform: Platform):
         super().__init__()
         # one compiled function serves every layer (the layer's weights are its inputs)
-        self.pre, self.post = (platform.compile(pre_attention), platform.compile(post_attention)) if platform \
-            else (pre_attention, post_attention)
+        self.pre, self.post = platform.compile(pre_attention), platform.compile(post_attention)
         head_dim = _head_dim(config)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         rotary = RotaryEmbedding(config, head_dim, config.max_position_embeddings, ops)

@@ -21,6 +21,15 @@ def default_model_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def load_benchmark_script(name: str):
+    """A script under benchmarks/ (not a package) imported as a module."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @pytest.fixture(scope="session")
 def default_tokenizer():
     """The default model's tokenizer (SmolLM2-135M-Instruct, from its GGUF); loaded once: it takes seconds."""

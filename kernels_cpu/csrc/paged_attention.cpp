@@ -29,6 +29,22 @@ inline void to_float<c10::BFloat16>(const c10::BFloat16* src, float* dst, int64_
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint32_t>(bits[i]) << 16;
 }
 
+// Cached positions first..len-1 of one head, in order: each row converted into `row`, then fn(position - first).
+// Walks the blocks, not the positions: no division per position.
+template <typename T, typename Fn>
+inline void for_each_row(const T* cache, int64_t block_stride, int64_t token_stride, int64_t head_offset,
+                         const int64_t* blocks, int64_t block_size, int64_t first, int64_t len, float* row,
+                         int64_t head_size, Fn&& fn) {
+  for (int64_t p = first; p < len;) {
+    const int64_t stop = std::min(len, (p / block_size + 1) * block_size);
+    const T* r = cache + blocks[p / block_size] * block_stride + (p % block_size) * token_stride + head_offset;
+    for (; p < stop; ++p, r += token_stride) {
+      to_float(r, row, head_size);
+      fn(p - first);
+    }
+  }
+}
+
 // HS, GS > 0: the head size / query heads per KV head as compile-time constants (unrolled inner loops, the
 // accumulators in registers); 0: read at run time
 // exp(x) for x <= 0 (scores minus their max) in straight-line code the compiler vectorizes (libm's expf is a
@@ -85,20 +101,14 @@ void decode_attention_kernel(at::Tensor& out, const at::Tensor& q, const at::Ten
       for (int64_t i = 0; i < group * head_size; ++i) qf[i] = static_cast<float>(qs[i]) * fscale;
       const int64_t* blocks = table + s * table_stride;
 
-      // walk the blocks, not the positions: no division per position
-      for (int64_t p = first; p < len;) {
-        const int64_t blk = blocks[p / block_size], stop = std::min(len, (p / block_size + 1) * block_size);
-        const T* kr = kp + blk * kbs + (p % block_size) * kts + h * khs;
-        for (; p < stop; ++p, kr += kts) {
-          to_float(kr, row, head_size);
-          for (int64_t g = 0; g < group; ++g) {
-            const float* qg = qf + g * head_size;
-            float dot = 0.f;
-            for (int64_t d = 0; d < head_size; ++d) dot += qg[d] * row[d];
-            scores[g * n + (p - first)] = dot;
-          }
+      for_each_row(kp, kbs, kts, h * khs, blocks, block_size, first, len, row, head_size, [&](int64_t j) {
+        for (int64_t g = 0; g < group; ++g) {
+          const float* qg = qf + g * head_size;
+          float dot = 0.f;
+          for (int64_t d = 0; d < head_size; ++d) dot += qg[d] * row[d];
+          scores[g * n + j] = dot;
         }
-      }
+      });
       for (int64_t g = 0; g < group; ++g) {
         float* sg = scores.data() + g * n;
         float mx = -INFINITY;
@@ -112,18 +122,13 @@ void decode_attention_kernel(at::Tensor& out, const at::Tensor& q, const at::Ten
         for (int64_t j = 0; j < n; ++j) sg[j] *= inv;
       }
       std::fill(acc, acc + group * head_size, 0.f);
-      for (int64_t p = first; p < len;) {
-        const int64_t blk = blocks[p / block_size], stop = std::min(len, (p / block_size + 1) * block_size);
-        const T* vr = vp + blk * vbs + (p % block_size) * vts + h * vhs;
-        for (; p < stop; ++p, vr += vts) {
-          to_float(vr, row, head_size);
-          for (int64_t g = 0; g < group; ++g) {
-            const float w = scores[g * n + (p - first)];
-            float* ag = acc + g * head_size;
-            for (int64_t d = 0; d < head_size; ++d) ag[d] += w * row[d];
-          }
+      for_each_row(vp, vbs, vts, h * vhs, blocks, block_size, first, len, row, head_size, [&](int64_t j) {
+        for (int64_t g = 0; g < group; ++g) {
+          const float w = scores[g * n + j];
+          float* ag = acc + g * head_size;
+          for (int64_t d = 0; d < head_size; ++d) ag[d] += w * row[d];
         }
-      }
+      });
       T* os = op + (s * num_heads + h * group) * head_size;
       for (int64_t i = 0; i < group * head_size; ++i) os[i] = static_cast<T>(acc[i]);
     }

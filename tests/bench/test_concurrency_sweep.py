@@ -1,20 +1,15 @@
 """benchmarks/concurrency_sweep.py parses and draws its plot from a result file."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "concurrency_sweep.py"
+from tests.conftest import load_benchmark_script
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("concurrency_sweep", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark_script("concurrency_sweep")
 
 
 def test_parses_with_every_backend_by_default():

@@ -2,21 +2,16 @@
 computes the right answer (run here through the Triton interpreter at a tiny shape)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_attention.py"
+from tests.conftest import load_benchmark_script
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("kernel_attention_bench", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark_script("kernel_attention")
 
 
 def test_imports_and_parses():
