@@ -43,3 +43,9 @@ class TritonOps(Ops):
             return super().silu_and_mul(x)
         from pageport.kernels_cuda.activation import silu_and_mul
         return silu_and_mul(x)
+
+    def fused_moe(self, x, w13, w2, topk_weights, topk_ids):
+        if not self.runs_triton(x):
+            return super().fused_moe(x, w13, w2, topk_weights, topk_ids)
+        from pageport.kernels_cuda.fused_moe import fused_moe
+        return fused_moe(x, w13, w2, topk_weights, topk_ids)

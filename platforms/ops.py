@@ -37,3 +37,29 @@ class Ops:
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+    def fused_moe(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor) -> torch.Tensor:
+        """Routed experts: sum_j topk_weights[t, j] * W2[e] (silu(gate) * up)(W13[e] x[t]), e = topk_ids[t, j].
+
+        x [T, H]; w13 [E, 2I, H] (gate | up); w2 [E, H, I]; topk_weights [T, k] (float32), topk_ids [T, k].
+        Returns [T, H] in x's dtype. This default sorts the (token, expert) pairs by expert and runs one pair
+        of matmuls per expert that has tokens."""
+        t, h = x.shape
+        k = topk_ids.shape[1]
+        flat = topk_ids.reshape(-1)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+        rows = order // k  # token of each sorted pair
+        xs = x.index_select(0, rows)
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                seg = xs[start:start + n]
+                ys[start:start + n] = F.linear(self.silu_and_mul(F.linear(seg, w13[e])), w2[e])
+                start += n
+        acc = torch.promote_types(x.dtype, torch.float32)  # weighting and the sum over k: float32 at least
+        ys = ys.to(acc) * topk_weights.reshape(-1)[order].to(acc).unsqueeze(1)
+        out = torch.zeros(t, h, dtype=acc, device=x.device).index_add_(0, rows, ys)
+        return out.to(x.dtype)
