@@ -1,20 +1,29 @@
 """The OpenAI-compatible HTTP server: `build_app(async_engine, ...)` and `run_server(args)` (`pageport serve`).
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /version,
-GET /metrics, POST /tokenize, POST /detokenize. Every error is an OpenAI body
-`{"error": {"message", "type", "param", "code"}}`; bad input is a 400 (FastAPI's 422 included), never a 500.
+GET /metrics, POST /tokenize, POST /detokenize, and the schema at /openapi.json (Swagger UI at /docs). Every
+error is an OpenAI body `{"error": {"message", "type", "param", "code"}}`; bad input is a 400 (FastAPI's 422
+included), never a 500.
+
+Lifecycle (`pageport serve`): SIGTERM stops new connections and lets the requests in flight finish for at most
+--shutdown-timeout seconds; those still running then end with a 503 error (an error event in a stream) and the
+process exits. If the engine dies, /health answers 503 and the process exits non-zero shortly after, so that
+a supervisor restarts it.
 """
 from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import os
+import signal
 import time
 from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -22,14 +31,17 @@ import pageport
 from pageport.core.async_engine import AsyncLLMEngine
 from pageport.entrypoints.openai.errors import APIError, error_body, error_response
 from pageport.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
-from pageport.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                                   TokenizeRequest)
+from pageport.entrypoints.openai.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+                                                   CompletionResponse, DetokenizeRequest, DetokenizeResponse,
+                                                   ErrorResponse, ModelList, TokenizeRequest, TokenizeResponse,
+                                                   VersionResponse)
 from pageport.entrypoints.openai.limits import API_KEY_ENV, ServerLimits
-from pageport.entrypoints.openai.serving import OpenAIServing
+from pageport.entrypoints.openai.serving import OpenAIServing, engine_dead_error
 
 logger = logging.getLogger(__name__)
 
-_OPEN_PATHS = {"/health"}
+_OPEN_PATHS = {"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect"}  # no secrets there (as vLLM)
+DEAD_ENGINE_EXIT_DELAY = 0.5  # seconds /health answers 503 before the process exits
 
 
 def default_model_name(config) -> str:
@@ -41,7 +53,6 @@ def default_model_name(config) -> str:
 
 # ASGI middlewares (pure ASGI: they never buffer a streaming response) ---------------------------------
 async def _send_error(send, status: int, message: str, code: Optional[str], headers=()) -> None:
-    import json
     body = json.dumps(error_body(status, message, None, code)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
@@ -71,52 +82,56 @@ class _BodyTooLarge(Exception):
     pass
 
 
-class BodyLimitMiddleware:
-    """413 for a request body over the limit (by Content-Length, or counted while it is read)."""
+class BodyReadMiddleware:
+    """Reads the whole request body before the app runs: 413 beyond `max_bytes` (by Content-Length, or counted
+    while it is read), 408 when it has not all arrived within `timeout` seconds (a stalled client would
+    otherwise hold its connection and a task forever). The app then gets the body in one message."""
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, timeout: float):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout = timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        message = f"the request body is larger than this server accepts ({self.max_bytes} bytes)"
+        too_big = f"the request body is larger than this server accepts ({self.max_bytes} bytes)"
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None:
-            try:
-                too_big = int(length) > self.max_bytes
-            except ValueError:
-                too_big = False
-            if too_big:
-                return await _send_error(send, 413, message, "request_too_large")
-        seen = 0
-        state = {"too_big": False, "started": False}
-
-        async def counting_receive():
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.max_bytes:
-                    state["too_big"] = True
-                    raise _BodyTooLarge()
-            return msg
-
-        async def guarded_send(msg):
-            if state["too_big"]:  # drop whatever the app answers: the 413 goes out instead
-                if not state["started"]:
-                    state["started"] = True
-                    await _send_error(send, 413, message, "request_too_large")
-                return
-            await send(msg)
-
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await _send_error(send, 413, too_big, "request_too_large", [(b"connection", b"close")])
         try:
-            await self.app(scope, counting_receive, guarded_send)
+            body = await asyncio.wait_for(self._read(receive), self.timeout)
+        except asyncio.TimeoutError:
+            return await _send_error(send, 408, f"the request body did not arrive within {self.timeout:g} s",
+                                     "request_timeout", [(b"connection", b"close")])
         except _BodyTooLarge:
-            if not state["started"]:
-                state["started"] = True
-                await _send_error(send, 413, message, "request_too_large")
+            return await _send_error(send, 413, too_big, "request_too_large", [(b"connection", b"close")])
+        if body is None:  # the client left
+            return
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # from now on: the disconnect
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _read(self, receive) -> Optional[bytes]:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                raise _BodyTooLarge()
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
 
 # errors ------------------------------------------------------------------------------------------------
@@ -127,6 +142,8 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     e = errors[0]
     kind, loc = e.get("type", ""), tuple(e.get("loc", ()))
     field = ".".join(str(x) for x in loc[1:]) if loc and loc[0] == "body" else ".".join(str(x) for x in loc)
+    if kind == "lone_surrogate":
+        return APIError(400, e["msg"], (e.get("ctx") or {}).get("param"), "invalid_value")
     if kind == "json_invalid":
         detail = (e.get("ctx") or {}).get("error", "")
         return APIError(400, f"malformed JSON in the request body{': ' + str(detail) if detail else ''}",
@@ -194,46 +211,77 @@ async def _unless_disconnected(request: Request, coro):
 
 
 # the app -------------------------------------------------------------------------------------------------
+def _errors(*statuses: int) -> dict:
+    """OpenAPI `responses` for error statuses, all with the OpenAI error body."""
+    why = {400: "invalid request", 401: "missing or wrong API key", 404: "unknown model", 408: "request body "
+           "too slow", 413: "request body too large", 503: "engine dead or server shutting down"}
+    return {s: {"model": ErrorResponse, "description": why[s]} for s in statuses}
+
+
+_POST_ERRORS = _errors(400, 401, 404, 408, 413, 503)
+_SSE = {"text/event-stream": {"schema": {"type": "string", "description": "server-sent events when stream=true"}}}
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema without its 422 (this server answers invalid bodies with 400 and an error body)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                             description="OpenAI-compatible API of pageport")
+        for path in schema["paths"].values():
+            for op in path.values():
+                op.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def build_app(engine: AsyncLLMEngine, served_model_names: Optional[list[str]] = None, api_key: Optional[str] = None,
               limits: Optional[ServerLimits] = None) -> FastAPI:
     """An app over a running AsyncLLMEngine. Several apps may share one engine (each has its own metrics)."""
     limits = limits or ServerLimits()
-    inner = engine.engine
+    inner = getattr(engine, "engine", None)
     names = list(served_model_names or [default_model_name(engine.config)])
     serving = OpenAIServing(engine, names, limits, str(getattr(inner, "model_source", "")))
     metrics = ServerMetrics(engine, names[0])
     _chain_observer(engine, metrics.observe)
 
-    app = FastAPI(title="pageport OpenAI-compatible server", version=pageport.__version__, docs_url=None,
-                  redoc_url=None, openapi_url=None)
+    app = FastAPI(title="pageport OpenAI-compatible server", version=pageport.__version__, docs_url="/docs",
+                  redoc_url=None, openapi_url="/openapi.json")
+    app.openapi = lambda: _openapi(app)
     app.state.engine = engine
     app.state.serving = serving
     app.state.metrics = metrics
     _install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes)
+    app.add_middleware(BodyReadMiddleware, max_bytes=limits.max_body_bytes, timeout=limits.request_body_timeout)
     if api_key:
         app.add_middleware(AuthMiddleware, api_key=api_key)  # outermost: checked before the body is read
+    auth = _errors(401)
 
     def _alive():
         if engine.errored:
-            raise APIError(503, f"the engine is dead: {engine.dead_error!r}", code="engine_dead")
+            raise engine_dead_error()
+        if serving.closing is not None:
+            raise serving.closing
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response, responses={
+        200: {"description": "the engine is running", "content": {}}, **_errors(503)})
     async def health():
-        if engine.errored or not engine.is_running:
-            return JSONResponse(error_body(503, f"the engine is not running: {engine.dead_error!r}", None,
-                                           "engine_dead"), status_code=503)
+        if engine.errored or not getattr(engine, "is_running", True):
+            return error_response(engine_dead_error())
         return Response(status_code=200)
 
-    @app.get("/version")
+    @app.get("/version", response_model=VersionResponse, responses=auth)
     async def version():
         return {"version": pageport.__version__}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={
+        200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}},
+        **auth})
     async def prometheus_metrics():
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList, responses=auth)
     async def models():
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": serving.created, "owned_by": "pageport",
@@ -249,47 +297,49 @@ def build_app(engine: AsyncLLMEngine, served_model_names: Optional[list[str]] = 
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await _unless_disconnected(raw, make(body, arrival))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=None, responses={
+        200: {"model": CompletionResponse, "content": _SSE}, **_POST_ERRORS})
     async def completions(body: CompletionRequest, raw: Request):
         return await _respond(raw, serving.create_completion, body)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=None, responses={
+        200: {"model": ChatCompletionResponse, "content": _SSE}, **_POST_ERRORS})
     async def chat_completions(body: ChatCompletionRequest, raw: Request):
         return await _respond(raw, serving.create_chat_completion, body)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=_POST_ERRORS)
     async def tokenize(body: TokenizeRequest):
         serving.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", "prompt", "invalid_value")
+        tok = serving._need_tokenizer()
         if body.messages is not None:
             if not body.messages:
                 raise APIError(400, "messages is empty", "messages", "invalid_value")
-            p = serving.render_chat(body.messages, body.add_generation_prompt, body.continue_final_message,
-                                    body.chat_template_kwargs)
-            ids = p.token_ids
-            if body.add_special_tokens:
-                ids = serving._need_tokenizer().encode(p.text, add_special_tokens=True)
+            ids = (await serving.render_chat(body.messages, body.add_generation_prompt, body.continue_final_message,
+                                             body.chat_template_kwargs, bool(body.add_special_tokens))).token_ids
         else:
+            serving.check_prompt_chars(len(body.prompt), "prompt")
             add = True if body.add_special_tokens is None else body.add_special_tokens
-            ids = serving._need_tokenizer().encode(body.prompt, add_special_tokens=add)
+            ids = await serving.in_tokenizer_thread(tok.encode, body.prompt, add_special_tokens=add)
         out = {"count": len(ids), "max_model_len": serving.max_model_len, "tokens": ids}
         if body.return_token_strs:
-            out["token_strs"] = serving._need_tokenizer().convert_ids_to_tokens(ids)
+            out["token_strs"] = await serving.in_tokenizer_thread(tok.convert_ids_to_tokens, ids)
         return out
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=_POST_ERRORS)
     async def detokenize(body: DetokenizeRequest):
         serving.check_model(body.model)
         serving.check_token_ids(body.tokens, "tokens")
-        return {"prompt": serving._need_tokenizer().decode(body.tokens)}
+        tok = serving._need_tokenizer()
+        return {"prompt": await serving.in_tokenizer_thread(tok.decode, body.tokens)}
 
     return app
 
 
 def _chain_observer(engine: AsyncLLMEngine, fn) -> None:
     """Several apps on one engine: call every app's observer."""
-    prev = engine.observer
+    prev = getattr(engine, "observer", None)
     if prev is None:
         engine.observer = fn
     else:
@@ -300,22 +350,85 @@ def _chain_observer(engine: AsyncLLMEngine, fn) -> None:
 
 
 # `pageport serve` ----------------------------------------------------------------------------------------
-def run_server(args) -> int:
+class _Server:
+    """uvicorn's Server with pageport's lifecycle: a bounded drain on SIGTERM/SIGINT, exit when the engine dies."""
+
+    def __init__(self, app: FastAPI, config, shutdown_timeout: float):
+        import uvicorn
+
+        outer = self
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig, frame):  # runs in the signal handler, on the loop's thread
+                if not self.should_exit and outer.loop is not None:
+                    outer.loop.call_soon_threadsafe(outer.start_drain)
+                super().handle_exit(sig, frame)
+
+        self.server = Server(config)
+        self.app = app
+        self.shutdown_timeout = shutdown_timeout
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.exit_code = 0
+
+    def start_drain(self) -> None:
+        logger.warning("shutting down: requests in flight have %g s to finish", self.shutdown_timeout)
+        self.loop.call_later(self.shutdown_timeout, self.app.state.serving.end_all,
+                             APIError(503, f"the server shut down before this request finished (it waited "
+                                           f"{self.shutdown_timeout:g} s, --shutdown-timeout)",
+                                      code="server_shutting_down"))
+
+    async def _watch_engine(self) -> None:
+        engine = self.app.state.engine
+        while not engine.errored:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(DEAD_ENGINE_EXIT_DELAY)  # /health says 503 meanwhile
+        logger.error("the engine died (%r): exiting so that a supervisor restarts the server", engine.dead_error)
+        self.exit_code = 1
+        self.app.state.serving.end_all(engine_dead_error())
+        self.server.should_exit = True
+
+    async def _serve(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        watch = asyncio.ensure_future(self._watch_engine())
+        try:
+            await self.server.serve()
+        finally:
+            watch.cancel()
+
+    def run(self) -> int:
+        # uvicorn re-raises the signal that stopped it once it is done: a no-op handler lets us clean up and
+        # return our own exit status instead of dying of SIGTERM
+        previous = signal.signal(signal.SIGTERM, lambda *_: None)
+        try:
+            asyncio.run(self._serve())
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        return self.exit_code
+
+
+def serve(engine: AsyncLLMEngine, args) -> int:
+    """Serve `engine` until SIGTERM/SIGINT (exit status 0) or until the engine dies (1)."""
     import uvicorn
 
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    limits = ServerLimits(max_n=args.max_n, max_seqs_per_request=args.max_seqs_per_request,
+                          max_body_bytes=args.max_request_body_bytes, max_prompt_chars=args.max_prompt_chars,
+                          request_body_timeout=args.request_body_timeout)
+    app = build_app(engine, args.served_model_name, api_key, limits)
+    logger.warning("pageport %s serving %s on http://%s:%d (max_model_len %d)%s", pageport.__version__,
+                   ", ".join(app.state.serving.model_names), args.host, args.port, engine.config.max_model_len,
+                   " with an API key" if api_key else "")
+    # uvicorn's own graceful timeout only backs ours up: past it, it cuts connections without an answer
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                            timeout_keep_alive=30, timeout_graceful_shutdown=args.shutdown_timeout + 5)
+    return _Server(app, config, args.shutdown_timeout).run()
+
+
+def run_server(args) -> int:
     from pageport.core.config import EngineConfig
 
-    config = EngineConfig.from_cli_args(args)
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    engine = AsyncLLMEngine.from_config(config)
+    engine = AsyncLLMEngine.from_config(EngineConfig.from_cli_args(args))
     try:
-        app = build_app(engine, args.served_model_name, api_key,
-                        ServerLimits(max_n=args.max_n, max_body_bytes=args.max_request_body_bytes))
-        logger.warning("pageport %s serving %s on http://%s:%d (max_model_len %d)%s", pageport.__version__,
-                       ", ".join(app.state.serving.model_names), args.host, args.port, config.max_model_len,
-                       " with an API key" if api_key else "")
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                    timeout_keep_alive=30)
+        return serve(engine, args)
     finally:
         engine.shutdown()
-    return 0

@@ -7,13 +7,48 @@ ignored.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+import json
+import re
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic_core import PydanticCustomError
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _surrogate_path(value: Any, path: str = "") -> Optional[str]:
+    """Where the first lone UTF-16 surrogate sits in parsed JSON ("" for a key of the body itself)."""
+    if isinstance(value, str):
+        return path if _SURROGATE.search(value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        if isinstance(k, str) and _SURROGATE.search(k):
+            return path  # never echo the bad key itself
+        found = _surrogate_path(v, f"{path}[{k}]" if isinstance(k, int) else f"{path}.{k}" if path else k)
+        if found is not None:
+            return found
+    return None
 
 
 class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, data: Any) -> Any:
+        # JSON may spell "\ud800" but no Unicode text holds it: the tokenizer and every UTF-8 encoder fail on it
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")  # the common case, at C speed
+        except UnicodeEncodeError:
+            where = _surrogate_path(data)
+            raise PydanticCustomError(
+                "lone_surrogate", "{where} contains a lone UTF-16 surrogate (such as \\ud800), which is not "
+                "valid Unicode text", {"where": where or "the request body", "param": re.split(r"[.\[]", where)[0]
+                                       if where else None}) from None
+        except (TypeError, ValueError):
+            pass  # not JSON data: the field validators say what is wrong
+        return data
 
 
 class StreamOptions(OpenAIBaseModel):
@@ -58,8 +93,17 @@ class _SamplingFields(OpenAIBaseModel):
     request_id: Optional[str] = Field(None, max_length=256)
 
 
+_PROMPT_SCHEMA = {"anyOf": [
+    {"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1},
+    {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+    {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+     "minItems": 1}],
+    "description": "a string, strings, token ids or lists of token ids"}
+
+
 class CompletionRequest(_SamplingFields):
-    prompt: Any = None  # str | list[str] | list[int] | list[list[int]], checked by the server
+    # str | list[str] | list[int] | list[list[int]]: checked by the server, which names the offending part
+    prompt: Annotated[Any, WithJsonSchema(_PROMPT_SCHEMA)] = Field(...)
     max_tokens: Optional[int] = Field(16, ge=0)
     logprobs: Optional[int] = Field(None, ge=0)
     echo: Optional[bool] = False
@@ -108,3 +152,126 @@ class DetokenizeRequest(OpenAIBaseModel):
 
 ErrorType = Literal["invalid_request_error", "authentication_error", "not_found_error", "server_error",
                     "service_unavailable"]
+
+
+# Response bodies: for the OpenAPI schema only (the handlers build plain dicts) ---------------------------
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: Optional[str]
+    code: Optional[str]
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: Optional[PromptTokensDetails] = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[Optional[float]]
+    top_logprobs: list[Optional[dict[str, float]]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogprobs]
+    finish_reason: Optional[str]
+    stop_reason: Union[int, str, None]
+    prompt_logprobs: Optional[list[Optional[dict[str, Any]]]] = None
+    prompt_token_ids: Optional[list[int]] = None
+    token_ids: Optional[list[int]] = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    system_fingerprint: Optional[str]
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class ChatMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+    tool_calls: list[Any]
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessage
+    logprobs: Optional[ChatLogprobs]
+    finish_reason: Optional[str]
+    stop_reason: Union[int, str, None]
+    token_ids: Optional[list[int]] = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: Optional[str]
+    prompt_logprobs: Optional[list[Optional[dict[str, Any]]]] = None
+    prompt_token_ids: Optional[list[int]] = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str
+    parent: Optional[str]
+    max_model_len: int
+    permission: list[Any]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: Optional[list[str]] = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str

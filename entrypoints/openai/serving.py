@@ -1,26 +1,28 @@
 """The OpenAI endpoints' logic: requests -> SamplingParams + token ids -> AsyncLLMEngine -> OpenAI JSON / SSE.
 
-Prompts are tokenized (and chat templates rendered) here, on the server's event loop with the server's own
-copy of the tokenizer, so the engine thread only schedules and runs the model. Every request runs with
-delta outputs; non-streaming responses accumulate them.
+Prompts are tokenized (and chat templates rendered) here with the server's own copy of the tokenizer, on one
+worker thread so that a huge prompt never stalls the event loop (and the engine only schedules and runs the
+model). Every request runs with delta outputs; non-streaming responses accumulate them.
 """
 from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import json
 import logging
 import math
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional
 
-from pageport.core.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
+from pageport.core.async_engine import AsyncLLMEngine, EngineDeadError
 from pageport.core.outputs import Logprob, RequestOutput
 from pageport.core.sampling_params import SamplingParams
 from pageport.entrypoints.openai.errors import APIError, bad_request, error_body
-from pageport.entrypoints.openai.limits import ServerLimits
+from pageport.entrypoints.openai.limits import PROMPT_CHARS_PER_TOKEN, ServerLimits
 from pageport.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,11 @@ _TEMPLATE_RESERVED = {"conversation", "tokenize", "add_generation_prompt", "cont
 def _clamp(lp: float) -> float:
     """JSON has no -inf: vLLM's convention."""
     return max(lp, -9999.0) if not math.isnan(lp) else -9999.0
+
+
+def engine_dead_error() -> APIError:
+    # the exception itself is in the server log; clients (and the open /health) learn nothing of the internals
+    return APIError(503, "the engine has failed; the server is restarting", code="engine_dead")
 
 
 def _sse(obj: Any) -> str:
@@ -72,8 +79,24 @@ class OpenAIServing:
         self.max_logprobs = getattr(engine.config, "max_logprobs", 20)
         inner = getattr(engine, "engine", None)
         self.vocab_size = getattr(inner, "vocab_size", None) or (len(tok) if tok is not None else 2 ** 31)
+        self.max_prompt_chars = limits.max_prompt_chars or PROMPT_CHARS_PER_TOKEN * self.max_model_len
         self.created = int(time.time())
         self._tok_strs: dict[int, str] = {}
+        # one thread: a fast tokenizer must not be used by two threads at once ("Already borrowed")
+        self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="pageport-tokenizer")
+        self._live: set[asyncio.Queue] = set()  # the output queues of the requests in flight
+        self.closing: Optional[APIError] = None  # set once no request may run any more (see end_all)
+
+    def end_all(self, error: APIError) -> None:
+        """End every request in flight with `error` and refuse new ones (shutdown timeout, dead engine)."""
+        self.closing = error
+        for q in list(self._live):
+            q.put_nowait((-1, error))
+
+    async def in_tokenizer_thread(self, fn, *args, **kwargs):
+        """Tokenizer and chat-template work, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread,
+                                                                  functools.partial(fn, *args, **kwargs))
 
     # helpers --------------------------------------------------------------------------------------
     def check_model(self, name: Optional[str]) -> str:
@@ -99,16 +122,33 @@ class OpenAIServing:
             return lp.decoded_token
         return self.tok_str(token_id)
 
+    def check_prompt_chars(self, n: int, where: str) -> None:
+        if n > self.max_prompt_chars:
+            raise APIError(400, f"the {where} has {n} characters; this server tokenizes at most "
+                                f"{self.max_prompt_chars} per request (--max-prompt-chars)", where, "prompt_too_long")
+
+    def check_fanout(self, num_prompts: int, n: int) -> None:
+        """400 for more completions, or more sequences (prompts x n), than one request may ask for."""
+        if n > self.limits.max_n:
+            raise bad_request(f"n={n} is more than this server allows ({self.limits.max_n}, --max-n)", "n")
+        cap = self.limits.max_seqs_per_request
+        if num_prompts * n > cap:
+            asked = f"{num_prompts} prompts x n={n} = {num_prompts * n}" if num_prompts > 1 else f"n={n}"
+            raise bad_request(f"this request asks for {asked} sequences; this server allows {cap} per request "
+                              "(--max-seqs-per-request)", "n" if n > 1 else "prompt")
+
     def check_token_ids(self, ids: list, param: str) -> list[int]:
         for t in ids:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
                 raise bad_request(f"token id {t!r} is not in the vocabulary [0, {self.vocab_size})", param)
         return ids
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
-                    continue_final_message: bool = False, template_kwargs: Optional[dict] = None) -> _Prompt:
+    async def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                          continue_final_message: bool = False, template_kwargs: Optional[dict] = None,
+                          add_special_tokens: bool = False) -> _Prompt:
         tok = self._need_tokenizer()
         conversation = _conversation(messages)
+        self.check_prompt_chars(sum(len(m["content"]) for m in conversation), "messages")
         kwargs = dict(template_kwargs or {})
         bad = sorted(set(kwargs) & _TEMPLATE_RESERVED)
         if bad:
@@ -118,12 +158,17 @@ class OpenAIServing:
                               "continue_final_message")
         if continue_final_message and conversation[-1]["role"] != "assistant":
             raise bad_request("continue_final_message needs an assistant message last", "messages")
-        try:
-            text = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                           continue_final_message=continue_final_message, **kwargs)
-        except Exception as e:  # noqa: BLE001 - template errors come from the input
-            raise bad_request(f"the chat template could not render these messages: {e}", "messages") from e
-        return _Prompt(text, tok.encode(text, add_special_tokens=False))
+
+        def render() -> _Prompt:
+            try:
+                text = tok.apply_chat_template(conversation, tokenize=False,
+                                               add_generation_prompt=add_generation_prompt,
+                                               continue_final_message=continue_final_message, **kwargs)
+            except Exception as e:  # noqa: BLE001 - template errors come from the input
+                raise bad_request(f"the chat template could not render these messages: {e}", "messages") from e
+            return _Prompt(text, tok.encode(text, add_special_tokens=add_special_tokens))
+
+        return await self.in_tokenizer_thread(render)
 
     def _context_check(self, prompt: _Prompt, max_tokens: Optional[int], where: str) -> int:
         """The effective max_tokens; 400 when the prompt (plus max_tokens) does not fit."""
@@ -146,8 +191,6 @@ class OpenAIServing:
     def sampling_params(self, req, max_tokens: int, logprobs: Optional[int],
                         prompt_logprobs: Optional[int]) -> SamplingParams:
         n = 1 if req.n is None else req.n
-        if n > self.limits.max_n:
-            raise bad_request(f"n={n} is more than this server allows ({self.limits.max_n})", "n")
         if req.seed is not None and not _LONG_MIN <= req.seed <= _LONG_MAX:
             raise bad_request("seed is out of range (a 64-bit integer)", "seed")
         bias = None
@@ -191,7 +234,7 @@ class OpenAIServing:
             raise bad_request(msg.removeprefix("SamplingParams."), param) from e
 
     async def _start(self, prompts: list[_Prompt], params: SamplingParams, base_id: str, req,
-                     arrival: float) -> list[RequestStream]:
+                     arrival: float) -> list:
         """Add every prompt's request at once; all or nothing."""
         ids = [base_id] if len(prompts) == 1 else [f"{base_id}-{i}" for i in range(len(prompts))]
         results = await asyncio.gather(
@@ -201,11 +244,11 @@ class OpenAIServing:
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             for r in results:
-                if isinstance(r, RequestStream):
+                if not isinstance(r, BaseException):
                     r.abort()
             err = errors[0]
             if isinstance(err, EngineDeadError):
-                raise APIError(503, str(err), code="engine_dead")
+                raise engine_dead_error() from err
             if isinstance(err, (ValueError, TypeError)):
                 msg = str(err)
                 code = "context_length_exceeded" if "max_model_len" in msg else "invalid_value"
@@ -214,7 +257,7 @@ class OpenAIServing:
         return list(results)
 
     # /v1/completions ------------------------------------------------------------------------------
-    def _completion_prompts(self, req: CompletionRequest) -> list[_Prompt]:
+    async def _completion_prompts(self, req: CompletionRequest) -> list[_Prompt]:
         p = req.prompt
         if p is None:
             raise bad_request("prompt is required", "prompt", "missing_required_parameter")
@@ -231,18 +274,20 @@ class OpenAIServing:
         else:
             raise bad_request("prompt must be a non-empty string, list of strings, list of token ids or list of "
                               "lists of token ids", "prompt")
-        if len(items) > self.limits.max_prompts:
-            raise bad_request(f"{len(items)} prompts in one request; this server allows {self.limits.max_prompts}",
-                              "prompt")
+        self.check_fanout(len(items), req.n or 1)
+        texts = [x for x in items if isinstance(x, str)]
+        if texts:
+            self._need_tokenizer()
+            self.check_prompt_chars(sum(len(x) for x in texts), "prompt")
+            encoded = iter(await self.in_tokenizer_thread(
+                lambda: [self.tokenizer.encode(x, add_special_tokens=req.add_special_tokens) for x in texts]))
         out = []
         for x in items:
             if isinstance(x, str):
-                ids = self._need_tokenizer().encode(x, add_special_tokens=req.add_special_tokens)
-                out.append(_Prompt(x, ids))
+                out.append(_Prompt(x, next(encoded)))
             else:
                 if not x:
                     raise bad_request("a prompt of token ids is empty", "prompt")
-                self.check_token_ids(x, "prompt")
                 out.append(_Prompt(None, list(x)))
         return out
 
@@ -257,13 +302,18 @@ class OpenAIServing:
                               "unsupported_parameter")
         if req.max_tokens == 0 and not req.echo:
             raise bad_request("max_tokens must be at least 1 (0 only together with echo)", "max_tokens")
-        prompts = self._completion_prompts(req)
+        prompts = await self._completion_prompts(req)
         echo_only = req.max_tokens == 0
         max_tokens = [self._context_check(p, 1 if echo_only else req.max_tokens, "prompt") for p in prompts]
-        if req.echo:
-            for p in prompts:
-                if p.text is None:
-                    p.text = self._need_tokenizer().decode(p.token_ids, skip_special_tokens=False)
+        for p in prompts:  # after the length check: a long list of ids is refused without walking it
+            if p.text is None:
+                self.check_token_ids(p.token_ids, "prompt")
+        if req.echo and any(p.text is None for p in prompts):
+            tok = self._need_tokenizer()
+            texts = await self.in_tokenizer_thread(
+                lambda: [tok.decode(p.token_ids, skip_special_tokens=False) for p in prompts if p.text is None])
+            for p, text in zip([p for p in prompts if p.text is None], texts):
+                p.text = text
         prompt_lp = req.prompt_logprobs
         if req.echo and req.logprobs is not None:
             prompt_lp = max(prompt_lp or 0, req.logprobs)
@@ -294,8 +344,9 @@ class OpenAIServing:
         _refuse_unsupported_chat_fields(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
-        prompt = self.render_chat(req.messages, req.add_generation_prompt, req.continue_final_message,
-                                  req.chat_template_kwargs)
+        self.check_fanout(1, req.n or 1)
+        prompt = await self.render_chat(req.messages, req.add_generation_prompt, req.continue_final_message,
+                                        req.chat_template_kwargs)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = self._context_check(prompt, max_tokens, "messages")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -405,15 +456,13 @@ def _conversation(messages: list[dict]) -> list[dict]:
     return conv
 
 
-async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Outputs of several streams as they come, tagged with the stream's index."""
-    if len(streams) == 1:
-        async for out in streams[0]:
-            yield 0, out
-        return
+async def _merged(serving: OpenAIServing, streams: list) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several streams as they come, tagged with the stream's index; `serving.end_all` ends them."""
+    if serving.closing is not None:
+        raise serving.closing
     q: asyncio.Queue = asyncio.Queue()
 
-    async def pump(i: int, s: RequestStream):
+    async def pump(i: int, s):
         try:
             async for out in s:
                 q.put_nowait((i, out))
@@ -424,6 +473,7 @@ async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Requ
             q.put_nowait((i, e))
 
     tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    serving._live.add(q)
     try:
         remaining = len(streams)
         while remaining:
@@ -435,6 +485,7 @@ async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Requ
             else:
                 yield i, item
     finally:
+        serving._live.discard(q)
         for t in tasks:
             t.cancel()
 
@@ -449,7 +500,7 @@ def _usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict:
 
 def _stream_error(e: BaseException) -> str:
     if isinstance(e, EngineDeadError):
-        return _sse(error_body(503, str(e), code="engine_dead"))
+        e = engine_dead_error()
     if isinstance(e, APIError):
         return _sse(error_body(e.status, e.message, e.param, e.code, e.type))
     logger.exception("a streaming request failed", exc_info=e)
@@ -459,7 +510,7 @@ def _stream_error(e: BaseException) -> str:
 class _Context:
     """One request's streams and its accumulation; subclasses write OpenAI's shapes."""
 
-    def __init__(self, serving: OpenAIServing, req, model: str, request_id: str, streams: list[RequestStream]):
+    def __init__(self, serving: OpenAIServing, req, model: str, request_id: str, streams: list):
         self.serving = serving
         self.req = req
         self.model = model
@@ -479,7 +530,7 @@ class _Context:
         choices = [[_Choice() for _ in range(n)] for _ in self.streams]
         finals: list[Optional[RequestOutput]] = [None] * len(self.streams)
         try:
-            async for i, out in _merged(self.streams):
+            async for i, out in _merged(self.serving, self.streams):
                 for c in out.outputs:
                     acc = choices[i][c.index]
                     if c.text:
@@ -492,7 +543,7 @@ class _Context:
                 if out.finished:
                     finals[i] = out
         except EngineDeadError as e:
-            raise APIError(503, str(e), code="engine_dead") from e
+            raise engine_dead_error() from e
         finally:
             self._abort_all()
         return choices, finals
@@ -555,13 +606,16 @@ class _CompletionContext(_Context):
         prompt_tokens = sum(len(p.token_ids) for p in self.prompts)
         completion_tokens = 0
         echoed: set[int] = set()
+        finished: set[int] = set()  # choices whose finish_reason went out: the engine may repeat it
         offsets: dict[int, int] = {}
         head = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model}
         try:
-            async for i, out in _merged(self.streams):
+            async for i, out in _merged(self.serving, self.streams):
                 p = self.prompts[i]
                 for c in out.outputs:
                     idx = i * n + c.index
+                    if idx in finished:
+                        continue
                     text = "" if self.echo_only else c.text
                     token_ids = [] if self.echo_only else c.token_ids
                     lp_ids, lps = [], []
@@ -587,6 +641,8 @@ class _CompletionContext(_Context):
                               "stop_reason": c.stop_reason if finish and not self.echo_only else None}
                     if req.return_token_ids:
                         choice["token_ids"] = token_ids
+                    if finish is not None:
+                        finished.add(idx)
                     chunk = dict(head, choices=[choice])
                     if self.include_usage:
                         chunk["usage"] = (_usage(prompt_tokens, completion_tokens) if self.continuous_usage
@@ -652,8 +708,11 @@ class _ChatContext(_Context):
             for j in range(self.n):  # the role first, before any token
                 yield chunk({"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                              "finish_reason": None})
-            async for _, out in _merged(self.streams):
+            finished: set[int] = set()  # choices whose finish_reason went out: the engine may repeat it
+            async for _, out in _merged(self.serving, self.streams):
                 for c in out.outputs:
+                    if c.index in finished:
+                        continue
                     completion_tokens += len(c.token_ids)
                     if not c.text and c.finish_reason is None and not (req.logprobs and c.token_ids):
                         continue
@@ -664,6 +723,7 @@ class _ChatContext(_Context):
                               "logprobs": logprobs, "finish_reason": c.finish_reason}
                     if c.finish_reason is not None:
                         choice["stop_reason"] = c.stop_reason
+                        finished.add(c.index)
                     if req.return_token_ids:
                         choice["token_ids"] = c.token_ids
                     yield chunk(choice)
