@@ -101,6 +101,18 @@ _PROMPT_SCHEMA = {"anyOf": [
     "description": "a string, strings, token ids or lists of token ids"}
 
 
+_MESSAGES_SCHEMA = {"type": "array", "minItems": 1, "items": {
+    "type": "object", "required": ["role", "content"], "properties": {
+        "role": {"enum": ["system", "developer", "user", "assistant"]},
+        "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": {
+            "type": "object", "required": ["type", "text"],
+            "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}}}}]},
+        "name": {"type": "string"}}},
+    "description": "the conversation (text only; no tool or function messages)"}
+# checked by the server, which names the offending message
+Messages = Annotated[list[dict[str, Any]], WithJsonSchema(_MESSAGES_SCHEMA)]
+
+
 class CompletionRequest(_SamplingFields):
     # str | list[str] | list[int] | list[list[int]]: checked by the server, which names the offending part
     prompt: Annotated[Any, WithJsonSchema(_PROMPT_SCHEMA)] = Field(...)
@@ -113,7 +125,7 @@ class CompletionRequest(_SamplingFields):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[dict[str, Any]] = Field(..., min_length=1)
+    messages: Messages = Field(..., min_length=1)
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: Optional[bool] = False
@@ -135,9 +147,11 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class TokenizeRequest(OpenAIBaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]})  # exactly one of them
     model: Optional[str] = None
     prompt: Optional[str] = None
-    messages: Optional[list[dict[str, Any]]] = None
+    messages: Optional[Messages] = None
     add_special_tokens: Optional[bool] = None  # default: True for a prompt, False for messages
     add_generation_prompt: bool = True
     continue_final_message: bool = False
