@@ -27,7 +27,6 @@ from pageport.entrypoints.openai.protocol import ChatCompletionRequest, Completi
 
 logger = logging.getLogger(__name__)
 
-_LONG_MIN, _LONG_MAX = -(2 ** 63), 2 ** 64 - 1
 _TEMPLATE_RESERVED = {"conversation", "tokenize", "add_generation_prompt", "continue_final_message",
                       "chat_template", "return_dict", "return_tensors"}
 
@@ -191,8 +190,6 @@ class OpenAIServing:
     def sampling_params(self, req, max_tokens: int, logprobs: Optional[int],
                         prompt_logprobs: Optional[int]) -> SamplingParams:
         n = 1 if req.n is None else req.n
-        if req.seed is not None and not _LONG_MIN <= req.seed <= _LONG_MAX:
-            raise bad_request("seed is out of range (a 64-bit integer)", "seed")
         bias = None
         if req.logit_bias:
             bias = {}

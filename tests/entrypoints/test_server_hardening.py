@@ -197,3 +197,14 @@ def test_one_finish_reason_per_streamed_choice(server, path, extra):
             break
     assert staggered
     assert wait_idle(server.engine.engine)
+
+
+def test_seed_range_is_checked_before_the_engine(server):
+    """n=2 seeds its children seed, seed + 1: a seed past int64 would overflow inside the engine."""
+    for seed in (2 ** 64 - 1, 2 ** 63, -(2 ** 63) - 1):
+        check_error(httpx.post(server.url + "/v1/completions", timeout=30, json={
+            "model": MODEL, "prompt": "x", "max_tokens": 2, "n": 2, "seed": seed}), 400, param="seed")
+    r = httpx.post(server.url + "/v1/completions", timeout=30, json={
+        "model": MODEL, "prompt": "x", "max_tokens": 2, "n": 2, "seed": 2 ** 63 - 1})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2
+    assert httpx.get(server.url + "/health").status_code == 200
