@@ -90,3 +90,9 @@ def test_server_conforms_to_its_schema(api_schema, label, mode):
     run()
     if mode == "positive":  # the valid cases reached the handlers, not only the validation
         assert 200 in statuses, statuses
+
+
+def test_nothing_left_behind(schema_server):
+    """After the generated requests (streams and all): no request in the engine, every KV block free."""
+    assert wait_idle(schema_server.engine.engine)
+    assert httpx.get(schema_server.url + "/health").status_code == 200
