@@ -1,8 +1,12 @@
-"""The Llama family in one implementation: Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM.
+"""The Llama family in one implementation: Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM, Phi-3, and the
+Mixture-of-Experts members Mixtral, Qwen2-MoE, Qwen3-MoE.
 
 Differences are read from the config: qkv bias (Qwen2, `attention_bias`), per-head q/k RMSNorm
 (Qwen3), explicit `head_dim`, sliding window (Mistral; per-layer `layer_types` in Qwen),
-tied embeddings (SmolLM, small Qwen), RoPE scaling (llama3, yarn, linear via transformers).
+tied embeddings (SmolLM, small Qwen), RoPE scaling (llama3, yarn, linear via transformers),
+checkpoints with q|k|v and gate|up already fused (Phi-3), routed experts in place of the MLP (Mixtral:
+every layer; Qwen-MoE: the layers `decoder_sparse_step` / `mlp_only_layers` pick, with a gated shared expert
+in Qwen2-MoE).
 """
 from __future__ import annotations
 
@@ -12,9 +16,10 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from pageport.models.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
-                                    RotaryEmbedding, RowParallelLinear, VocabParallelEmbedding, default_dtype,
-                                    get_tensor_parallel)
+from pageport.models.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, ReplicatedLinear,
+                                    RMSNorm, RotaryEmbedding, RowParallelLinear, VocabParallelEmbedding,
+                                    default_dtype, get_tensor_parallel)
+from pageport.models.moe import FusedMoE
 from pageport.platforms import AttentionBackend, AttentionMetadata, Platform
 from pageport.platforms.ops import Ops
 
@@ -42,14 +47,14 @@ class LlamaAttention(nn.Module):
         super().__init__()
         _, tp = get_tensor_parallel()
         self.head_dim = _head_dim(config)
-        qkv_bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
+        qkv_bias = bool(getattr(config, "attention_bias", False)) or config.model_type in ("qwen2", "qwen2_moe")
         o_bias = bool(getattr(config, "attention_bias", False))
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, config.num_attention_heads,
                                           config.num_key_value_heads, bias=qkv_bias)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=o_bias)
-        self.qk_norm = config.model_type == "qwen3"
+        self.qk_norm = config.model_type in ("qwen3", "qwen3_moe")
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ops)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ops)
@@ -69,24 +74,58 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config, ops: Ops):
+    def __init__(self, config, ops: Ops, intermediate_size: Optional[int] = None):
         super().__init__()
         if config.hidden_act != "silu":
             raise ValueError(f"unsupported activation {config.hidden_act!r} (only silu)")
         bias = bool(getattr(config, "mlp_bias", False))
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, bias=bias)
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=bias)
+        inter = intermediate_size or config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter] * 2, bias=bias)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=bias)
         self.ops = ops
 
     def forward(self, x):
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
+class SparseMoeBlock(nn.Module):
+    """Router + routed experts (+ Qwen2-MoE's shared expert, scaled by sigmoid(shared_expert_gate(x)))."""
+
+    def __init__(self, config, ops: Ops):
+        super().__init__()
+        num_experts = getattr(config, "num_local_experts", None) or config.num_experts
+        inter = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+        # Mixtral always renormalises; Qwen-MoE only with norm_topk_prob
+        renorm = config.model_type == "mixtral" or bool(getattr(config, "norm_topk_prob", False))
+        self.gate = ReplicatedLinear(config.hidden_size, num_experts)
+        self.experts = FusedMoE(num_experts, config.num_experts_per_tok, config.hidden_size, inter, ops,
+                                renormalize=renorm, activation=config.hidden_act)
+        shared = getattr(config, "shared_expert_intermediate_size", 0) or 0
+        self.shared_expert = LlamaMLP(config, ops, shared) if shared else None
+        self.shared_expert_gate = ReplicatedLinear(config.hidden_size, 1) if shared else None
+
+    def forward(self, x):
+        out = self.experts(x, self.gate(x))
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
+
+
+def _is_moe_layer(config, layer_idx: int) -> bool:
+    if config.model_type == "mixtral":
+        return True
+    num_experts = getattr(config, "num_experts", 0) or 0
+    if num_experts <= 0:
+        return False
+    return (layer_idx not in (getattr(config, "mlp_only_layers", None) or [])
+            and (layer_idx + 1) % getattr(config, "decoder_sparse_step", 1) == 0)
+
+
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, ops, rotary_emb, attn):
+    def __init__(self, config, ops, rotary_emb, attn, layer_idx: int = 0):
         super().__init__()
         self.self_attn = LlamaAttention(config, ops, rotary_emb, attn)
-        self.mlp = LlamaMLP(config, ops)
+        self.mlp = SparseMoeBlock(config, ops) if _is_moe_layer(config, layer_idx) else LlamaMLP(config, ops)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
 
@@ -119,12 +158,15 @@ class LlamaModel(nn.Module):
     def __init__(self, config, ops, backends: list[AttentionBackend], platform: Platform):
         super().__init__()
         # one compiled function serves every layer (the layer's weights are its inputs)
-        self.pre, self.post = platform.compile(pre_attention), platform.compile(post_attention)
         head_dim = _head_dim(config)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         rotary = RotaryEmbedding(config, head_dim, config.max_position_embeddings, ops)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, ops, rotary, backends[i])
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, ops, rotary, backends[i], i)
                                     for i in range(config.num_hidden_layers))
+        # routed experts pick their rows at run time (data-dependent shapes): their layers stay eager after attention
+        moe = any(isinstance(layer.mlp, SparseMoeBlock) for layer in self.layers)
+        self.pre = platform.compile(pre_attention)
+        self.post = post_attention if moe else platform.compile(post_attention)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
 
     def forward(self, input_ids, positions, kv_caches, attn_metadata):
@@ -176,6 +218,22 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
+    _EXPERT_PARTS = {"gate_proj": 0, "w1": 0, "up_proj": 1, "w3": 1, "down_proj": 2, "w2": 2}
+
+    @classmethod
+    def _expert_param(cls, name: str):
+        """An expert tensor's (stacked parameter, shard id): per expert `...experts.{e}.{gate_proj|w1|up_proj|w3|
+        down_proj|w2}.weight` (Mixtral / Qwen checkpoints), or all experts at once as `...experts.gate_up_proj` /
+        `...experts.down_proj` (transformers' stacked layout)."""
+        prefix, _, rest = name.partition(".mlp.experts.")
+        parts = rest.split(".")
+        if parts[0].isdigit() and len(parts) == 3 and parts[1] in cls._EXPERT_PARTS:
+            which = cls._EXPERT_PARTS[parts[1]]
+            return f"{prefix}.mlp.experts.{'w2' if which == 2 else 'w13'}_weight", (int(parts[0]), which)
+        if rest in ("gate_up_proj", "down_proj"):
+            return f"{prefix}.mlp.experts.{'w13' if rest == 'gate_up_proj' else 'w2'}_weight", None
+        return name, None
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load Hugging Face-named tensors; returns the names of the parameters that were filled.
         Raises ValueError if a parameter was never loaded."""
@@ -187,8 +245,11 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.tie_word_embeddings:
                 continue
+            name = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's name for the MoE block
             shard = None
-            for fused, part, shard_id in self.stacked_params:
+            if ".mlp.experts." in name:
+                name, shard = self._expert_param(name)
+            for fused, part, shard_id in (() if ".mlp.experts." in name else self.stacked_params):
                 if f".{part}." in name:
                     name, shard = name.replace(f".{part}.", f".{fused}."), shard_id
                     break
@@ -203,9 +264,9 @@ class LlamaForCausalLM(nn.Module):
                            ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else ""))
         shards = {"qkv_proj": {"q", "k", "v"}, "gate_up_proj": {0, 1}}
         missing = []
-        for name in params:
+        for name, param in params.items():
             fused = name.split(".")[-2]
-            need = shards.get(fused, {None})
+            need = getattr(param, "required_shards", None) or shards.get(fused, {None})
             got = loaded.get(name, set())
             if not (need <= got or (None in got)):
                 missing.append(name if not got else f"{name} (has {sorted(map(str, got))})")

@@ -3,7 +3,7 @@
 Routing follows the config of each family:
 - Mixtral: softmax over the experts, top-k, renormalised over the k chosen.
 - Qwen2-MoE / Qwen3-MoE: softmax, top-k, renormalised only when `norm_topk_prob`; Qwen2-MoE adds a shared
-  expert gated by sigmoid(shared_expert_gate(x)) (see `SharedExpertMoE` in `models/llama.py`).
+  expert gated by sigmoid(shared_expert_gate(x)) (see `SparseMoeBlock` in `models/llama.py`).
 - DeepSeek-V2/V3 style: softmax or sigmoid scores, grouped top-k (the best `topk_group` of `n_group` expert
   groups, a group scored by its best expert or, with a score-correction bias, by its two best), a correction
   bias that steers the choice but not the weights, renormalisation and a routed scaling factor.

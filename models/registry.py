@@ -13,6 +13,10 @@ _BUILTIN: dict[str, str] = {
     "MistralForCausalLM": "pageport.models.llama:LlamaForCausalLM",
     "Qwen2ForCausalLM": "pageport.models.llama:LlamaForCausalLM",
     "Qwen3ForCausalLM": "pageport.models.llama:LlamaForCausalLM",
+    "Phi3ForCausalLM": "pageport.models.llama:LlamaForCausalLM",
+    "MixtralForCausalLM": "pageport.models.llama:LlamaForCausalLM",
+    "Qwen2MoeForCausalLM": "pageport.models.llama:LlamaForCausalLM",
+    "Qwen3MoeForCausalLM": "pageport.models.llama:LlamaForCausalLM",
 }
 
 

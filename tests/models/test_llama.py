@@ -6,10 +6,12 @@ through paged attention: one prompt in one step, and a ragged batch with a chunk
 """
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2Config,
+                          Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
 
 from pageport.core.config import EngineConfig
 from pageport.models import load_model
+from pageport.models.llama import SparseMoeBlock
 
 from .helpers import PagedRunner
 
@@ -37,7 +39,18 @@ CASES = {
     # layer 0 full attention, layer 1 a window of 4 (layer_types): one backend per distinct window
     "qwen2-mixed-window": lambda: Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=4, max_window_layers=1),
     "smollm-tied-sharded": lambda: LlamaConfig(**COMMON, tie_word_embeddings=True),
+    # checkpoint with q|k|v and gate|up already fused
+    "phi3": lambda: Phi3Config(**COMMON, pad_token_id=0),
+    # MoE: 4 experts, top-2; Mixtral renormalises over the chosen two
+    "mixtral": lambda: MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2),
+    # layer 0 a dense MLP (mlp_only_layers), layer 1 routed experts + the gated shared expert; no renormalisation
+    "qwen2-moe": lambda: Qwen2MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                        shared_expert_intermediate_size=48, mlp_only_layers=[0]),
+    "qwen3-moe": lambda: Qwen3MoeConfig(**COMMON, head_dim=32, num_experts=4, num_experts_per_tok=2,
+                                        moe_intermediate_size=32, norm_topk_prob=True),
 }
+# which layers of each MoE case have routed experts
+MOE_LAYERS = {"mixtral": [0, 1], "qwen2-moe": [1], "qwen3-moe": [0, 1]}
 
 
 def _perturb(model, seed=0):
@@ -110,7 +123,7 @@ def test_ragged_batch_chunked_prefill_and_decode(case):
 def test_interface(case):
     name, hf, model = case
     assert model.num_layers == 2 and model.num_kv_heads == 2
-    assert model.head_size == (32 if name == "qwen3" else 16)
+    assert model.head_size == (32 if name in ("qwen3", "qwen3-moe") else 16)
     windows = {"mistral-sliding": [5, 5], "qwen2-mixed-window": [None, 4]}.get(name, [None, None])
     assert [b.sliding_window for b in model.attn_backends] == windows
     assert model.attn_backend is model.attn_backends[0]
@@ -118,3 +131,5 @@ def test_interface(case):
         assert model.attn_backends[0] is model.attn_backends[1]  # one backend shared by all layers
     if "tied" in name:
         assert model.lm_head.weight is model.model.embed_tokens.weight
+    moe = [i for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, SparseMoeBlock)]
+    assert moe == MOE_LAYERS.get(name, [])
