@@ -1,15 +1,84 @@
 """Per-request generation options, named as in vLLM."""
 from __future__ import annotations
 
+import enum
+import json
 from dataclasses import dataclass, replace
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 _GREEDY_EPS = 1e-5
+
+
+class RequestOutputKind(str, enum.Enum):
+    """What each output of a request carries. A str enum, so `kind == "delta"` holds for DELTA."""
+    CUMULATIVE = "cumulative"  # everything so far
+    DELTA = "delta"  # only what is new since the last output (streaming)
+    FINAL_ONLY = "final_only"  # one output, when the request finishes
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrains a request's output to a grammar: exactly one of json (a JSON schema, as a dict or its text),
+    regex, choice (the output is one of these strings), grammar (EBNF as `root ::= ...`, or Lark),
+    json_object (any JSON object) or structural_tag (xgrammar's structural-tag JSON)."""
+    json: Optional[Union[str, dict]] = None
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+    json_object: Optional[bool] = None
+    structural_tag: Optional[str] = None
+    disable_any_whitespace: bool = False  # JSON without free whitespace between tokens
+    disable_additional_properties: bool = False  # objects take only the properties the schema names
+    whitespace_pattern: Optional[str] = None  # accepted for vLLM's sake; xgrammar has no such option
+    disable_fallback: bool = False
+
+    _KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+    def __post_init__(self):
+        if hasattr(self.json, "model_json_schema"):  # a pydantic model class
+            self.json = self.json.model_json_schema()
+        given = [k for k in self._KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("StructuredOutputsParams needs exactly one of " + ", ".join(self._KINDS)
+                             + (f"; got {', '.join(given)}" if given else ""))
+        if isinstance(self.json, str):
+            try:
+                json.loads(self.json)
+            except ValueError as e:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+        elif self.json is not None and not isinstance(self.json, dict):
+            raise ValueError(f"structured_outputs.json must be a JSON schema (dict or string), got "
+                             f"{type(self.json).__name__}")
+        for name in ("regex", "grammar", "structural_tag"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string")
+        if self.choice is not None:
+            if (not isinstance(self.choice, (list, tuple)) or not self.choice
+                    or not all(isinstance(c, str) and c for c in self.choice)):
+                raise ValueError("structured_outputs.choice must be a non-empty list of non-empty strings")
+            self.choice = list(self.choice)
+        from pageport.core.structured_output import check_spec  # imported here: it pulls in the grammar engine
+        check_spec(self)
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in self._KINDS if getattr(self, k) not in (None, False))
+
+    def key(self) -> tuple:
+        """Equal keys compile to the same grammar (the compile cache's key)."""
+        value = getattr(self, self.kind)
+        if self.kind == "json":
+            value = json.dumps(json.loads(value) if isinstance(value, str) else value, sort_keys=True)
+        elif self.kind == "choice":
+            value = tuple(value)
+        return (self.kind, value, self.disable_any_whitespace, self.disable_additional_properties)
 
 
 @dataclass
 class SamplingParams:
     n: int = 1
+    best_of: Optional[int] = None  # vLLM's; must be absent or equal n
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: off
@@ -23,14 +92,20 @@ class SamplingParams:
     min_tokens: int = 0
     stop: Optional[Union[str, list[str]]] = None
     stop_token_ids: Optional[list[int]] = None
+    bad_words: Optional[list[str]] = None  # words never generated (their last token is banned after the rest)
+    allowed_token_ids: Optional[list[int]] = None  # only these tokens may be generated
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
-    logprobs: Optional[int] = None
-    prompt_logprobs: Optional[int] = None
+    logprobs: Optional[int] = None  # -1: the whole vocabulary
+    prompt_logprobs: Optional[int] = None  # -1: the whole vocabulary
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     detokenize: bool = True
-    output_kind: str = "cumulative"  # or "delta": each output carries only what is new (streaming)
+    truncate_prompt_tokens: Optional[int] = None  # keep only the prompt's last k tokens; -1: max_model_len
+    structured_outputs: Optional[StructuredOutputsParams] = None
+    logits_processors: Optional[list[Any]] = None
+    extra_args: Optional[dict[str, Any]] = None  # free-form, for plugins and custom logits processors
+    output_kind: Union[RequestOutputKind, str] = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -40,19 +115,29 @@ class SamplingParams:
         self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
         if self.top_k == -1:
             self.top_k = 0
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         self._validate()
+        self.output_kind = RequestOutputKind(self.output_kind)
 
     def _validate(self) -> None:
         def bad(name, rule):
             raise ValueError(f"SamplingParams.{name} {rule}, got {getattr(self, name)!r}")
 
-        if not isinstance(self.n, int) or self.n < 1:
+        def is_int(x) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        if not is_int(self.n) or self.n < 1:
             bad("n", "must be an integer >= 1")
+        if self.best_of is not None and self.best_of != self.n:
+            bad("best_of", f"is not supported beyond n (it must be None or equal n={self.n})")
         if self.temperature < 0:
             bad("temperature", "must be >= 0")
         if not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             bad("top_k", "must be 0 or -1 (off) or a positive integer")
         if not 0 <= self.min_p <= 1:
             bad("min_p", "must be in [0, 1]")
@@ -62,20 +147,36 @@ class SamplingParams:
             bad("frequency_penalty", "must be in [-2, 2]")
         if self.repetition_penalty <= 0:
             bad("repetition_penalty", "must be > 0")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+        if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 1):
             bad("max_tokens", "must be an integer >= 1")
         if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
             bad("min_tokens", "must be in [0, max_tokens]")
-        if self.logprobs is not None and self.logprobs < 0:
-            bad("logprobs", "must be >= 0")
-        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
-            bad("prompt_logprobs", "must be >= 0")
-        if self.seed is not None and not isinstance(self.seed, int):
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (not is_int(k) or k < -1):
+                bad(name, "must be >= 0, or -1 for the whole vocabulary")
+        if self.truncate_prompt_tokens is not None and (not is_int(self.truncate_prompt_tokens)
+                                                        or self.truncate_prompt_tokens == 0
+                                                        or self.truncate_prompt_tokens < -1):
+            bad("truncate_prompt_tokens", "must be >= 1, or -1 for max_model_len")
+        if self.seed is not None and not is_int(self.seed):
             bad("seed", "must be an integer")
-        if self.output_kind not in ("cumulative", "delta"):
-            bad("output_kind", "must be 'cumulative' or 'delta'")
-        if any(t < 0 for t in self.stop_token_ids):
+        if self.output_kind not in tuple(RequestOutputKind) + tuple(k.value for k in RequestOutputKind):
+            bad("output_kind", "must be 'cumulative', 'delta' or 'final_only' (a RequestOutputKind)")
+        if any(not is_int(t) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must be token ids >= 0")
+        if self.allowed_token_ids is not None:
+            if not self.allowed_token_ids or any(not is_int(t) or t < 0 for t in self.allowed_token_ids):
+                bad("allowed_token_ids", "must be a non-empty list of token ids >= 0")
+        if self.bad_words is not None and not all(isinstance(w, str) and w.strip() for w in self.bad_words):
+            bad("bad_words", "must be a list of non-empty strings")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs,
+                                                                   StructuredOutputsParams):
+            bad("structured_outputs", "must be a StructuredOutputsParams")
+        if self.extra_args is not None and not isinstance(self.extra_args, dict):
+            bad("extra_args", "must be a dict")
+        if self.stop and not self.detokenize:
+            bad("stop", "needs detokenize=True (stop strings are matched in the text)")
 
     @property
     def greedy(self) -> bool:

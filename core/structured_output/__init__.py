@@ -1,0 +1,153 @@
+"""Structured outputs: per-request grammars turned into token bitmasks for the sampler.
+
+The engine core owns one `StructuredOutputManager`. A request that carries `StructuredOutputsParams` is added
+with `add_request`; its grammar compiles on a worker thread (cached by spec, so a thousand requests with one
+schema compile once), and the scheduler holds it back until `is_ready`. Each step, `bitmask(req_ids)` gives one
+row per batch row (all ones for a row without a grammar) and `apply_bitmask` sets the forbidden logits to -inf
+on the logits' device; after sampling, `accept` advances the row's matcher. Grammar engines sit behind
+`backends.GrammarBackend`; xgrammar is the default.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from pageport.core.sampling_params import StructuredOutputsParams
+from pageport.core.structured_output.backends import (BACKENDS, GrammarBackend, GrammarMatcher, check_spec,
+                                                      make_backend)
+
+__all__ = ["StructuredOutputManager", "StructuredOutputsParams", "apply_bitmask", "bitmask_width", "check_spec",
+           "BACKENDS", "GrammarBackend"]
+
+logger = logging.getLogger(__name__)
+
+
+def bitmask_width(vocab_size: int) -> int:
+    """int32 words per bitmask row: bit j of word i allows token 32 * i + j."""
+    return (vocab_size + 31) // 32
+
+
+@dataclass
+class _Entry:
+    future: Future  # -> a compiled grammar
+    matcher: Optional[GrammarMatcher] = None
+    failed: bool = False  # a token the grammar refused was accepted anyway
+
+
+class StructuredOutputManager:
+    def __init__(self, tokenizer, vocab_size: int, backend: str = "xgrammar", max_workers: int = 1):
+        self.vocab_size = vocab_size
+        self.backend: GrammarBackend = make_backend(backend, tokenizer, vocab_size)
+        self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="pageport-grammar")
+        self._compiled: dict[tuple, Future] = {}  # spec key -> compiled grammar (or its error)
+        self._lock = threading.Lock()
+        self._requests: dict[str, _Entry] = {}
+
+    # requests ----------------------------------------------------------------------------------------------
+    def add_request(self, req_id: str, params: StructuredOutputsParams) -> None:
+        key = params.key()
+        with self._lock:
+            future = self._compiled.get(key)
+            if future is None:
+                future = self._pool.submit(self.backend.compile, params)
+                self._compiled[key] = future
+        self._requests[req_id] = _Entry(future)
+
+    def has_grammar(self, req_id: Optional[str]) -> bool:
+        return req_id is not None and req_id in self._requests
+
+    def is_ready(self, req_id: str) -> bool:
+        entry = self._requests.get(req_id)
+        return entry is None or entry.future.done()
+
+    def error(self, req_id: str) -> Optional[str]:
+        """Why the request's grammar did not compile (the request then fails with this as a 400)."""
+        entry = self._requests.get(req_id)
+        if entry is None or not entry.future.done():
+            return None
+        exc = entry.future.exception()
+        return None if exc is None else str(exc)
+
+    def wait(self, req_id: str, timeout: Optional[float] = None) -> None:
+        """Block until the request's grammar compiled (or failed); offline callers that cannot poll."""
+        entry = self._requests.get(req_id)
+        if entry is not None:
+            try:
+                entry.future.result(timeout)
+            except Exception:  # noqa: BLE001 - error() reports it
+                pass
+
+    def _matcher(self, req_id: Optional[str]) -> Optional[GrammarMatcher]:
+        entry = self._requests.get(req_id) if req_id is not None else None
+        if entry is None or not entry.future.done() or entry.future.exception() is not None:
+            return None
+        if entry.matcher is None:
+            entry.matcher = self.backend.matcher(entry.future.result())
+        return entry.matcher
+
+    def remove(self, req_id: str) -> None:
+        self._requests.pop(req_id, None)
+
+    # one step -------------------------------------------------------------------------------------------------
+    def bitmask(self, req_ids: list[Optional[str]]) -> Optional[torch.Tensor]:
+        """int32 [len(req_ids), ceil(vocab/32)]: each row the tokens its request may take next (all allowed for
+        a row without a grammar, or whose grammar has ended); None when no row has a grammar."""
+        rows = [(i, m) for i, r in enumerate(req_ids) if (m := self._matcher(r)) is not None and
+                not m.is_terminated()]
+        if not rows:
+            return None
+        mask = torch.full((len(req_ids), bitmask_width(self.vocab_size)), -1, dtype=torch.int32)
+        for i, m in rows:
+            m.fill_bitmask(mask, i)
+        return mask
+
+    def accept(self, req_id: str, token_ids: list[int]) -> bool:
+        """Advance the request's grammar by the sampled tokens; False when one of them breaks it (the matcher
+        then stays where it was)."""
+        m = self._matcher(req_id)
+        if m is None:
+            return True
+        for t in token_ids:
+            if not m.accept_token(int(t)):
+                self._requests[req_id].failed = True
+                return False
+        return True
+
+    def is_terminated(self, req_id: str) -> bool:
+        """The grammar is complete and took its stop token: the request is done."""
+        m = self._matcher(req_id)
+        return m is not None and m.is_terminated()
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """logits[i, t] = -inf where bit t of row i is 0, in place on the logits' device. Rows whose mask allows
+    everything (no grammar) are not touched at all; in the others, tokens past the mask's width are forbidden."""
+    if logits.dim() != 2 or bitmask.dim() != 2 or logits.shape[0] != bitmask.shape[0]:
+        raise ValueError(f"logits {tuple(logits.shape)} and bitmask {tuple(bitmask.shape)} must both be "
+                         "[rows, ...] with the same rows")
+    device = logits.device
+    bitmask = bitmask.to(device, non_blocking=True)
+    rows = (bitmask != -1).any(dim=1).nonzero().flatten()
+    if rows.numel() == 0:
+        return
+    vocab = logits.shape[1]
+    shifts = _SHIFTS.get(device)
+    if shifts is None:
+        shifts = _SHIFTS[device] = torch.arange(32, dtype=torch.int32, device=device)
+    words = bitmask.index_select(0, rows)
+    allowed = ((words.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)
+    if allowed.shape[1] < vocab:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    sub = logits.index_select(0, rows).masked_fill_(~allowed[:, :vocab], float("-inf"))
+    logits.index_copy_(0, rows, sub)

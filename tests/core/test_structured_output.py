@@ -1,0 +1,235 @@
+"""StructuredOutputManager on the default model's tokenizer: grammars compiled off-thread, bitmasks applied to
+logits tensors, outputs that match the spec in full, free rows untouched, eager errors for bad specs."""
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("xgrammar")
+jsonschema = pytest.importorskip("jsonschema")
+
+from pageport.core.sampling_params import SamplingParams, StructuredOutputsParams  # noqa: E402
+from pageport.core.structured_output import StructuredOutputManager, apply_bitmask, bitmask_width  # noqa: E402
+
+VOCAB = 49152  # SmolLM2's
+SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 8},
+    "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
+    "ok": {"type": "boolean"}}, "required": ["name", "age", "ok"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def manager(default_tokenizer):
+    m = StructuredOutputManager(default_tokenizer, VOCAB)
+    yield m
+    m.shutdown()
+
+
+def _wait_ready(m: StructuredOutputManager, ids, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not all(m.is_ready(r) for r in ids):
+        assert time.monotonic() < deadline, "grammars did not compile"
+        time.sleep(0.002)
+
+
+def _decode_batch(m: StructuredOutputManager, tok, rows: list, steps: int = 120, seed: int = 0):
+    """Greedy decoding on fresh random logits under the manager's masks, until every grammar terminates.
+    Returns each constrained row's text and checks that free rows' logits are never touched."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {r: [] for r in rows if r is not None}
+    # random logits would wander in open-ended strings and numbers: lean towards closing them
+    closers = [tok.eos_token_id] + [tok.convert_tokens_to_ids(s) for s in ('"', "}", ")", "]", '"}')]
+    for _ in range(steps):
+        live = [r if r is not None and not m.is_terminated(r) else None for r in rows]
+        mask = m.bitmask(live)
+        if mask is None:
+            break
+        assert mask.dtype == torch.int32 and mask.shape == (len(rows), bitmask_width(VOCAB))
+        logits = torch.randn(len(rows), VOCAB, generator=gen)
+        logits[:, closers] += 3.0
+        before = logits.clone()
+        apply_bitmask(logits, mask)
+        for i, r in enumerate(live):
+            if r is None:
+                assert torch.equal(logits[i], before[i]), "a row without a grammar was changed"
+                assert bool((mask[i] == -1).all())
+                continue
+            t = int(logits[i].argmax())
+            assert m.accept(r, [t])
+            out[r].append(t)
+    unfinished = [r for r in out if not m.is_terminated(r)]
+    assert not unfinished, f"grammars did not finish: {unfinished} {[tok.decode(out[r]) for r in unfinished]}"
+    eos = tok.eos_token_id
+    for r, ids in out.items():
+        assert ids[-1] == eos and eos not in ids[:-1]
+    return {r: tok.decode(ids[:-1]) for r, ids in out.items()}
+
+
+def test_mixed_batch_matches_every_spec(manager, default_tokenizer):
+    specs = {"choice": StructuredOutputsParams(choice=["yes", "no", "maybe \"so\""]),
+             "regex": StructuredOutputsParams(regex=r"[A-Z]{2}-\d{3}"),
+             "json": StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True),
+             "ebnf": StructuredOutputsParams(grammar='root ::= "(" [0-9]+ ("+" [0-9]+)? ")"'),
+             "lark": StructuredOutputsParams(grammar='start: "go " DIR\nDIR: "north" | "south"'),
+             "object": StructuredOutputsParams(json_object=True, disable_any_whitespace=True)}
+    for seed in range(3):
+        ids = [f"{k}-{seed}" for k in specs]
+        for rid, p in zip(ids, specs.values()):
+            manager.add_request(rid, p)
+        _wait_ready(manager, ids)
+        assert all(manager.error(r) is None for r in ids)
+        rows = [ids[0], None, ids[1], ids[2], None, ids[3], ids[4], ids[5]]
+        texts = _decode_batch(manager, default_tokenizer, rows, steps=300, seed=seed)
+        got = dict(zip(specs, (texts[r] for r in ids)))
+        assert got["choice"] in ("yes", "no", 'maybe "so"')
+        assert re.fullmatch(r"[A-Z]{2}-\d{3}", got["regex"]), got["regex"]
+        jsonschema.validate(json.loads(got["json"]), SCHEMA)
+        assert re.fullmatch(r"\(\d+(\+\d+)?\)", got["ebnf"]), got["ebnf"]
+        assert got["lark"] in ("go north", "go south")
+        assert isinstance(json.loads(got["object"]), dict)
+        for r in ids:
+            manager.remove(r)
+
+
+def test_first_step_allows_exactly_the_prefixes(manager, default_tokenizer):
+    tok = default_tokenizer
+    manager.add_request("pfx", StructuredOutputsParams(choice=["yes", "no"]))
+    _wait_ready(manager, ["pfx"])
+    mask = manager.bitmask(["pfx"])
+    bits = ((mask[0].unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1).flatten()[:VOCAB].bool()
+    allowed = bits.nonzero().flatten().tolist()
+    assert allowed
+    for t in allowed:
+        s = tok.decode([t])
+        assert s and ("yes".startswith(s) or "no".startswith(s)), (t, s)
+    # and every single token that spells a non-empty prefix is allowed
+    for word in ("yes", "no"):
+        for t in tok.encode(word, add_special_tokens=False)[:1]:
+            assert t in allowed
+    manager.remove("pfx")
+
+
+def test_refused_token_leaves_the_matcher(manager, default_tokenizer):
+    tok = default_tokenizer
+    manager.add_request("r", StructuredOutputsParams(regex=r"\d+"))
+    _wait_ready(manager, ["r"])
+    first = manager.bitmask(["r"]).clone()
+    letter = tok.encode("hello", add_special_tokens=False)[0]
+    assert not manager.accept("r", [letter])
+    assert torch.equal(manager.bitmask(["r"]), first)
+    digit = tok.encode("7", add_special_tokens=False)[0]
+    assert manager.accept("r", [digit])
+    assert not manager.is_terminated("r")
+    assert manager.accept("r", [tok.eos_token_id]) and manager.is_terminated("r")
+    manager.remove("r")
+    assert not manager.has_grammar("r") and manager.accept("r", [letter])  # unknown: no constraint
+
+
+def test_no_grammar_rows_cost_nothing(manager):
+    assert manager.bitmask([None, None, "never-added"]) is None
+    logits = torch.randn(3, VOCAB)
+    before = logits.clone()
+    apply_bitmask(logits, torch.full((3, bitmask_width(VOCAB)), -1, dtype=torch.int32))
+    assert torch.equal(logits, before)
+
+
+def test_compiles_off_thread_once_per_spec(default_tokenizer):
+    m = StructuredOutputManager(default_tokenizer, VOCAB)
+    gate, calls = threading.Event(), []
+    compile_ = m.backend.compile
+
+    def slow_compile(params):
+        calls.append(params.key())
+        gate.wait(10)
+        return compile_(params)
+
+    m.backend.compile = slow_compile
+    spec = {"type": "object", "properties": {"x": {"type": "integer"}}}
+    m.add_request("a", StructuredOutputsParams(json=spec))
+    m.add_request("b", StructuredOutputsParams(json=json.dumps(spec)))  # same schema as text: same key
+    assert not m.is_ready("a") and not m.is_ready("b")  # the caller was not blocked
+    assert m.bitmask(["a", "b"]) is None  # not compiled yet: no row is constrained
+    gate.set()
+    _wait_ready(m, ["a", "b"])
+    assert len(calls) == 1
+    assert m.bitmask(["a", "b"]).shape == (2, bitmask_width(VOCAB))
+    m.shutdown()
+
+
+def test_compile_error_is_reported_per_request(default_tokenizer):
+    m = StructuredOutputManager(default_tokenizer, VOCAB)
+
+    def failing(params):
+        raise ValueError("the regex grammar did not compile: too large")
+
+    m.backend.compile = failing
+    m.add_request("bad", StructuredOutputsParams(regex="a+"))
+    _wait_ready(m, ["bad"])
+    assert m.error("bad") == "the regex grammar did not compile: too large"
+    assert m.error("unknown") is None and m.bitmask(["bad"]) is None
+    m.shutdown()
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(json='{"type": "nonsense"}'), ["JSON schema", "nonsense"]),
+    (dict(json="{not json"), ["not valid JSON"]),
+    (dict(json={"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}), ["JSON schema", "missing"]),
+    (dict(regex="[a-"), ["regex", "Unclosed"]),
+    (dict(regex="(ab"), ["regex", "parenthesis"]),
+    (dict(grammar='root ::= "a" | b'), ["grammar", '"b" is not defined']),
+    (dict(grammar='start: "a" | x'), ["grammar", "x"]),
+    (dict(choice=[]), ["choice"]),
+    (dict(), ["exactly one"]),
+    (dict(regex="a", choice=["a"]), ["exactly one", "regex, choice"]),
+])
+def test_invalid_specs_fail_when_made(kwargs, words):
+    with pytest.raises(ValueError) as e:
+        StructuredOutputsParams(**kwargs)
+    for w in words:
+        assert w in str(e.value), str(e.value)
+    assert "project/cpp" not in str(e.value)  # xgrammar's source location is stripped
+
+
+def test_sampling_params_takes_a_dict_and_pydantic_models():
+    from pydantic import BaseModel
+
+    class Person(BaseModel):
+        name: str
+        age: int
+
+    p = SamplingParams(structured_outputs={"json": Person})
+    assert p.structured_outputs.kind == "json" and p.structured_outputs.json["required"] == ["name", "age"]
+    assert p.clone(seed=1).structured_outputs is p.structured_outputs
+
+
+def test_unknown_backend_is_named(default_tokenizer):
+    with pytest.raises(ValueError, match="'outlines' is not built into pageport yet; choose one of: xgrammar"):
+        StructuredOutputManager(default_tokenizer, VOCAB, backend="outlines")
+    with pytest.raises(ValueError, match="'nope' is unknown"):
+        StructuredOutputManager(default_tokenizer, VOCAB, backend="nope")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_apply_bitmask_matches_a_bit_by_bit_reference(dtype):
+    gen = torch.Generator().manual_seed(1)
+    rows, vocab = 5, 1000
+    width = bitmask_width(vocab - 70)  # the mask covers fewer tokens than the logits: the rest is forbidden
+    mask = torch.randint(-2 ** 31, 2 ** 31 - 1, (rows, width), generator=gen, dtype=torch.int64).to(torch.int32)
+    mask[2] = -1  # a free row
+    logits = torch.randn(rows, vocab, generator=gen).to(dtype)
+    expected = logits.clone()
+    for i in (0, 1, 3, 4):  # the free row stays whole, even past the mask's width
+        for t in range(vocab):
+            word = t // 32
+            if word >= width or not (int(mask[i, word]) >> (t % 32)) & 1:
+                expected[i, t] = float("-inf")
+    apply_bitmask(logits, mask)
+    assert torch.equal(logits, expected)
+    with pytest.raises(ValueError, match="same rows"):
+        apply_bitmask(logits, mask[:2])
