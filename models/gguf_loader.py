@@ -36,16 +36,21 @@ _BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"
           "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
           "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
           "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+# Gemma 2/3: four norms a layer; llama.cpp's ffn_norm is the pre-feedforward norm there
+_GEMMA_BLOCK = {**_BLOCK, "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+                "post_ffw_norm": "post_feedforward_layernorm"}
+_GEMMA_ARCHS = ("gemma2", "gemma3")  # llama.cpp stores their norms as 1 + w (transformers' w = stored - 1)
 _SKIP = {"rope_freqs"}  # llama3 rope factors: the config's rope parameters cover them
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _ROPE_PERMUTED_ARCHS = ("llama",)  # convert_hf_to_gguf.py permutes q/k only for these (as transformers assumes)
 
 
-def hf_name(gguf_name: str) -> Optional[str]:
+def hf_name(gguf_name: str, arch: str = "llama") -> Optional[str]:
     """The Hugging Face name of a llama.cpp tensor; None for tensors to skip."""
     if m := _BLOCK_RE.fullmatch(gguf_name):
         layer, kind, suffix = m.groups()
-        return f"model.layers.{layer}.{_BLOCK[kind]}.{suffix}" if kind in _BLOCK else gguf_name
+        block = _GEMMA_BLOCK if arch in _GEMMA_ARCHS else _BLOCK
+        return f"model.layers.{layer}.{block[kind]}.{suffix}" if kind in block else gguf_name
     base, _, suffix = gguf_name.rpartition(".")
     if base in _SKIP:
         return None
@@ -78,7 +83,8 @@ class GGUFModel:
     cached: bool  # config/tokenizer/tensor table came from the cache
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, float32 tensor) for every tensor, dequantized, rope permutation undone."""
+        """(HF name, float32 tensor) for every tensor, dequantized, as transformers names and means it (rope
+        permutation undone, Gemma's norms back to w)."""
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
@@ -86,7 +92,7 @@ class GGUFModel:
         permute = self.arch in _ROPE_PERMUTED_ARCHS
         n_q, n_kv = self.hf_config.num_attention_heads, self.hf_config.num_key_value_heads
         for t in self.tensors:
-            name = hf_name(t.name)
+            name = hf_name(t.name, self.arch)
             if name is None:
                 continue
             raw = mm[t.offset:t.offset + t.n_bytes].view(np.dtype(t.dtype)).reshape(t.shape)
@@ -95,6 +101,8 @@ class GGUFModel:
                 w = unpermute_rope(w, n_q)
             elif permute and ".attn_k." in t.name:
                 w = unpermute_rope(w, n_kv)
+            elif self.arch in _GEMMA_ARCHS and name.endswith("norm.weight"):
+                w = w - 1.0
             if not w.flags.writeable or not w.flags.c_contiguous:
                 w = np.array(w, dtype=np.float32, order="C")
             yield name, torch.from_numpy(w)

@@ -279,13 +279,16 @@ class RMSNorm(nn.Module):
 _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
 
 
-def rope_parameters(hf_config) -> dict:
+def rope_parameters(hf_config, layer_type: Optional[str] = None) -> dict:
     """The config's RoPE parameters as one dict (rope_type, rope_theta, scaling keys).
 
     Transformers 5 standardizes `rope_scaling` + `rope_theta` of older configs into
-    `config.rope_parameters`; older transformers keep them apart.
+    `config.rope_parameters`; older transformers keep them apart. Models whose layer types have their own
+    RoPE (Gemma 3: local and global layers) keep one such dict per layer type.
     """
     params = getattr(hf_config, "rope_parameters", None)
+    if layer_type is not None and isinstance((params or {}).get(layer_type), dict):
+        params = params[layer_type]
     if params is None:
         params = dict(getattr(hf_config, "rope_scaling", None) or {})
         params.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
@@ -295,11 +298,12 @@ def rope_parameters(hf_config) -> dict:
     return params
 
 
-def compute_cos_sin_cache(hf_config, head_size: int, max_position: int) -> torch.Tensor:
+def compute_cos_sin_cache(hf_config, head_size: int, max_position: int,
+                          layer_type: Optional[str] = None) -> torch.Tensor:
     """[max_position, head_size] float32, cos | sin, from transformers' own RoPE init functions."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    params = rope_parameters(hf_config)
+    params = rope_parameters(hf_config, layer_type)
     rope_type = params["rope_type"]
     if rope_type not in _STATIC_ROPE_TYPES:
         raise NotImplementedError(f"rope_type {rope_type!r} needs position-dependent frequencies; "
@@ -312,7 +316,8 @@ def compute_cos_sin_cache(hf_config, head_size: int, max_position: int) -> torch
         inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.int64, device="cpu").float() / head_size))
         attention_scaling = 1.0
     else:
-        inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+        kw = {"layer_type": layer_type} if layer_type is not None else {}
+        inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"), **kw)
     inv_freq = inv_freq.float().cpu()
     if inv_freq.numel() * 2 != head_size:
         raise ValueError(f"rotary frequencies ({inv_freq.numel()}) do not fit head size {head_size}")
@@ -323,12 +328,13 @@ def compute_cos_sin_cache(hf_config, head_size: int, max_position: int) -> torch
 class RotaryEmbedding(nn.Module):
     """Neox-style rotary embedding through `ops.rotary`; the cos|sin cache stays float32."""
 
-    def __init__(self, hf_config, head_size: int, max_position: int, ops: Optional[Ops] = None):
+    def __init__(self, hf_config, head_size: int, max_position: int, ops: Optional[Ops] = None,
+                 layer_type: Optional[str] = None):
         super().__init__()
         self.head_size = head_size
         self.ops = ops or Ops()
-        self.register_buffer("cos_sin_cache", compute_cos_sin_cache(hf_config, head_size, max_position)
-                             .to(torch.get_default_device()), persistent=False)
+        cache = compute_cos_sin_cache(hf_config, head_size, max_position, layer_type)
+        self.register_buffer("cos_sin_cache", cache.to(torch.get_default_device()), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         return self.ops.rotary(positions, q, k, self.cos_sin_cache)

@@ -73,19 +73,24 @@ class LlamaAttention(nn.Module):
         return q, k, v
 
 
+# gated activations: config name -> the `Ops` method applying it to gate | up
+_GATED_ACTIVATIONS = {"silu": "silu_and_mul", "gelu_pytorch_tanh": "gelu_tanh_and_mul"}
+
+
 class LlamaMLP(nn.Module):
     def __init__(self, config, ops: Ops, intermediate_size: Optional[int] = None):
         super().__init__()
-        if config.hidden_act != "silu":
-            raise ValueError(f"unsupported activation {config.hidden_act!r} (only silu)")
+        act = getattr(config, "hidden_activation", None) or config.hidden_act  # Gemma names it hidden_activation
+        if act not in _GATED_ACTIVATIONS:
+            raise ValueError(f"unsupported activation {act!r}; supported: {', '.join(_GATED_ACTIVATIONS)}")
         bias = bool(getattr(config, "mlp_bias", False))
         inter = intermediate_size or config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter] * 2, bias=bias)
         self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=bias)
-        self.ops = ops
+        self.act_and_mul = getattr(ops, _GATED_ACTIVATIONS[act])
 
     def forward(self, x):
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
 
 
 class SparseMoeBlock(nn.Module):
@@ -181,6 +186,8 @@ class LlamaForCausalLM(nn.Module):
     """Engine interface: forward(input_ids [T], positions [T], kv_caches, attn_metadata) -> hidden [T, H];
     compute_logits(hidden [N, H]) -> float32 [N, vocab]; load_weights(iterable of (HF name, tensor))."""
 
+    model_cls = LlamaModel  # subclasses with another layer structure swap it
+
     # (our fused parameter, checkpoint name, shard id)
     stacked_params = (("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v"),
                       ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1))
@@ -196,20 +203,24 @@ class LlamaForCausalLM(nn.Module):
         self.num_kv_heads = max(1, hf_config.num_key_value_heads // tp)
         self.sliding_windows = _layer_windows(hf_config)
         # One backend per distinct window; a uniform model (the usual case) shares a single one.
-        by_window = {w: platform.attention_backend(self.num_heads, self.num_kv_heads, self.head_size,
-                                                   self.head_size ** -0.5, w)
+        scale, softcap = self.attention_scale(hf_config), getattr(hf_config, "attn_logit_softcapping", None)
+        by_window = {w: platform.attention_backend(self.num_heads, self.num_kv_heads, self.head_size, scale, w,
+                                                   softcap)
                      for w in dict.fromkeys(self.sliding_windows)}
         self.attn_backends = [by_window[w] for w in self.sliding_windows]
         self.attn_backend = self.attn_backends[0]
         ops = platform.ops
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         with torch.device(platform.device), default_dtype(dtype):
-            self.model = LlamaModel(hf_config, ops, self.attn_backends, platform)
+            self.model = self.model_cls(hf_config, ops, self.attn_backends, platform)
         # a tied head is built on "meta" (no memory) and then shares the embedding's weight
         with torch.device("meta" if self.tie_word_embeddings else platform.device), default_dtype(dtype):
             self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size)
         if self.tie_word_embeddings:
             self.lm_head.tie(self.model.embed_tokens)
+
+    def attention_scale(self, hf_config) -> float:
+        return self.head_size ** -0.5
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 attn_metadata: AttentionMetadata) -> torch.Tensor:

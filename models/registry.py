@@ -17,6 +17,8 @@ _BUILTIN: dict[str, str] = {
     "MixtralForCausalLM": "pageport.models.llama:LlamaForCausalLM",
     "Qwen2MoeForCausalLM": "pageport.models.llama:LlamaForCausalLM",
     "Qwen3MoeForCausalLM": "pageport.models.llama:LlamaForCausalLM",
+    "Gemma2ForCausalLM": "pageport.models.gemma:GemmaForCausalLM",
+    "Gemma3ForCausalLM": "pageport.models.gemma:GemmaForCausalLM",
 }
 
 

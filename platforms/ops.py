@@ -38,6 +38,11 @@ class Ops:
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 
+    def gelu_tanh_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """GELU (tanh approximation) of the gate times up, for gate | up in one tensor (Gemma's MLP)."""
+        gate, up = x.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up
+
     def fused_moe(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor) -> torch.Tensor:
         """Routed experts: sum_j topk_weights[t, j] * W2[e] (silu(gate) * up)(W13[e] x[t]), e = topk_ids[t, j].

@@ -1,4 +1,4 @@
-"""Our Llama-family model vs transformers on tiny random models of each architecture (float32).
+"""Our Llama-family and Gemma models vs transformers on tiny random models of each architecture (float32).
 
 Each case is built with transformers' own config class, saved with save_pretrained (safetensors;
 one case sharded so the index path runs), loaded by our loader on the CPU platform and run
@@ -6,7 +6,7 @@ through paged attention: one prompt in one step, and a ragged batch with a chunk
 """
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2Config,
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2Config,
                           Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
 
 from pageport.core.config import EngineConfig
@@ -48,6 +48,17 @@ CASES = {
                                         shared_expert_intermediate_size=48, mlp_only_layers=[0]),
     "qwen3-moe": lambda: Qwen3MoeConfig(**COMMON, head_dim=32, num_experts=4, num_experts_per_tok=2,
                                         moe_intermediate_size=32, norm_topk_prob=True),
+    # Gemma 2: alternating window / global layers, query scale 24^-1/2 (not head_dim's), small caps so that
+    # the attention and final soft-capping both change the result
+    "gemma2-softcap": lambda: Gemma2Config(**COMMON, head_dim=16, sliding_window=5, query_pre_attn_scalar=24,
+                                           attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+    # Gemma 3: q/k norms, a local layer (theta 10k) and a global one (theta 1M, linear scaling x8)
+    "gemma3": lambda: Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=5, query_pre_attn_scalar=24,
+                                       layer_types=["sliding_attention", "full_attention"],
+                                       rope_parameters={"sliding_attention": {"rope_type": "default",
+                                                                              "rope_theta": 10000.0},
+                                                        "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                                           "rope_theta": 1000000.0}}),
 }
 # which layers of each MoE case have routed experts
 MOE_LAYERS = {"mixtral": [0, 1], "qwen2-moe": [1], "qwen3-moe": [0, 1]}
@@ -124,12 +135,16 @@ def test_interface(case):
     name, hf, model = case
     assert model.num_layers == 2 and model.num_kv_heads == 2
     assert model.head_size == (32 if name in ("qwen3", "qwen3-moe") else 16)
-    windows = {"mistral-sliding": [5, 5], "qwen2-mixed-window": [None, 4]}.get(name, [None, None])
+    windows = {"mistral-sliding": [5, 5], "qwen2-mixed-window": [None, 4], "gemma2-softcap": [5, None],
+               "gemma3": [5, None]}.get(name, [None, None])
     assert [b.sliding_window for b in model.attn_backends] == windows
     assert model.attn_backend is model.attn_backends[0]
     if windows[0] == windows[1]:
         assert model.attn_backends[0] is model.attn_backends[1]  # one backend shared by all layers
-    if "tied" in name:
+    if name.startswith("gemma"):
+        assert model.attn_backend.scale == 24 ** -0.5
+        assert model.attn_backend.softcap == (2.0 if name == "gemma2-softcap" else None)
+    if "tied" in name or name.startswith("gemma"):
         assert model.lm_head.weight is model.model.embed_tokens.weight
     moe = [i for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, SparseMoeBlock)]
     assert moe == MOE_LAYERS.get(name, [])
