@@ -36,11 +36,15 @@ class EngineConfig:
     gpu_memory_utilization: float = _opt(0.9, "fraction of device memory the engine may use")
     kv_cache_memory_bytes: Optional[int] = _opt(None, "KV-cache size in bytes (CPU default 4 GiB)")
     num_gpu_blocks_override: Optional[int] = _opt(None, "exact number of KV-cache blocks")
-    quantization: Optional[str] = _opt(None, "weight-only quantized matmuls for small batches, where the platform "
-                                             "has them (CPU: int4 = group-32 asymmetric, Q4_1's layout; int8 = "
-                                             "per channel); dense weights are kept for large batches",
-                                       choices=("int4", "int8"))
+    quantization: Optional[str] = _opt(None, "quantized linears: the checkpoint's format is detected from its "
+                                             "config (compressed-tensors, fp8, awq, gptq; naming it must agree); "
+                                             "on a dense checkpoint fp8 | w8a8 | w4a16 quantize while loading; "
+                                             "int4 | int8: the CPU's weight-only matmuls for small batches",
+                                       choices=("compressed-tensors", "fp8", "awq", "gptq", "w8a8", "w4a16",
+                                                "int4", "int8"))
     enforce_eager: bool = _opt(False, "never capture graphs")
+    async_scheduling: Optional[bool] = _opt(None, "prepare step N+1 while the device runs step N (default: on "
+                                                  "where the device runs asynchronously to the host)")
     compile: bool = _opt(False, "torch.compile the dense parts of each layer where the platform does (CPU: fused "
                                 "C++ kernels from inductor; the first start compiles for ~30-60 s, cached after)")
     num_threads: Optional[int] = _opt(None, "CPU threads (default: OMP_NUM_THREADS or all cores)")
@@ -81,7 +85,7 @@ class EngineConfig:
                     parser.add_argument("--" + f.name, "-m", default=f.default, help=help_)
                 continue
             flag = "--" + f.name.replace("_", "-")
-            if f.type in ("bool", bool):
+            if f.type in ("bool", bool, "Optional[bool]"):
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
             else:
                 kind = _cli_type(f.type)

@@ -95,10 +95,8 @@ class CpuPlatform(Platform):
         quantization = getattr(config, "quantization", None)
         if quantization:
             from pageport.kernels_cpu.quant import QUANTIZATIONS
-            if quantization not in QUANTIZATIONS:
-                raise ValueError(f"quantization {quantization!r} is not supported on the CPU; "
-                                 f"choose one of {', '.join(QUANTIZATIONS)}")
-            if config.dtype != torch.bfloat16:  # the kernels are fast only with bf16 activations
+            # the weight-only speed mode; checkpoint formats and in-run fp8/w8a8/w4a16 take any dtype
+            if quantization in QUANTIZATIONS and config.dtype != torch.bfloat16:  # fast only with bf16
                 raise ValueError(f"quantization={quantization} on the CPU needs dtype bfloat16, got "
                                  f"{str(config.dtype).removeprefix('torch.')}")
         if config.kv_cache_memory_bytes is None:

@@ -86,6 +86,21 @@ def _param(*shape: int, loader=None, fill: Optional[float] = None) -> nn.Paramet
 
 
 # Linear layers -------------------------------------------------------------------------------------
+_QUANTIZED = False  # inside `quantized_linears()`: linears leave their weight on "meta" for a quant method
+
+
+@contextlib.contextmanager
+def quantized_linears():
+    """Build a model whose linears get their weights from a quantization method afterwards
+    (`pageport.models.quantization.create_weights`): each `weight` is a placeholder on "meta" (no memory)."""
+    global _QUANTIZED
+    old, _QUANTIZED = _QUANTIZED, True
+    try:
+        yield
+    finally:
+        _QUANTIZED = old
+
+
 def apply_linear(layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x W^T (+ b), through the layer's `quant_method` when the platform gave it one (see `set_linear_method`)."""
     method = layer.quant_method
@@ -118,8 +133,14 @@ class LinearBase(nn.Module):
         super().__init__()
         self.tp_rank, self.tp_size = get_tensor_parallel()
         self.input_size, self.output_size = input_size, output_size
-        self.weight = _param(output_size, input_size, loader=self.weight_loader)
+        with torch.device("meta") if _QUANTIZED else contextlib.nullcontext():
+            self.weight = _param(output_size, input_size, loader=self.weight_loader)
         self.bias = _param(output_size, loader=self.weight_loader) if bias else None
+
+    def output_shards(self) -> dict:
+        """shard id -> (offset, size, rank): checkpoint shard `id` fills this rank's output rows offset:offset+size
+        with the rank-th block of `size` rows of the full shard. One unfused shard, id None, by default."""
+        return {None: (0, self.output_size, self.tp_rank)}
 
     def _shard(self, param: nn.Parameter, w: torch.Tensor) -> torch.Tensor:
         """This rank's slice of a full checkpoint tensor."""
@@ -170,13 +191,14 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.output_sizes = list(output_sizes)
         super().__init__(input_size, sum(output_sizes), bias)
 
+    def output_shards(self) -> dict:
+        return {i: (sum(self.output_sizes[:i]) // self.tp_size, n // self.tp_size, self.tp_rank)
+                for i, n in enumerate(self.output_sizes)}
+
     def weight_loader(self, param, loaded_weight, shard_id=None) -> None:
         if shard_id is None:  # an already fused checkpoint tensor
             return super().weight_loader(param, loaded_weight)
-        size = self.output_sizes[shard_id] // self.tp_size
-        offset = sum(self.output_sizes[:shard_id]) // self.tp_size
-        w = loaded_weight.narrow(0, self.tp_rank * size, size) if self.tp_size > 1 else loaded_weight
-        default_weight_loader(param.data.narrow(0, offset, size), w)
+        _load_output_shard(param, loaded_weight, *self.output_shards()[shard_id], self.tp_size)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -206,18 +228,23 @@ class QKVParallelLinear(ColumnParallelLinear):
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_size
 
+    def output_shards(self) -> dict:
+        kv_rank = self.tp_rank // self.kv_replicas
+        return {"q": (0, self.q_size, self.tp_rank), "k": (self.q_size, self.kv_size, kv_rank),
+                "v": (self.q_size + self.kv_size, self.kv_size, kv_rank)}
+
     def weight_loader(self, param, loaded_weight, shard_id=None) -> None:
         if shard_id is None:
             return super().weight_loader(param, loaded_weight)
-        if shard_id == "q":
-            offset, size, rank = 0, self.q_size, self.tp_rank
-        elif shard_id in ("k", "v"):
-            offset = self.q_size + (self.kv_size if shard_id == "v" else 0)
-            size, rank = self.kv_size, self.tp_rank // self.kv_replicas
-        else:
+        shards = self.output_shards()
+        if shard_id not in shards:
             raise ValueError(f"unknown qkv shard {shard_id!r}")
-        w = loaded_weight.narrow(0, rank * size, size) if self.tp_size > 1 else loaded_weight
-        default_weight_loader(param.data.narrow(0, offset, size), w)
+        _load_output_shard(param, loaded_weight, *shards[shard_id], self.tp_size)
+
+
+def _load_output_shard(param, loaded_weight, offset: int, size: int, rank: int, tp_size: int) -> None:
+    w = loaded_weight.narrow(0, rank * size, size) if tp_size > 1 else loaded_weight
+    default_weight_loader(param.data.narrow(0, offset, size), w)
 
 
 # Embedding and LM head -----------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """load_model: config + tokenizer + weights from an HF safetensors folder, a GGUF file, or dummy."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -13,6 +14,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pageport.models.default import default_model_path
+from pageport.models.layers import quantized_linears
+from pageport.models.quantization import RUNTIME, create_weights, get_quantization_config, process_weights
 from pageport.models.registry import get_model_class
 
 logger = logging.getLogger(__name__)
@@ -60,15 +63,22 @@ def load_model(config, platform) -> LoadedModel:
     _set_architecture(hf_config)
     _check_max_model_len(config, hf_config)
     model_cls = get_model_class(hf_config.architectures)
-    model = model_cls(hf_config, platform, config.dtype)
+    quantization = getattr(config, "quantization", None)
+    quant_config = get_quantization_config(hf_config, quantization)
+    with quantized_linears() if quant_config else contextlib.nullcontext():
+        model = model_cls(hf_config, platform, config.dtype)
+    if quant_config:
+        n_quant = create_weights(model, quant_config, platform, config.dtype)
+        logger.info("quantization %s: %d linear layers", quant_config.name, n_quant)
     if weights is None:
         init_dummy_weights(model, config.seed)
     else:
         model.load_weights(tqdm(weights, total=n_weights, desc=f"Loading {fmt} weights", unit="tensor",
                                 leave=False))
+    if quant_config:
+        process_weights(model)
     model.eval()
-    quantization = getattr(config, "quantization", None)
-    if quantization:
+    if quantization in RUNTIME:
         _quantize(model, platform, quantization)
     dt = time.perf_counter() - t0
     logger.info("loaded %s (%s, %s) in %.1f s", path, fmt, str(config.dtype).removeprefix("torch."), dt)
@@ -218,5 +228,14 @@ def init_dummy_weights(model: nn.Module, seed: int, std: float = 0.02) -> None:
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
             p.fill_(1.0)
+        elif not p.dtype.is_floating_point or p.element_size() == 1:  # quantized codes: random in their range
+            info = torch.iinfo(p.dtype) if not p.dtype.is_floating_point else None
+            if info is None:
+                p.copy_(torch.empty(p.shape, device=gen.device).normal_(0.0, 64.0, generator=gen).clamp(-448, 448))
+            else:
+                p.copy_(torch.randint(max(info.min, -2 ** 31), min(info.max, 2 ** 31 - 1), p.shape,
+                                      generator=gen, device=gen.device))
+        elif "scale" in name:
+            p.fill_(std / 64)
         else:
             p.copy_(torch.empty(p.shape, dtype=torch.float32, device=gen.device).normal_(0.0, std, generator=gen))

@@ -6,8 +6,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from pageport.platforms.quant_ops import QuantOps
 
-class Ops:
+
+class Ops(QuantOps):
     """The reference implementations. A platform's `ops` subclasses this and replaces
     what it has faster kernels for; results must match these within dtype tolerance."""
 

@@ -1,0 +1,172 @@
+"""The linear methods every format maps to: W8A8 (int8 / fp8 weights, quantized activations) and W4A16.
+
+Formats differ in names and packing only; each converts its checkpoint tensors, once loaded, into one
+layout per method, and the matmul runs through the platform's ops (`scaled_linear`, `w4a16_linear`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from pageport.models.quantization.base import LinearMethod, drop_param, num_shards, per_channel, quant_param
+from pageport.platforms.quant_ops import FP8_MAX, INT8_MAX, pack_int4
+
+
+@dataclass(frozen=True)
+class W8A8Scheme:
+    weight_dtype: torch.dtype  # torch.int8 or torch.float8_e4m3fn
+    weight_strategy: str  # "tensor" | "channel" | "block"
+    block: Optional[tuple[int, int]] = None  # (rows, cols) of a weight-scale block
+    static_input: bool = False  # a per-tensor input scale from the checkpoint, else dynamic per token (group)
+    scale_name: str = "weight_scale"  # HF fp8 calls it weight_scale_inv (it multiplies all the same)
+
+
+class W8A8LinearMethod(LinearMethod):
+    """Checkpoint: `weight` [N, K] int8 / fp8, `<scale_name>` [N, 1] (channel), [1] per shard (tensor) or
+    [ceil(N/bn), ceil(K/bk)] (block); `input_scale` [1] per shard when static. Kept as: weight, weight_scale
+    float32 [N] or the block grid, input_scale float32 [1] (the largest of the fused shards')."""
+
+    def __init__(self, scheme: W8A8Scheme):
+        self.scheme = scheme
+
+    def create_weights(self, layer, dtype, device) -> None:
+        s = self.scheme
+        n, k = layer.output_size, layer.input_size
+        drop_param(layer, "weight")
+        quant_param(layer, "weight", (n, k), s.weight_dtype, device)
+        if s.weight_strategy == "channel":
+            quant_param(layer, s.scale_name, (n, 1), torch.float32, device)
+        elif s.weight_strategy == "tensor":
+            quant_param(layer, s.scale_name, (num_shards(layer),), torch.float32, device, per_shard=True)
+        elif s.weight_strategy == "block":
+            bn, bk = s.block
+            quant_param(layer, s.scale_name, (-(-n // bn), -(-k // bk)), torch.float32, device, rows_per_elem=bn)
+        else:
+            raise ValueError(f"W8A8 weight strategy {s.weight_strategy!r} is not supported")
+        if s.static_input:
+            quant_param(layer, "input_scale", (num_shards(layer),), torch.float32, device, per_shard=True)
+
+    def process_weights(self, layer) -> None:
+        s = self.scheme
+        scale = getattr(layer, s.scale_name).data
+        if s.weight_strategy == "channel":
+            scale = scale.reshape(-1).float()
+        elif s.weight_strategy == "tensor":
+            scale = per_channel(layer, scale)
+        drop_param(layer, s.scale_name)
+        layer.register_buffer("weight_scale", scale.float().contiguous())
+        if s.static_input:
+            layer.register_buffer("w8a8_input_scale", layer.input_scale.data.float().amax().reshape(1))
+            drop_param(layer, "input_scale")
+
+    def apply(self, layer, x, bias):
+        return self.ops.scaled_linear(x, layer.weight, layer.weight_scale,
+                                       getattr(layer, "w8a8_input_scale", None), self.scheme.block, bias)
+
+
+def quantize_weight_w8a8(w: torch.Tensor, dtype: torch.dtype,
+                         block: Optional[tuple[int, int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest symmetric quantization of a dense weight [N, K]: (codes, float32 scales [N] or the
+    block grid). Used to quantize a dense checkpoint in the run (`--quantization fp8 | w8a8`)."""
+    qmax = INT8_MAX if dtype == torch.int8 else FP8_MAX
+    wf = w.float()
+    if block is None:
+        scale = (wf.abs().amax(1) / qmax).clamp_min(1e-12)
+        q = wf / scale[:, None]
+    else:
+        bn, bk = block
+        n, k = wf.shape
+        pad = torch.nn.functional.pad(wf, (0, -k % bk, 0, -n % bn))
+        g = pad.unflatten(0, (-1, bn)).unflatten(2, (-1, bk))  # [Nb, bn, Kb, bk]
+        scale = (g.abs().amax((1, 3)) / qmax).clamp_min(1e-12)
+        q = (g / scale[:, None, :, None]).flatten(2).flatten(0, 1)[:n, :k]
+    q = q.clamp(-qmax, qmax)
+    return (q.round().to(torch.int8) if dtype == torch.int8 else q.to(dtype)), scale
+
+
+class OnlineW8A8LinearMethod(W8A8LinearMethod):
+    """A dense checkpoint's linears quantized at load: per-channel weights, dynamic per-token activations."""
+
+    def create_weights(self, layer, dtype, device) -> None:
+        drop_param(layer, "weight")
+        p = nn.Parameter(torch.empty(layer.output_size, layer.input_size, dtype=dtype, device=device),
+                         requires_grad=False)
+        p.weight_loader = layer.weight_loader
+        layer.register_parameter("weight", p)
+
+    def process_weights(self, layer) -> None:
+        q, scale = quantize_weight_w8a8(layer.weight.data, self.scheme.weight_dtype, self.scheme.block)
+        drop_param(layer, "weight")
+        layer.register_buffer("weight", q)
+        layer.register_buffer("weight_scale", scale)
+
+
+# W4A16 --------------------------------------------------------------------------------------------------
+class W4A16LinearMethod(LinearMethod):
+    """4-bit weights in groups of `group_size` input features (None: one group per row); a format subclass
+    declares its checkpoint tensors (`create_weights`) and turns them into (codes [N, K] 0..15, scales [N, K/G],
+    zero codes [N, K/G] or None, input permutation or None) in `unpack`."""
+
+    def __init__(self, group_size: Optional[int], symmetric: bool):
+        self.group_size, self.symmetric = group_size, symmetric
+
+    def groups(self, k: int) -> int:
+        g = self.group_size or k
+        if k % g:
+            raise ValueError(f"input size {k} is not a multiple of the group size {g}")
+        return k // g
+
+    def unpack(self, layer) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        raise NotImplementedError
+
+    def process_weights(self, layer) -> None:
+        codes, scales, zeros, perm = self.unpack(layer)
+        for name in list(layer._parameters):
+            if name != "bias":
+                drop_param(layer, name)
+        k = codes.shape[1]
+        prepared = self.ops.w4a16_prepare(pack_int4(codes), scales.contiguous(),
+                                           None if zeros is None else zeros.to(torch.uint8).contiguous(),
+                                           self.group_size or k)
+        layer.w4a16 = prepared
+        for name, t in prepared.items():
+            if isinstance(t, torch.Tensor):
+                layer.register_buffer(f"w4a16_{name}", t, persistent=False)
+        if perm is not None:
+            layer.register_buffer("w4a16_perm", perm)
+
+    def apply(self, layer, x, bias):
+        perm = getattr(layer, "w4a16_perm", None)
+        if perm is not None:
+            x = x.index_select(-1, perm)
+        return self.ops.w4a16_linear(x, layer.w4a16, bias)
+
+
+def quantize_weight_w4(w: torch.Tensor, group_size: int, symmetric: bool = True):
+    """Round-to-nearest 4-bit: (codes [N, K] 0..15, scales [N, K/G] float32, zero codes or None); w ~
+    (code - zero) * scale with zero = 8 when symmetric."""
+    g = w.float().unflatten(1, (-1, group_size))
+    if symmetric:
+        scale = (g.abs().amax(-1) / 7.5).clamp_min(1e-12)  # codes -8..7 around 8: the symmetric range of int4
+        codes = (torch.round(g / scale[..., None]) + 8).clamp(0, 15)
+        return codes.flatten(1).to(torch.int32), scale, None
+    lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+    scale = ((hi - lo) / 15).clamp_min(1e-12)
+    zero = torch.round(-lo / scale).clamp(0, 15)
+    codes = (torch.round(g / scale[..., None]) + zero[..., None]).clamp(0, 15)
+    return codes.flatten(1).to(torch.int32), scale, zero.to(torch.int32)
+
+
+class OnlineW4A16LinearMethod(W4A16LinearMethod):
+    """A dense checkpoint's linears quantized to symmetric int4 at load (`--quantization w4a16`)."""
+
+    def create_weights(self, layer, dtype, device) -> None:
+        OnlineW8A8LinearMethod.create_weights(self, layer, dtype, device)
+
+    def unpack(self, layer):
+        w = layer.weight.data
+        codes, scale, zero = quantize_weight_w4(w, self.group_size or w.shape[1], self.symmetric)
+        return codes, scale.to(w.dtype), zero, None

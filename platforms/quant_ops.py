@@ -1,0 +1,108 @@
+"""Quantized matmuls in plain torch: the reference a platform's kernels must match (and the fallback).
+
+Two families, named by what the weights hold:
+- `scaled_linear`: int8 or float8_e4m3fn weights with activations quantized on the fly to the same type
+  (W8A8), dynamically per token, per token and 128-column group (block-scaled weights), or with a static
+  per-tensor scale. Scales are float32; the product is accumulated exactly (int8) or in float32 (fp8).
+- `w4a16_linear`: 4-bit weight codes in groups along the input features with a scale per group and an
+  optional zero code (8 when absent, i.e. symmetric), activations left in their dtype (W4A16).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+INT8_MAX = 127.0
+
+
+def _qmax(dtype: torch.dtype) -> float:
+    return INT8_MAX if dtype == torch.int8 else FP8_MAX
+
+
+def quantize_activations(x: torch.Tensor, dtype: torch.dtype, input_scale: Optional[torch.Tensor] = None,
+                         group_size: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (codes of `dtype`, float32 scales): [1] for a static scale, [M, 1] per token, or
+    [M, K / group_size] per token and group. x ~ codes * scale; scale = max|x| / qmax (int8: qmax 127,
+    round to nearest; fp8 e4m3: 448, torch's cast)."""
+    qmax = _qmax(dtype)
+    xf = x.float()
+    if input_scale is not None:
+        scale = input_scale.float().reshape(1)
+        q = xf / scale
+    elif group_size is not None:
+        g = xf.unflatten(-1, (-1, group_size))
+        scale = (g.abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-10)
+        q = (g / scale).flatten(-2)
+        scale = scale.squeeze(-1)
+    else:
+        scale = (xf.abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-10)
+        q = xf / scale
+    q = q.clamp(-qmax, qmax)
+    return (q.round().to(torch.int8) if dtype == torch.int8 else q.to(dtype)), scale
+
+
+def dequantize_block(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """weight [N, K] times its [ceil(N / bn), ceil(K / bk)] block scales, float32."""
+    n, k = weight.shape
+    s = scale.float().repeat_interleave(block[0], 0)[:n].repeat_interleave(block[1], 1)[:, :k]
+    return weight.float() * s
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """[N, K / 8] int32, code j of a word in bits 4j..4j+3 -> codes [N, K] int32 in 0..15."""
+    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int32)
+    return ((packed.unsqueeze(-1) >> shifts) & 0xF).flatten(-2)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """codes [N, K] in 0..15 -> [N, K / 8] int32 (the inverse of `unpack_int4`)."""
+    shifts = torch.arange(0, 32, 4, device=codes.device, dtype=torch.int32)
+    c = codes.to(torch.int32).unflatten(-1, (-1, 8)) << shifts
+    out = torch.zeros(c.shape[:-1], dtype=torch.int32, device=codes.device)
+    for j in range(8):  # OR, not sum: code 15 in the top nibble sets the sign bit
+        out |= c[..., j]
+    return out
+
+
+def dequantize_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                  group_size: int) -> torch.Tensor:
+    """W [N, K] float32 = (code - zero) * scale of each weight's group."""
+    codes = unpack_int4(qweight).float()
+    z = 8.0 if zeros is None else zeros.float().repeat_interleave(group_size, 1)
+    return (codes - z) * scales.float().repeat_interleave(group_size, 1)
+
+
+class QuantOps:
+    """Torch definitions of the quantized matmuls (mixed into `pageport.platforms.Ops`)."""
+
+    def scaled_linear(self, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                      input_scale: Optional[torch.Tensor] = None, block: Optional[tuple[int, int]] = None,
+                      bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """y = Q(x) deq(W)^T (+ b) in x's dtype. weight [N, K] int8 / float8_e4m3fn; weight_scale float32 [N]
+        (per output channel) or [N / bn, K / bk] (`block` = (bn, bk); activations then per token and bk group);
+        input_scale: a static per-tensor activation scale, else dynamic per token."""
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        xq, xs = quantize_activations(x2, weight.dtype, input_scale, block[1] if block else None)
+        if block is not None:
+            xd = (xq.float().unflatten(-1, (-1, block[1])) * xs.unsqueeze(-1)).flatten(-2)
+            y = xd @ dequantize_block(weight, weight_scale, block).t()
+        else:
+            y = (xq.float() @ weight.float().t()) * xs * weight_scale.float()
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(x.dtype).reshape(*shape[:-1], -1)
+
+    def w4a16_prepare(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                      group_size: int) -> dict:
+        """The platform's layout of a W4A16 weight. qweight [N, K / 8] int32 (`unpack_int4`'s packing),
+        scales [N, K / G] in the model's dtype, zeros [N, K / G] codes (uint8) or None for 8. Returns a dict of
+        tensors and ints that `w4a16_linear` takes back."""
+        return {"qweight": qweight, "scales": scales, "zeros": zeros, "group_size": group_size}
+
+    def w4a16_linear(self, x: torch.Tensor, w: dict, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        weight = dequantize_w4(w["qweight"], w["scales"], w["zeros"], w["group_size"]).to(x.dtype)
+        return F.linear(x, weight, bias)
