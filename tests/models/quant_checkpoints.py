@@ -124,3 +124,89 @@ def dense_checkpoint(path: Path, state_dict: dict, seed: int = 0, quantization_c
         (path / "config.json").write_text(json.dumps(cfg, indent=1))
     save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path / "model.safetensors"))
     return path
+
+
+# Packers of the published layouts (AWQ, GPTQ, Hugging Face fp8): each returns the checkpoint tensors and the
+# dequantized weight they stand for.
+def _pack_words(codes: torch.Tensor, order=tuple(range(8))) -> torch.Tensor:
+    """codes [..., 8m] 0..15 -> [..., m] int32: nibble i of a word holds code order[i] of its eight."""
+    c = codes.to(torch.int64).unflatten(-1, (-1, 8))[..., list(order)]
+    word = sum(c[..., i] << (4 * i) for i in range(8))
+    return torch.where(word >= 2 ** 31, word - 2 ** 32, word).to(torch.int32)
+
+
+def quantize_groups(w: torch.Tensor, g_idx: torch.Tensor, groups: int, symmetric: bool):
+    """4-bit min-max per group of input features (g_idx[k] = group of column k): codes [N, K], scales
+    [N, groups], zeros [N, groups] (8 when symmetric)."""
+    w = w.float()
+    scales = torch.empty(w.shape[0], groups)
+    zeros = torch.full((w.shape[0], groups), 8.0)
+    for g in range(groups):
+        cols = w[:, g_idx == g]
+        if symmetric:
+            scales[:, g] = cols.abs().amax(1) / 7.5
+        else:
+            lo, hi = cols.amin(1).clamp(max=0), cols.amax(1).clamp(min=0)
+            scales[:, g] = (hi - lo) / 15
+            zeros[:, g] = torch.round(-lo / scales[:, g])
+    scales = scales.to(torch.float16).float()  # the checkpoints store fp16 scales
+    s, z = scales[:, g_idx], zeros[:, g_idx]
+    codes = (torch.round(w / s) + z).clamp(0, 15)
+    return codes.to(torch.int32), scales, zeros.to(torch.int32), (codes - z) * s
+
+
+AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def awq_tensors(w: torch.Tensor, group_size: int):
+    k = w.shape[1]
+    codes, scales, zeros, deq = quantize_groups(w, torch.arange(k) // group_size, k // group_size, False)
+    return {"qweight": _pack_words(codes.t(), AWQ_PACK_ORDER), "qzeros": _pack_words(zeros.t(), AWQ_PACK_ORDER),
+            "scales": scales.t().to(torch.float16)}, deq
+
+
+def gptq_tensors(w: torch.Tensor, group_size: int, symmetric: bool, act_order: bool, seed: int = 0):
+    k = w.shape[1]
+    if act_order:  # columns quantized in a permuted order, group i = the i-th run of group_size of them
+        perm = torch.randperm(k, generator=torch.Generator().manual_seed(seed))
+        g_idx = torch.empty(k, dtype=torch.int64)
+        g_idx[perm] = torch.arange(k) // group_size
+    else:
+        g_idx = torch.arange(k) // group_size
+    codes, scales, zeros, deq = quantize_groups(w, g_idx, k // group_size, symmetric)
+    qweight = _pack_words(codes).t().contiguous()  # codes [N, K]: words along K -> [N, K/8] -> [K/8, N]
+    return {"qweight": qweight, "qzeros": _pack_words((zeros - 1).clamp(0, 15).t()),  # v1 stores zero - 1
+            "scales": scales.t().to(torch.float16), "g_idx": g_idx.to(torch.int32)}, deq
+
+
+def fp8_tensors(w: torch.Tensor, block: tuple[int, int] | None):
+    wf = w.float()
+    n, k = wf.shape
+    if block is None:
+        s = wf.abs().amax() / 448.0
+        q = (wf / s).to(torch.float8_e4m3fn)
+        return {"weight": q, "weight_scale_inv": s.reshape(())}, q.float() * s
+    bn, bk = block
+    s = wf.reshape(n // bn, bn, k // bk, bk).abs().amax((1, 3)) / 448.0
+    full = s.repeat_interleave(bn, 0).repeat_interleave(bk, 1)
+    q = (wf / full).to(torch.float8_e4m3fn)
+    return {"weight": q, "weight_scale_inv": s}, q.float() * full
+
+
+def packed_checkpoints(path: Path, pack, quantization_config: dict, seed: int = 0) -> tuple[Path, Path]:
+    """(quantized checkpoint, dense checkpoint of its dequantized weights): every decoder linear through
+    `pack(weight) -> (tensors, dequantized)`; embeddings, norms and the LM head stay dense."""
+    model = dense_llama(seed)
+    quant, dense = {}, {}
+    for name, t in model.state_dict().items():
+        module = name.removesuffix(".weight")
+        if ".layers." in name and name.endswith("proj.weight"):
+            tensors, deq = pack(t)
+            quant.update({f"{module}.{k}": v for k, v in tensors.items()})
+            dense[name] = deq.to(torch.float32)
+        else:
+            quant[name] = t
+            dense[name] = t.float()
+    dense_checkpoint(path / "quantized", quant, seed, quantization_config)
+    dense_checkpoint(path / "dense", dense, seed)
+    return path / "quantized", path / "dense"

@@ -12,7 +12,8 @@ from pageport.core.config import EngineConfig
 from pageport.models import load_model
 
 from .helpers import PagedRunner
-from .quant_checkpoints import compressed_tensors_checkpoint, dense_checkpoint, dense_llama, pack_quantized_reference
+from .quant_checkpoints import (awq_tensors, compressed_tensors_checkpoint, dense_checkpoint, dense_llama, fp8_tensors,
+                                gptq_tensors, pack_quantized_reference, packed_checkpoints)
 
 IDS = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(1))
 
@@ -92,6 +93,52 @@ def test_compressed_tensors_w8a8_int8(tmp_path, cpu_platform):
     ours = _logits(model)
     assert (ours - ref).abs().max() <= 0.1 * ref.abs().max()
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
+# AWQ, GPTQ, Hugging Face fp8: packed here by the published layouts; the reference is the dense checkpoint of the
+# weights the packer dequantizes to (pageport on it: the same computation on dense weights, float32 rounding apart;
+# Transformers on it: the same greedy tokens).
+PACKED = {
+    "awq-g64": (lambda w: awq_tensors(w, 64), {"quant_method": "awq", "bits": 4, "group_size": 64,
+                                               "zero_point": True, "version": "gemm"}),
+    "gptq-sym-g128": (lambda w: gptq_tensors(w, 128, True, False), {"quant_method": "gptq", "bits": 4,
+                                                                    "group_size": 128, "sym": True, "desc_act": False}),
+    "gptq-asym-actorder-g64": (lambda w: gptq_tensors(w, 64, False, True),
+                               {"quant_method": "gptq", "bits": 4, "group_size": 64, "sym": False, "desc_act": True}),
+    "fp8-block": (lambda w: fp8_tensors(w, (128, 128)), {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                                         "weight_block_size": [128, 128]}),
+    "fp8-tensor": (lambda w: fp8_tensors(w, None), {"quant_method": "fp8", "activation_scheme": "dynamic"}),
+}
+
+
+@pytest.mark.parametrize("kind", list(PACKED))
+def test_packed_formats_match_the_dequantized_reference(tmp_path, cpu_platform, kind):
+    pack, qcfg = PACKED[kind]
+    quantized, dense = packed_checkpoints(tmp_path, pack, qcfg)
+    model = _load(quantized, cpu_platform)
+    assert model.model.layers[0].self_attn.qkv_proj.quant_method is not None
+    if kind.startswith("fp8"):
+        # activations are quantized too: Transformers on the dequantized weights with each decoder linear's input
+        # cast to e4m3 per token (and 128-column group with block weights), as the checkpoint's loaders do
+        hf = _hf(dense)
+        _fake_quant_fp8_inputs(hf, 128 if "block" in kind else None)
+        with torch.no_grad():
+            torch.testing.assert_close(_logits(model), hf(IDS).logits[0], atol=1e-4, rtol=0)
+    else:
+        torch.testing.assert_close(_logits(model), _logits(_load(dense, cpu_platform)), atol=1e-4, rtol=0)
+        assert _greedy(model, IDS) == _hf_greedy(_hf(dense), IDS)
+
+
+def _fake_quant_fp8_inputs(hf, group):
+    def hook(module, args):
+        x = args[0].float()
+        g = x.unflatten(-1, (-1, group or x.shape[-1]))
+        s = g.abs().amax(-1, keepdim=True).clamp_min(1e-10) / 448.0
+        return ((g / s).to(torch.float8_e4m3fn).float() * s).flatten(-2)
+
+    for name, m in hf.named_modules():
+        if isinstance(m, torch.nn.Linear) and ".layers." in name:
+            m.register_forward_pre_hook(hook)
 
 
 # errors ---------------------------------------------------------------------------------------------------
