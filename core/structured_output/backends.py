@@ -65,6 +65,21 @@ def _no_additional_properties(node: Any) -> Any:
     return out
 
 
+def _structural_tag(text: str) -> str:
+    """vLLM's older form {"structures": [{"begin", "schema", "end"}], "triggers": [...]} as xgrammar's
+    {"format": {"type": "triggered_tags", ...}}; the newer form passes through."""
+    try:
+        tag = json.loads(text)
+    except ValueError:
+        return text  # xgrammar says what is wrong with it
+    if not isinstance(tag, dict) or "format" in tag or "structures" not in tag:
+        return text
+    tags = [{"begin": s.get("begin", ""), "content": {"type": "json_schema", "json_schema": s.get("schema", {})},
+             "end": s.get("end", "")} for s in tag["structures"]]
+    return json.dumps({"type": "structural_tag", "format": {"type": "triggered_tags",
+                                                           "triggers": tag.get("triggers", []), "tags": tags}})
+
+
 def _grammar(xgr, params: StructuredOutputsParams):
     """The tokenizer-free grammar of a spec: building it checks the spec."""
     kind = params.kind
@@ -82,7 +97,7 @@ def _grammar(xgr, params: StructuredOutputsParams):
             g = params.grammar
             return xgr.Grammar.from_ebnf(g) if _is_ebnf(g) else xgr.Grammar.from_lark(g)
         if kind == "structural_tag":
-            return xgr.Grammar.from_structural_tag(params.structural_tag)
+            return xgr.Grammar.from_structural_tag(_structural_tag(params.structural_tag))
     except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError/ValueError subclasses for bad specs
         what = {"json": "JSON schema", "grammar": "grammar (EBNF or Lark)", "json_object": "JSON grammar",
                 "structural_tag": "structural tag"}.get(kind, kind)

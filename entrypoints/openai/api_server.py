@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import pageport
 from pageport.core.async_engine import AsyncLLMEngine
+from pageport.entrypoints.openai.chat_output import template_tools
 from pageport.entrypoints.openai.errors import APIError, error_body, error_response
 from pageport.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from pageport.entrypoints.openai.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
@@ -36,7 +37,7 @@ from pageport.entrypoints.openai.protocol import (ChatCompletionRequest, ChatCom
                                                    ErrorResponse, ModelList, TokenizeRequest, TokenizeResponse,
                                                    VersionResponse)
 from pageport.entrypoints.openai.limits import API_KEY_ENV, ServerLimits
-from pageport.entrypoints.openai.serving import OpenAIServing, engine_dead_error
+from pageport.entrypoints.openai.serving import OpenAIServing, ServingOptions, engine_dead_error
 
 logger = logging.getLogger(__name__)
 
@@ -63,15 +64,17 @@ async def _send_error(send, status: int, message: str, code: Optional[str], head
 class AuthMiddleware:
     """Bearer API key on every route but /health."""
 
-    def __init__(self, app, api_key: str):
+    def __init__(self, app, api_key):
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        keys = [api_key] if isinstance(api_key, str) else list(api_key)
+        self.expected = [f"Bearer {k}".encode() for k in keys]
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] in _OPEN_PATHS:
             return await self.app(scope, receive, send)
         got = dict(scope["headers"]).get(b"authorization", b"")
-        if not hmac.compare_digest(got, self.expected):
+        # every key compared, so the time taken does not tell which one nearly matched
+        if not sum(hmac.compare_digest(got, e) for e in self.expected):
             return await _send_error(send, 401, "Incorrect or missing API key: send the header "
                                                 "'Authorization: Bearer <key>'.", "invalid_api_key",
                                      [(b"www-authenticate", b"Bearer")])
@@ -236,13 +239,14 @@ def _openapi(app: FastAPI) -> dict:
     return app.openapi_schema
 
 
-def build_app(engine: AsyncLLMEngine, served_model_names: Optional[list[str]] = None, api_key: Optional[str] = None,
-              limits: Optional[ServerLimits] = None) -> FastAPI:
-    """An app over a running AsyncLLMEngine. Several apps may share one engine (each has its own metrics)."""
+def build_app(engine: AsyncLLMEngine, served_model_names: Optional[list[str]] = None, api_key=None,
+              limits: Optional[ServerLimits] = None, options: Optional[ServingOptions] = None) -> FastAPI:
+    """An app over a running AsyncLLMEngine. Several apps may share one engine (each has its own metrics).
+    `api_key`: one key or a list of keys, any of which is accepted."""
     limits = limits or ServerLimits()
     inner = getattr(engine, "engine", None)
     names = list(served_model_names or [default_model_name(engine.config)])
-    serving = OpenAIServing(engine, names, limits, str(getattr(inner, "model_source", "")))
+    serving = OpenAIServing(engine, names, limits, str(getattr(inner, "model_source", "")), options)
     metrics = ServerMetrics(engine, names[0])
     _chain_observer(engine, metrics.observe)
 
@@ -317,7 +321,8 @@ def build_app(engine: AsyncLLMEngine, served_model_names: Optional[list[str]] = 
             if not body.messages:
                 raise APIError(400, "messages is empty", "messages", "invalid_value")
             ids = (await serving.render_chat(body.messages, body.add_generation_prompt, body.continue_final_message,
-                                             body.chat_template_kwargs, bool(body.add_special_tokens))).token_ids
+                                             body.chat_template_kwargs, bool(body.add_special_tokens),
+                                             body.chat_template, template_tools(body.tools))).token_ids
         else:
             serving.check_prompt_chars(len(body.prompt), "prompt")
             add = True if body.add_special_tokens is None else body.add_special_tokens

@@ -1,8 +1,7 @@
 """Request bodies of the OpenAI-compatible API (pydantic), with vLLM's extra sampling fields.
 
 Unknown fields are refused (400, naming the field) rather than silently ignored; fields OpenAI defines but
-pageport cannot honour (tools, functions, JSON response formats, suffix, audio…) are refused with a message
-that says so. A few harmless bookkeeping fields clients send (user, store, metadata…) are accepted and
+pageport cannot honour (functions, suffix, audio…) are refused with a message that says so. A few harmless bookkeeping fields clients send (user, store, metadata…) are accepted and
 ignored.
 """
 from __future__ import annotations
@@ -56,6 +55,40 @@ class StreamOptions(OpenAIBaseModel):
     continuous_usage_stats: Optional[bool] = False
 
 
+class JsonSchemaFormat(OpenAIBaseModel):
+    name: Optional[str] = None
+    description: Optional[str] = None
+    json_schema: Optional[dict[str, Any]] = Field(None, alias="schema")
+    strict: Optional[bool] = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ResponseFormat(OpenAIBaseModel):
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
+    json_schema: Optional[JsonSchemaFormat] = None
+    # structural_tag (vLLM's): the tag JSON as xgrammar reads it, given inline
+    format: Optional[dict[str, Any]] = None
+    structures: Optional[list[dict[str, Any]]] = None
+    triggers: Optional[list[str]] = None
+
+
+class StructuredOutputsBody(OpenAIBaseModel):
+    """`structured_outputs` in a request body: StructuredOutputsParams' fields."""
+    json_: Optional[Union[str, dict[str, Any]]] = Field(None, alias="json")
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+    json_object: Optional[bool] = None
+    structural_tag: Optional[str] = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: Optional[str] = None
+    disable_fallback: bool = False
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
 class _SamplingFields(OpenAIBaseModel):
     """Fields both endpoints share: OpenAI's, then vLLM's extras."""
     model: Optional[str] = None
@@ -91,6 +124,20 @@ class _SamplingFields(OpenAIBaseModel):
     return_token_ids: Optional[bool] = False
     prompt_logprobs: Optional[int] = Field(None, ge=0)
     request_id: Optional[str] = Field(None, max_length=256)
+    bad_words: Optional[list[str]] = None
+    allowed_token_ids: Optional[list[int]] = None
+    truncate_prompt_tokens: Optional[int] = Field(None, ge=-1)
+    vllm_xargs: Optional[dict[str, Union[str, int, float, bool]]] = None
+    # structured outputs: one of these (response_format, structured_outputs, or vLLM's older guided_* fields)
+    response_format: Optional[ResponseFormat] = None
+    structured_outputs: Optional[StructuredOutputsBody] = None
+    guided_json: Optional[Union[str, dict[str, Any]]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
+    structural_tag: Optional[str] = None
+    guided_decoding_backend: Optional[str] = None
+    guided_whitespace_pattern: Optional[str] = None
 
 
 _PROMPT_SCHEMA = {"anyOf": [
@@ -102,15 +149,42 @@ _PROMPT_SCHEMA = {"anyOf": [
 
 
 _MESSAGES_SCHEMA = {"type": "array", "minItems": 1, "items": {
-    "type": "object", "required": ["role", "content"], "properties": {
-        "role": {"enum": ["system", "developer", "user", "assistant"]},
-        "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": {
+    "type": "object", "required": ["role"], "properties": {
+        "role": {"type": "string", "description": "system, developer, user, assistant, tool, or another role the "
+                                                  "chat template knows"},
+        "content": {"anyOf": [{"type": "string"}, {"type": "null"}, {"type": "array", "items": {
             "type": "object", "required": ["type", "text"],
             "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}}}}]},
-        "name": {"type": "string"}}},
-    "description": "the conversation (text only; no tool or function messages)"}
+        "name": {"type": "string"},
+        "tool_call_id": {"type": "string"},
+        "tool_calls": {"type": "array", "items": {"type": "object", "required": ["function"], "properties": {
+            "id": {"type": "string"}, "type": {"enum": ["function"]}, "function": {
+                "type": "object", "required": ["name", "arguments"],
+                "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}}}}}}}},
+    "description": "the conversation (text; assistant tool calls and tool results included)"}
 # checked by the server, which names the offending message
 Messages = Annotated[list[dict[str, Any]], WithJsonSchema(_MESSAGES_SCHEMA)]
+
+
+class FunctionDefinition(OpenAIBaseModel):
+    name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+
+class ChatTool(OpenAIBaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIBaseModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIBaseModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class CompletionRequest(_SamplingFields):
@@ -130,20 +204,22 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: Optional[bool] = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    tools: Optional[list[ChatTool]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
+    parallel_tool_calls: Optional[bool] = True
     # OpenAI fields pageport refuses with a clear message unless they ask for nothing
-    tools: Optional[list[Any]] = None
-    tool_choice: Optional[Any] = None
-    parallel_tool_calls: Optional[bool] = None
     functions: Optional[list[Any]] = None
     function_call: Optional[Any] = None
-    response_format: Optional[dict[str, Any]] = None
     modalities: Optional[list[str]] = None
     audio: Optional[Any] = None
     prediction: Optional[Any] = None
     # vLLM's chat extras
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    chat_template: Optional[str] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    echo: bool = False  # start the reply with the last message's content when it has the reply's role
+    documents: Optional[list[dict[str, str]]] = None
 
 
 class TokenizeRequest(OpenAIBaseModel):
@@ -155,7 +231,9 @@ class TokenizeRequest(OpenAIBaseModel):
     add_special_tokens: Optional[bool] = None  # default: True for a prompt, False for messages
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    chat_template: Optional[str] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    tools: Optional[list[ChatTool]] = None
     return_token_strs: bool = False
 
 
@@ -233,10 +311,22 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
-    tool_calls: list[Any]
+    content: Optional[str]
+    tool_calls: list[ToolCallOut]
+    reasoning_content: Optional[str] = None
 
 
 class ChatChoice(BaseModel):

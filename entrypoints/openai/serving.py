@@ -24,6 +24,10 @@ from pageport.core.sampling_params import SamplingParams
 from pageport.entrypoints.openai.errors import APIError, bad_request, error_body
 from pageport.entrypoints.openai.limits import PROMPT_CHARS_PER_TOKEN, ServerLimits
 from pageport.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from pageport.entrypoints.openai.chat_output import ChatOutput, arguments_dict, template_tools, tools_schema
+from pageport.entrypoints.openai.reasoning_parsers import get_reasoning_parser
+from pageport.entrypoints.openai.structured_outputs import request_constraints, structured_outputs_params
+from pageport.entrypoints.openai.tool_parsers import get_tool_parser
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +50,17 @@ def _sse(obj: Any) -> str:
 
 
 @dataclass
+class ServingOptions:
+    """Server-wide choices for chat and structured outputs (serve flags)."""
+    structured_outputs_backend: str = "xgrammar"
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: Optional[str] = None
+    reasoning_parser: Optional[str] = None
+    chat_template: Optional[str] = None  # the template text (--chat-template, a file or inline)
+    default_chat_template_kwargs: Optional[dict] = None
+
+
+@dataclass
 class _Choice:
     """One completion being accumulated from delta outputs."""
     text: list[str] = field(default_factory=list)
@@ -64,8 +79,13 @@ class _Prompt:
 
 class OpenAIServing:
     def __init__(self, engine: AsyncLLMEngine, model_names: list[str], limits: ServerLimits,
-                 model_source: str = ""):
+                 model_source: str = "", options: Optional[ServingOptions] = None):
         self.engine = engine
+        self.options = options = options or ServingOptions()
+        self.structured_outputs_backend = options.structured_outputs_backend
+        self.tool_parser_cls = get_tool_parser(options.tool_call_parser) if options.tool_call_parser else None
+        self.reasoning_parser_cls = (get_reasoning_parser(options.reasoning_parser) if options.reasoning_parser
+                                     else None)
         self.model_names = model_names
         self.limits = limits
         self.model_source = model_source
@@ -144,12 +164,15 @@ class OpenAIServing:
 
     async def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                           continue_final_message: bool = False, template_kwargs: Optional[dict] = None,
-                          add_special_tokens: bool = False) -> _Prompt:
+                          add_special_tokens: bool = False, chat_template: Optional[str] = None,
+                          tools: Optional[list[dict]] = None, documents: Optional[list[dict]] = None) -> _Prompt:
         tok = self._need_tokenizer()
         conversation = _conversation(messages)
-        self.check_prompt_chars(sum(len(m["content"]) for m in conversation), "messages")
-        kwargs = dict(template_kwargs or {})
-        bad = sorted(set(kwargs) & _TEMPLATE_RESERVED)
+        self.check_prompt_chars(sum(len(m["content"]) for m in conversation if isinstance(m["content"], str)),
+                                "messages")
+        kwargs = dict(self.options.default_chat_template_kwargs or {})
+        kwargs.update(template_kwargs or {})
+        bad = sorted(set(template_kwargs or {}) & _TEMPLATE_RESERVED)
         if bad:
             raise bad_request(f"chat_template_kwargs may not set {', '.join(bad)}", "chat_template_kwargs")
         if add_generation_prompt and continue_final_message:
@@ -157,10 +180,15 @@ class OpenAIServing:
                               "continue_final_message")
         if continue_final_message and conversation[-1]["role"] != "assistant":
             raise bad_request("continue_final_message needs an assistant message last", "messages")
+        template = chat_template or self.options.chat_template
+        if tools is not None:
+            kwargs["tools"] = tools
+        if documents is not None:
+            kwargs["documents"] = documents
 
         def render() -> _Prompt:
             try:
-                text = tok.apply_chat_template(conversation, tokenize=False,
+                text = tok.apply_chat_template(conversation, tokenize=False, chat_template=template,
                                                add_generation_prompt=add_generation_prompt,
                                                continue_final_message=continue_final_message, **kwargs)
             except Exception as e:  # noqa: BLE001 - template errors come from the input
@@ -187,8 +215,29 @@ class OpenAIServing:
                            "context_length_exceeded")
         return max_tokens
 
+    async def structured_outputs(self, req, extra: Optional[tuple[str, dict]] = None):
+        """The request's output constraint (checked off the event loop: a big schema takes a while), or None.
+        `extra`: one the server adds itself (tool_choice), which the request may not combine with its own."""
+        param, spec = request_constraints(req, self.structured_outputs_backend)
+        if extra is not None:
+            if spec is not None:
+                raise bad_request(f"{param} cannot be combined with tool_choice={extra[0]!r}", param)
+            param, spec = extra
+        if spec is None:
+            return None
+        return await self.in_tokenizer_thread(structured_outputs_params, param, spec)
+
+    def truncate(self, prompt: _Prompt, k: Optional[int]) -> None:
+        """truncate_prompt_tokens: keep the prompt's last k tokens (-1: max_model_len)."""
+        if k is None:
+            return
+        k = self.max_model_len if k == -1 else k
+        if len(prompt.token_ids) > k:
+            prompt.token_ids = prompt.token_ids[-k:]
+            prompt.text = None  # decoded again where needed (echo)
+
     def sampling_params(self, req, max_tokens: int, logprobs: Optional[int],
-                        prompt_logprobs: Optional[int]) -> SamplingParams:
+                        prompt_logprobs: Optional[int], structured=None) -> SamplingParams:
         n = 1 if req.n is None else req.n
         bias = None
         if req.logit_bias:
@@ -210,6 +259,10 @@ class OpenAIServing:
                                   "top_logprobs" if isinstance(req, ChatCompletionRequest) else name)
         if req.stop_token_ids:
             self.check_token_ids(req.stop_token_ids, "stop_token_ids")
+        if req.allowed_token_ids is not None:
+            if not req.allowed_token_ids:
+                raise bad_request("allowed_token_ids must name at least one token", "allowed_token_ids")
+            self.check_token_ids(req.allowed_token_ids, "allowed_token_ids")
         if req.min_tokens and req.min_tokens > max_tokens:
             raise bad_request(f"min_tokens={req.min_tokens} is more than max_tokens={max_tokens}", "min_tokens")
         try:
@@ -223,7 +276,9 @@ class OpenAIServing:
                 stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
                 include_stop_str_in_output=req.include_stop_str_in_output, logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs, skip_special_tokens=req.skip_special_tokens,
-                spaces_between_special_tokens=req.spaces_between_special_tokens, output_kind="delta")
+                spaces_between_special_tokens=req.spaces_between_special_tokens, bad_words=req.bad_words,
+                allowed_token_ids=req.allowed_token_ids, truncate_prompt_tokens=req.truncate_prompt_tokens,
+                structured_outputs=structured, extra_args=req.vllm_xargs, output_kind="delta")
         except (ValueError, TypeError) as e:
             msg = str(e)
             param = msg.split(" ", 1)[0].removeprefix("SamplingParams.") if msg.startswith("SamplingParams.") \
@@ -236,7 +291,8 @@ class OpenAIServing:
         ids = [base_id] if len(prompts) == 1 else [f"{base_id}-{i}" for i in range(len(prompts))]
         results = await asyncio.gather(
             *[self.engine.add_request({"prompt": p.text, "prompt_token_ids": p.token_ids}, params, rid,
-                                      priority=req.priority, arrival_time=arrival, cache_salt=req.cache_salt)
+                                      priority=req.priority, arrival_time=arrival, cache_salt=req.cache_salt,
+                                      owner=base_id)  # one client request: one fair share of the seats
               for p, rid in zip(prompts, ids)], return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
@@ -300,6 +356,9 @@ class OpenAIServing:
         if req.max_tokens == 0 and not req.echo:
             raise bad_request("max_tokens must be at least 1 (0 only together with echo)", "max_tokens")
         prompts = await self._completion_prompts(req)
+        for p in prompts:
+            self.truncate(p, req.truncate_prompt_tokens)
+        structured = await self.structured_outputs(req)
         echo_only = req.max_tokens == 0
         max_tokens = [self._context_check(p, 1 if echo_only else req.max_tokens, "prompt") for p in prompts]
         for p in prompts:  # after the length check: a long list of ids is refused without walking it
@@ -317,7 +376,7 @@ class OpenAIServing:
         # max_tokens may differ per prompt when it was left open; group by it
         params_by_max: dict[int, SamplingParams] = {}
         for m in set(max_tokens):
-            params_by_max[m] = self.sampling_params(req, m, req.logprobs, prompt_lp)
+            params_by_max[m] = self.sampling_params(req, m, req.logprobs, prompt_lp, structured)
         base_id = req.request_id or f"cmpl-{uuid.uuid4().hex}"
         if len(params_by_max) == 1:
             streams = await self._start(prompts, params_by_max[max_tokens[0]], base_id, req, arrival)
@@ -342,18 +401,75 @@ class OpenAIServing:
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
         self.check_fanout(1, req.n or 1)
+        mode, named, tool_constraint = self._tool_mode(req)
         prompt = await self.render_chat(req.messages, req.add_generation_prompt, req.continue_final_message,
-                                        req.chat_template_kwargs)
+                                        req.chat_template_kwargs, chat_template=req.chat_template,
+                                        tools=template_tools(req.tools), documents=req.documents)
+        self.truncate(prompt, req.truncate_prompt_tokens)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = self._context_check(prompt, max_tokens, "messages")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = self.sampling_params(req, max_tokens, logprobs, req.prompt_logprobs)
+        structured = await self.structured_outputs(req, tool_constraint)
+        params = self.sampling_params(req, max_tokens, logprobs, req.prompt_logprobs, structured)
         base_id = req.request_id or f"chatcmpl-{uuid.uuid4().hex}"
         streams = await self._start([prompt], params, base_id, req, arrival)
-        ctx = _ChatContext(self, req, model, base_id, prompt, streams[0], req.n or 1)
+        # the grammar shapes the whole output, so there is no reasoning to split off
+        reasoning = self.reasoning_parser_cls if structured is None else None
+
+        def output() -> ChatOutput:
+            return ChatOutput(mode, self.tool_parser_cls(self.tokenizer) if mode == "auto" else None,
+                              reasoning(self.tokenizer) if reasoning is not None else None, named)
+
+        echo = ""
+        last = req.messages[-1]
+        if req.echo and isinstance(last, dict) and last.get("role") == "assistant":
+            echo = _text_of(last.get("content"))
+        ctx = _ChatContext(self, req, model, base_id, prompt, streams[0], req.n or 1, output, echo)
         if req.stream:
             return ctx.stream()
         return await ctx.collect()
+
+    def _tool_mode(self, req: ChatCompletionRequest) -> tuple[str, Optional[str], Optional[tuple[str, dict]]]:
+        """(mode, the named function, the grammar the mode needs) from tools and tool_choice."""
+        choice = req.tool_choice
+        if not req.tools:
+            if choice not in (None, "none"):
+                raise bad_request("tool_choice needs tools", "tool_choice")
+            return "none", None, None
+        names = [t.function.name for t in req.tools]
+        if len(set(names)) != len(names):
+            raise bad_request("tools has two functions of one name", "tools")
+        for t in req.tools:
+            if t.function.parameters is not None:
+                self._check_schema(t.function.parameters, f"tools: function {t.function.name!r} parameters")
+        if choice is None:
+            choice = "auto"
+        if choice == "none":
+            return "none", None, None
+        if choice == "auto":
+            if not (self.options.enable_auto_tool_choice and self.tool_parser_cls is not None):
+                raise bad_request('"auto" tool choice needs the server started with --enable-auto-tool-choice and '
+                                  '--tool-call-parser NAME; or send tool_choice "required", "none" or a named '
+                                  "function", "tool_choice")
+            return "auto", None, None
+        functions = [t.function.model_dump(exclude_none=True) for t in req.tools]
+        if choice == "required":
+            return "required", None, ("tool_choice", {"json": tools_schema(functions, req.parallel_tool_calls
+                                                                          is not False)})
+        name = choice.function.name
+        fn = next((f for f in functions if f["name"] == name), None)
+        if fn is None:
+            raise bad_request(f"tool_choice names function {name!r}, which is not among the tools "
+                              f"({', '.join(names)})", "tool_choice")
+        return "named", name, ("tool_choice", {"json": fn.get("parameters") or {"type": "object"}})
+
+    @staticmethod
+    def _check_schema(schema: dict, where: str) -> None:
+        from pageport.core.sampling_params import StructuredOutputsParams
+        try:
+            StructuredOutputsParams(json=schema)
+        except ValueError as e:
+            raise bad_request(f"{where}: {str(e).replace('in structured_outputs', '').strip()}", "tools") from None
 
     # logprobs in OpenAI's shapes ----------------------------------------------------------------------
     def completion_logprobs(self, token_ids: list[int], logprobs: list[Optional[dict[int, Logprob]]], k: int,
@@ -403,17 +519,10 @@ def _refuse_unsupported_chat_fields(req: ChatCompletionRequest) -> None:
     def refuse(param: str, why: str):
         raise bad_request(f"{param} is not supported: {why}", param, "unsupported_parameter")
 
-    if req.tools:
-        refuse("tools", "pageport has no tool calling")
-    if req.tool_choice not in (None, "none"):
-        refuse("tool_choice", "pageport has no tool calling")
     if req.functions:
-        refuse("functions", "pageport has no function calling")
+        refuse("functions", "the deprecated functions field is not implemented; send tools")
     if req.function_call not in (None, "none"):
-        refuse("function_call", "pageport has no function calling")
-    if req.response_format is not None and req.response_format.get("type", "text") != "text":
-        refuse("response_format", f"type {req.response_format.get('type')!r} needs structured output, which "
-                                  "pageport does not have (only {\"type\": \"text\"})")
+        refuse("function_call", "the deprecated function_call field is not implemented; send tool_choice")
     if req.modalities is not None and list(req.modalities) != ["text"]:
         refuse("modalities", "only text output")
     if req.audio is not None:
@@ -422,34 +531,62 @@ def _refuse_unsupported_chat_fields(req: ChatCompletionRequest) -> None:
         refuse("prediction", "pageport has no predicted outputs")
 
 
+def _text_of(content) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
 def _conversation(messages: list[dict]) -> list[dict]:
+    """OpenAI messages as chat templates take them: text content, tool calls with their arguments as objects,
+    tool results with their call id; roles other than OpenAI's go through for the template to judge."""
     conv = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad_request(f"{where} must be an object", "messages")
         role = m.get("role")
-        if role in ("tool", "function") or m.get("tool_calls") or m.get("function_call"):
-            raise bad_request(f"{where}: tool and function messages are not supported (pageport has no tool "
-                              "calling)", "messages", "unsupported_parameter")
-        if role not in ("system", "developer", "user", "assistant"):
-            raise bad_request(f"{where}.role must be system, developer, user or assistant, got {role!r}",
-                              "messages")
+        if role == "function" or m.get("function_call"):
+            raise bad_request(f"{where}: the deprecated function messages are not supported; use tool_calls and "
+                              "tool messages", "messages", "unsupported_parameter")
+        if not isinstance(role, str) or not role:
+            raise bad_request(f"{where}.role must be a non-empty string, got {role!r}", "messages")
         content = m.get("content")
+        tool_calls = m.get("tool_calls")
         if content is None:
-            if role != "assistant":
+            if role not in ("assistant", "tool") or (role == "tool" and "content" not in m):
                 raise bad_request(f"{where}.content is required", "messages")
             content = ""
         elif isinstance(content, list):
             texts = []
             for j, part in enumerate(content):
                 kind = part.get("type") if isinstance(part, dict) else None
-                if kind not in ("text", "input_text") or not isinstance(part.get("text"), str):
+                if kind not in ("text", "input_text", "output_text") or not isinstance(part.get("text"), str):
                     raise bad_request(f"{where}.content[{j}]: content of type {kind!r} is not supported "
                                       "(this model takes text only)", "messages", "unsupported_parameter")
                 texts.append(part["text"])
             content = "\n".join(texts)
         elif not isinstance(content, str):
             raise bad_request(f"{where}.content must be a string or a list of text parts", "messages")
-        conv.append({"role": "system" if role == "developer" else role, "content": content})
+        out = {"role": "system" if role == "developer" else role, "content": content}
+        if tool_calls:
+            if role != "assistant" or not isinstance(tool_calls, list):
+                raise bad_request(f"{where}.tool_calls: only an assistant message has a list of tool calls",
+                                  "messages")
+            calls = []
+            for j, c in enumerate(tool_calls):
+                fn = c.get("function") if isinstance(c, dict) else None
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                    raise bad_request(f"{where}.tool_calls[{j}] needs function.name", "messages")
+                calls.append({"id": c.get("id"), "type": "function",
+                              "function": {"name": fn["name"], "arguments": arguments_dict(fn.get("arguments"))}})
+            out["tool_calls"] = calls
+        for key in ("name", "tool_call_id"):
+            if isinstance(m.get(key), str):
+                out[key] = m[key]
+        conv.append(out)
     return conv
 
 
@@ -656,11 +793,13 @@ class _CompletionContext(_Context):
 
 class _ChatContext(_Context):
     def __init__(self, serving, req: ChatCompletionRequest, model, request_id, prompt: _Prompt, stream,
-                 n: int):
+                 n: int, output, echo: str = ""):
         super().__init__(serving, req, model, request_id, [stream])
         self.prompt = prompt
         self.n = n
         self.top_k = req.top_logprobs or 0
+        self.output = output  # () -> a new ChatOutput
+        self.echo = echo
 
     async def collect(self) -> dict:
         s, req = self.serving, self.req
@@ -671,9 +810,12 @@ class _ChatContext(_Context):
             logprobs = None
             if req.logprobs:
                 logprobs = {"content": s.chat_logprobs(acc.token_ids, acc.logprobs or [], self.top_k)}
-            choice = {"index": j, "message": {"role": "assistant", "content": "".join(acc.text),
-                                              "tool_calls": []},
-                      "logprobs": logprobs, "finish_reason": acc.finish_reason, "stop_reason": acc.stop_reason}
+            out = self.output()
+            message = out.message("".join(acc.text))
+            if self.echo and message["content"] is not None:
+                message["content"] = self.echo + message["content"]
+            choice = {"index": j, "message": message, "logprobs": logprobs,
+                      "finish_reason": out.finish_reason(acc.finish_reason), "stop_reason": acc.stop_reason}
             if req.return_token_ids:
                 choice["token_ids"] = acc.token_ids
             choices.append(choice)
@@ -694,6 +836,7 @@ class _ChatContext(_Context):
         prompt_tokens = len(self.prompt.token_ids)
         completion_tokens = 0
         head = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}
+        outputs = [self.output() for _ in range(self.n)]
 
         def chunk(choice: dict) -> str:
             c = dict(head, choices=[choice])
@@ -703,7 +846,7 @@ class _ChatContext(_Context):
 
         try:
             for j in range(self.n):  # the role first, before any token
-                yield chunk({"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                yield chunk({"index": j, "delta": {"role": "assistant", "content": self.echo}, "logprobs": None,
                              "finish_reason": None})
             finished: set[int] = set()  # choices whose finish_reason went out: the engine may repeat it
             async for _, out in _merged(self.serving, self.streams):
@@ -711,13 +854,15 @@ class _ChatContext(_Context):
                     if c.index in finished:
                         continue
                     completion_tokens += len(c.token_ids)
-                    if not c.text and c.finish_reason is None and not (req.logprobs and c.token_ids):
+                    delta = outputs[c.index].delta(c.text, final=c.finish_reason is not None) \
+                        if c.text or c.finish_reason is not None else {}
+                    if not delta and c.finish_reason is None and not (req.logprobs and c.token_ids):
                         continue
                     logprobs = None
                     if req.logprobs:
                         logprobs = {"content": s.chat_logprobs(c.token_ids, c.logprobs or [], self.top_k)}
-                    choice = {"index": c.index, "delta": {"content": c.text} if c.text else {},
-                              "logprobs": logprobs, "finish_reason": c.finish_reason}
+                    choice = {"index": c.index, "delta": delta, "logprobs": logprobs,
+                              "finish_reason": outputs[c.index].finish_reason(c.finish_reason)}
                     if c.finish_reason is not None:
                         choice["stop_reason"] = c.stop_reason
                         finished.add(c.index)
