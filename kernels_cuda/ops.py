@@ -50,3 +50,21 @@ class TritonOps(Ops):
             return super().fused_moe(x, w13, w2, topk_weights, topk_ids)
         from pageport.kernels_cuda.fused_moe import fused_moe
         return fused_moe(x, w13, w2, topk_weights, topk_ids)
+
+    def scaled_linear(self, x, weight, weight_scale, input_scale=None, block=None, bias=None):
+        if not self.runs_triton(x):
+            return super().scaled_linear(x, weight, weight_scale, input_scale, block, bias)
+        from pageport.kernels_cuda.quant_gemm import scaled_linear
+        return scaled_linear(x, weight, weight_scale, input_scale, block, bias)
+
+    def w4a16_prepare(self, qweight, scales, zeros, group_size):
+        if not self.runs_triton(qweight):
+            return super().w4a16_prepare(qweight, scales, zeros, group_size)
+        from pageport.kernels_cuda.quant_gemm import w4a16_prepare
+        return w4a16_prepare(qweight, scales, zeros, group_size)
+
+    def w4a16_linear(self, x, w, bias=None):
+        if not self.runs_triton(x):
+            return super().w4a16_linear(x, w, bias)
+        from pageport.kernels_cuda.quant_gemm import w4a16_linear
+        return w4a16_linear(x, w, bias)

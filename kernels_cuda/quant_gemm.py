@@ -1,0 +1,215 @@
+"""Quantized GEMMs for CUDA (and ROCm, same Triton): W8A8 fp8 / int8 and W4A16.
+
+- activation quantization: one Triton program per (row, group) finds max|x| and writes the codes and the
+  float32 scale (fp8 e4m3: 448, int8: 127) — per token, or per token and 128 columns for block weights;
+- fp8 W8A8: torch._scaled_mm with row-wise scales (per-token activations x per-channel weights; cuBLASLt's
+  fp8 GEMM on Hopper); int8 W8A8: torch._int_mm (int32 accumulation) and the scales applied after;
+- fp8 with 128x128 block weight scales: a Triton GEMM that scales each K block's partial product;
+- W4A16: a Triton GEMM that unpacks the 4-bit codes and applies the group scale in registers; for decode
+  shapes (few rows) the K loop is split over programs (split-K) that add into a float32 output, so a batch-1
+  GEMM still spreads over every SM.
+The W4A16 weight layout here is K-major: codes [K/8, N] int32, scales and zero codes [K/G, N], so a tile's
+loads run along N (coalesced).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from pageport.platforms.quant_ops import FP8_MAX, INT8_MAX
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, GROUP, stride_x, stride_q, n_groups, QMAX: tl.constexpr,
+                      IS_INT: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    grp = tl.program_id(1)
+    start = grp * GROUP
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for off in range(0, GROUP, BLOCK):
+        cols = start + off + tl.arange(0, BLOCK)
+        mask = (cols < K) & (off + tl.arange(0, BLOCK) < GROUP)
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    scale = tl.maximum(tl.max(amax, 0) / QMAX, 1e-10)
+    tl.store(s_ptr + row * n_groups + grp, scale)
+    for off in range(0, GROUP, BLOCK):
+        cols = start + off + tl.arange(0, BLOCK)
+        mask = (cols < K) & (off + tl.arange(0, BLOCK) < GROUP)
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(x / scale, -QMAX), QMAX)
+        if IS_INT:
+            q = tl.where(q >= 0, tl.floor(q + 0.5), tl.ceil(q - 0.5))  # half away from zero
+        tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+def quantize_activations(x: torch.Tensor, dtype: torch.dtype, group_size: Optional[int] = None):
+    """x [M, K] -> (codes [M, K] of dtype, float32 scales [M, K / group_size] or [M, 1])."""
+    m, k = x.shape
+    group = group_size or k
+    n_groups = triton.cdiv(k, group)
+    # the Triton interpreter's float -> e4m3 cast halves values that round up across a power of two; there the
+    # kernel writes float32 codes and torch casts them (on a GPU the kernel casts)
+    cast_after = dtype != torch.int8 and not x.is_cuda
+    q = torch.empty(m, k, dtype=torch.float32 if cast_after else dtype, device=x.device)
+    s = torch.empty(m, n_groups, dtype=torch.float32, device=x.device)
+    block = min(triton.next_power_of_2(group), 1024)
+    _act_quant_kernel[(m, n_groups)](x, q, s, k, group, x.stride(0), q.stride(0), n_groups,
+                                     QMAX=INT8_MAX if dtype == torch.int8 else FP8_MAX,
+                                     IS_INT=dtype == torch.int8, BLOCK=block)
+    return (q.to(dtype) if cast_after else q), s
+
+
+@triton.jit
+def _block_fp8_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K, stride_am, stride_bn, stride_cm,
+                      stride_as, stride_bs, BN_SCALE, BK_SCALE,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K),
+                    other=0.0)
+        b = tl.load(b_ptr + rn[None, :] * stride_bn + kk[:, None], mask=(rn[None, :] < N) & (kk[:, None] < K),
+                    other=0.0)
+        sa = tl.load(as_ptr + rm * stride_as + k0 // BK_SCALE, mask=rm < M, other=0.0)
+        sb = tl.load(bs_ptr + (rn // BN_SCALE) * stride_bs + k0 // BK_SCALE, mask=rn < N, other=0.0)
+        acc += tl.dot(a, b, out_dtype=tl.float32) * sa[:, None] * sb[None, :]
+    tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def block_fp8_linear(x, weight, weight_scale, block, bias=None):
+    m, k = x.shape
+    n = weight.shape[0]
+    bn, bk = block
+    xq, xs = quantize_activations(x, weight.dtype, bk)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    block_k = bk if bk <= 128 else 128
+    block_n = min(64, bn)
+    block_m = 16 if m <= 16 else 64
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _block_fp8_kernel[grid](xq, weight, out, xs, weight_scale, m, n, k, xq.stride(0), weight.stride(0),
+                            out.stride(0), xs.stride(0), weight_scale.stride(0), bn, bk,
+                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    return out if bias is None else out + bias
+
+
+def scaled_linear(x, weight, weight_scale, input_scale=None, block=None, bias=None):
+    """`Ops.scaled_linear` on CUDA tensors (or CPU ones under the Triton interpreter)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).contiguous()
+    if block is not None:
+        y = block_fp8_linear(x2, weight, weight_scale, block, bias)
+        return y.reshape(*shape[:-1], -1)
+    if input_scale is not None:
+        xq = (x2.float() / input_scale).clamp(-FP8_MAX if weight.dtype != torch.int8 else -INT8_MAX,
+                                              FP8_MAX if weight.dtype != torch.int8 else INT8_MAX)
+        xq = xq.round().to(torch.int8) if weight.dtype == torch.int8 else xq.to(weight.dtype)
+        xs = input_scale.float().reshape(1, 1).expand(x2.shape[0], 1).contiguous()
+    else:
+        xq, xs = quantize_activations(x2, weight.dtype)
+    ws = weight_scale.reshape(1, -1)
+    if weight.dtype == torch.int8:
+        m = xq.shape[0]
+        pad = 17 - m if m <= 16 else 0  # cuBLAS's int8 GEMM wants more than 16 rows
+        a = torch.nn.functional.pad(xq, (0, 0, 0, pad)) if pad else xq
+        acc = torch._int_mm(a, weight.t())[:m]
+        y = (acc.float() * xs * ws).to(x.dtype)
+        if bias is not None:
+            y = y + bias
+    else:
+        y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=ws.contiguous(), out_dtype=x.dtype, bias=bias)
+    return y.reshape(*shape[:-1], -1)
+
+
+# W4A16 ------------------------------------------------------------------------------------------------------
+@triton.jit
+def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, G, stride_xm, stride_qk, stride_sk, stride_om,
+                  K_PER_SPLIT, HAS_ZEROS: tl.constexpr, SPLIT: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_start = pid_k * K_PER_SPLIT
+    for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
+        kk = k0 + rk
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K),
+                    other=0.0)
+        mask_w = (kk[:, None] < K) & (rn[None, :] < N)
+        words = tl.load(q_ptr + (kk[:, None] // 8) * stride_qk + rn[None, :], mask=mask_w, other=0)
+        codes = (words >> ((kk[:, None] % 8) * 4)) & 0xF
+        g = kk[:, None] // G
+        s = tl.load(s_ptr + g * stride_sk + rn[None, :], mask=mask_w, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            z = tl.load(z_ptr + g * stride_sk + rn[None, :], mask=mask_w, other=8).to(tl.float32)
+        else:
+            z = 8.0
+        w = ((codes.to(tl.float32) - z) * s).to(x.dtype)
+        acc += tl.dot(x, w, out_dtype=tl.float32)
+    mask_o = (rm[:, None] < M) & (rn[None, :] < N)
+    if SPLIT == 1:
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask_o)
+    else:
+        tl.atomic_add(out_ptr + rm[:, None] * stride_om + rn[None, :], acc, mask=mask_o)
+
+
+def w4a16_prepare(qweight, scales, zeros, group_size) -> dict:
+    """[N, K/8] codes (8 per int32 along K), scales/zeros [N, K/G] -> the K-major layout the kernel reads."""
+    from pageport.platforms.quant_ops import unpack_int4
+
+    return {"qweight": _pack_along_rows(unpack_int4(qweight).t().contiguous()), "scales": scales.t().contiguous(),
+            "zeros": None if zeros is None else zeros.t().contiguous(), "group_size": group_size}
+
+
+def _pack_along_rows(codes_kn: torch.Tensor) -> torch.Tensor:
+    """codes [K, N] -> [K/8, N] int32: word (i, n) holds rows 8i..8i+7 of column n, row 8i+j in bits 4j."""
+    c = codes_kn.to(torch.int32).unflatten(0, (-1, 8))  # [K/8, 8, N]
+    out = torch.zeros(c.shape[0], c.shape[2], dtype=torch.int32, device=c.device)
+    for j in range(8):
+        out |= c[:, j] << (4 * j)
+    return out
+
+
+def w4a16_config(m: int, n: int, k: int, group_size: int, num_sms: int = 132) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, split_k): decode shapes split K until the grid covers the SMs twice."""
+    block_k = 64 if group_size % 64 == 0 else 32 if group_size % 32 == 0 else 16
+    if m <= 16:
+        block_m, block_n = 16, 64
+        tiles = triton.cdiv(n, block_n)
+        split = max(1, min(k // (block_k * 4), triton.cdiv(2 * num_sms, tiles)))
+        while split > 1 and (k % (split * block_k)):
+            split -= 1
+        return block_m, block_n, block_k, split
+    return (32 if m <= 64 else 64), 128, block_k, 1
+
+
+def w4a16_linear(x, w: dict, bias=None, config: Optional[tuple] = None):
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).contiguous()
+    m, k = x2.shape
+    q, s, z, g = w["qweight"], w["scales"], w["zeros"], w["group_size"]
+    n = q.shape[1]
+    num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
+    bm, bn, bk, split = config or w4a16_config(m, n, k, g, num_sms)
+    out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if split > 1 else \
+        torch.empty(m, n, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
+    _w4a16_kernel[grid](x2, q, s, z if z is not None else s, out, m, n, k, g, x2.stride(0), q.stride(0),
+                        s.stride(0), out.stride(0), k // split, HAS_ZEROS=z is not None, SPLIT=split,
+                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    y = out.to(x.dtype)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*shape[:-1], -1)

@@ -1,0 +1,88 @@
+"""Quantized GEMM kernels (activation quantization, fp8/int8 W8A8, fp8 block, W4A16 with split-K) against a
+float64 reference of the same quantized numbers. On the CPU under TRITON_INTERPRET=1 (conftest), fp32 / fp16
+activations (the interpreter's bf16 dot is wrong); torch._scaled_mm and torch._int_mm run on the CPU too.
+
+Tolerances: the reference is computed from the kernel's own activation codes and scales where rounding could
+differ, so what is left is accumulation order: fp32 1e-4 relative to the output's max, fp16 output 2e-3.
+"""
+import pytest
+import torch
+
+from pageport.kernels_cuda.quant_gemm import quantize_activations, scaled_linear, w4a16_linear, w4a16_prepare
+from pageport.models.quantization.methods import quantize_weight_w4, quantize_weight_w8a8
+from pageport.platforms.quant_ops import FP8_MAX, dequantize_block, pack_int4
+
+FP8 = torch.float8_e4m3fn
+
+
+def _close(y, ref, tol):
+    assert (y.double() - ref).abs().max() <= tol * ref.abs().max(), (y.double() - ref).abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, FP8])
+@pytest.mark.parametrize("group", [None, 128])
+def test_activation_quantization(device, dtype, group):
+    x = torch.randn(5, 384, device=device) * 3
+    q, s = quantize_activations(x, dtype, group)
+    g = group or 384
+    amax = x.double().unflatten(-1, (-1, g)).abs().amax(-1)
+    qmax = 127 if dtype == torch.int8 else FP8_MAX
+    torch.testing.assert_close(s.double(), amax / qmax, rtol=1e-6, atol=0)
+    deq = (q.double().unflatten(-1, (-1, g)) * s.double().unsqueeze(-1)).flatten(-2)
+    step = s.double().repeat_interleave(g, 1) * (0.5 if dtype == torch.int8 else 16)  # e4m3: 32 apart at 256..448
+    assert ((deq - x.double()).abs() <= step * (1 + 1e-6)).all()  # within half a step
+
+
+@pytest.mark.parametrize("wdtype", [torch.int8, FP8])
+@pytest.mark.parametrize("m", [1, 7, 33])
+def test_w8a8_per_token_per_channel(device, wdtype, m):
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 256, generator=g).to(device)
+    w = torch.randn(96, 256, generator=g).to(device) * 0.05
+    bias = torch.randn(96, generator=g).to(device)
+    wq, ws = quantize_weight_w8a8(w, wdtype)
+    y = scaled_linear(x, wq, ws, bias=bias)
+    xq, xs = quantize_activations(x, wdtype)
+    ref = (xq.double() @ wq.double().t()) * xs.double() * ws.double() + bias.double()
+    _close(y, ref, 1e-4)
+
+
+def test_w8a8_static_input_scale(device):
+    x = torch.randn(9, 128, device=device)
+    w = torch.randn(64, 128, device=device) * 0.05
+    wq, ws = quantize_weight_w8a8(w, FP8)
+    s_in = (x.abs().max() / FP8_MAX).reshape(1)
+    y = scaled_linear(x, wq, ws, input_scale=s_in)
+    xq = (x / s_in).to(FP8)
+    _close(y, (xq.double() @ wq.double().t()) * s_in.double() * ws.double(), 1e-4)
+
+
+@pytest.mark.parametrize("m", [1, 20])
+def test_fp8_block_scaled(device, m):
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 256, generator=g).to(device)
+    w = torch.randn(384, 256, generator=g).to(device) * 0.05
+    wq, ws = quantize_weight_w8a8(w, FP8, (128, 128))
+    y = scaled_linear(x, wq, ws, block=(128, 128))
+    xq, xs = quantize_activations(x, FP8, 128)
+    xd = (xq.double().unflatten(-1, (-1, 128)) * xs.double().unsqueeze(-1)).flatten(-2)
+    _close(y, xd @ dequantize_block(wq, ws, (128, 128)).double().t(), 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m, group, symmetric", [(1, 128, True), (3, 32, False), (40, 64, True)])
+def test_w4a16_gemm(device, dtype, m, group, symmetric):
+    g = torch.Generator().manual_seed(m + group)
+    k, n = 512, 192
+    x = torch.randn(m, k, generator=g).to(device, dtype)
+    w = torch.randn(n, k, generator=g).to(device) * 0.05
+    codes, scale, zero = quantize_weight_w4(w, group, symmetric)
+    scale = scale.to(dtype)
+    prepared = w4a16_prepare(pack_int4(codes), scale, None if zero is None else zero.to(torch.uint8), group)
+    wd = (codes.double() - (8.0 if zero is None else zero.double().repeat_interleave(group, 1))) \
+        * scale.double().repeat_interleave(group, 1)
+    ref = x.double() @ wd.t()
+    tol = 1e-4 if dtype == torch.float32 else 2e-3
+    _close(w4a16_linear(x, prepared), ref, tol)
+    for split in (1, 4):  # the split-K path and the plain one give the same result
+        _close(w4a16_linear(x, prepared, config=(16, 64, 32, split)), ref, tol)
