@@ -46,3 +46,31 @@ class CpuOps(Ops):
         rotated = torch.cat((x[..., half:], x[..., :half]), dim=-1)
         out = (x * cos + rotated * sin).to(q.dtype)
         return out[:, :hq], out[:, hq:]
+
+    # quantized matmuls: torch's CPU kernels where they take the shapes, the reference otherwise
+    def scaled_linear(self, x, weight, weight_scale, input_scale=None, block=None, bias=None):
+        if block is not None or input_scale is not None:
+            return super().scaled_linear(x, weight, weight_scale, input_scale, block, bias)
+        from pageport.platforms.quant_ops import quantize_activations
+        shape = x.shape
+        xq, xs = quantize_activations(x.reshape(-1, shape[-1]), weight.dtype)
+        if weight.dtype == torch.int8:  # int8 x int8 -> int32 (oneDNN)
+            y = torch._int_mm(xq, weight.t()).float() * xs * weight_scale
+            y = (y if bias is None else y + bias).to(x.dtype)
+        else:  # fp8 e4m3 with row-wise scales
+            y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale.reshape(1, -1),
+                                 out_dtype=x.dtype, bias=bias)
+        return y.reshape(*shape[:-1], -1)
+
+    def w4a16_prepare(self, qweight, scales, zeros, group_size):
+        from pageport.kernels_cpu.quant import int4pack_from_codes
+        from pageport.platforms.quant_ops import unpack_int4
+        packed = int4pack_from_codes(unpack_int4(qweight), scales, zeros, group_size)
+        w = super().w4a16_prepare(qweight, scales, zeros, group_size)
+        return {**w, **packed} if packed else w
+
+    def w4a16_linear(self, x, w, bias=None):
+        if "int4pack" not in w or x.dtype != torch.bfloat16 or x.dim() != 2:
+            return super().w4a16_linear(x, w, bias)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, w["int4pack"], w["group_size"], w["int4pack_sz"])
+        return y if bias is None else y + bias

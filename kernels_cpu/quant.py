@@ -53,6 +53,25 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(wf / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
 
 
+def int4pack_from_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                        group_size: int) -> dict:
+    """4-bit codes [N, K] (0..15), scales [N, K/G], zero codes or None (8) -> torch's CPU int4 kernel layout
+    ({"int4pack", "int4pack_sz"}); {} where the kernel does not take it (group size, bf16 scales only).
+    The kernel computes (q - 8) * scale + zero, so zero = (8 - z) * scale."""
+    if scales.dtype != torch.bfloat16 or group_size not in (32, 64, 128, 256):
+        return {}
+    s = scales.float()
+    z = torch.zeros_like(s) if zeros is None else (8 - zeros.float()) * s
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2)
+        sz = torch.stack([s.t(), z.t()], dim=-1).to(torch.bfloat16).contiguous()
+        torch.ops.aten._weight_int4pack_mm_for_cpu(torch.zeros(1, codes.shape[1], dtype=torch.bfloat16), packed,
+                                                   group_size, sz)
+    except RuntimeError:
+        return {}
+    return {"int4pack": packed, "int4pack_sz": sz}
+
+
 class WeightOnlyLinearMethod:
     """Replaces `F.linear(x, layer.weight, bias)` of a linear layer or the LM head once the weights are loaded.
 
