@@ -1,0 +1,77 @@
+"""H200 benchmark of the quantized GEMMs at Llama-3-8B's linear shapes, weights quantized in the run, bf16 in the
+same call: FP8 W8A8 (torch._scaled_mm + Triton activation quantization) at prefill/throughput sizes, and W4A16
+(Triton, split-K) at batch-1 decode. Times every linear of one decoder layer (qkv, o, gate|up, down) with CUDA
+events; writes benchmarks/results/quant_gpu.json.
+
+    python benchmarks/quant_gpu.py [--out PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+# Llama-3-8B: hidden 4096, 32 q heads / 8 kv heads of 128, intermediate 14336
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+
+
+def bench(fn, iters=50):
+    for _ in range(5):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters  # ms
+
+
+def main() -> None:
+    from pageport.kernels_cuda.quant_gemm import scaled_linear, w4a16_linear, w4a16_prepare
+    from pageport.models.quantization.methods import quantize_weight_w4, quantize_weight_w8a8
+    from pageport.platforms.quant_ops import pack_int4
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "quant_gpu.json"))
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    res = {"device": torch.cuda.get_device_name(), "shapes": SHAPES, "fp8_w8a8": {}, "w4a16_decode": {}}
+    weights = {k: torch.randn(n, kk, device=dev, dtype=torch.bfloat16) * 0.02 for k, (n, kk) in SHAPES.items()}
+    fp8 = {k: quantize_weight_w8a8(w, torch.float8_e4m3fn) for k, w in weights.items()}
+    w4 = {}
+    for k, w in weights.items():
+        codes, s, _ = quantize_weight_w4(w, 128)
+        w4[k] = w4a16_prepare(pack_int4(codes), s.to(torch.bfloat16), None, 128)
+    for m in (1024, 4096, 8192):  # tokens per step of a throughput run (1000 x 1024/128 prefills chunked)
+        row = {}
+        for k, w in weights.items():
+            x = torch.randn(m, w.shape[1], device=dev, dtype=torch.bfloat16)
+            t_bf16 = bench(lambda: torch.nn.functional.linear(x, w))
+            t_fp8 = bench(lambda: scaled_linear(x, *fp8[k]))
+            err = (scaled_linear(x, *fp8[k]).float() - torch.nn.functional.linear(x, w).float()).abs().max().item()
+            row[k] = {"bf16_ms": t_bf16, "fp8_ms": t_fp8, "speedup": t_bf16 / t_fp8, "max_abs_err": err}
+        tot_b, tot_f = sum(r["bf16_ms"] for r in row.values()), sum(r["fp8_ms"] for r in row.values())
+        res["fp8_w8a8"][m] = {"per_linear": row, "layer_speedup": tot_b / tot_f}
+        print("fp8", m, round(tot_b / tot_f, 2))
+    for m in (1, 4, 16):
+        row = {}
+        for k, w in weights.items():
+            x = torch.randn(m, w.shape[1], device=dev, dtype=torch.bfloat16)
+            t_bf16 = bench(lambda: torch.nn.functional.linear(x, w), 200)
+            t_w4 = bench(lambda: w4a16_linear(x, w4[k]), 200)
+            row[k] = {"bf16_ms": t_bf16, "w4a16_ms": t_w4, "speedup": t_bf16 / t_w4}
+        tot_b, tot_w = sum(r["bf16_ms"] for r in row.values()), sum(r["w4a16_ms"] for r in row.values())
+        res["w4a16_decode"][m] = {"per_linear": row, "layer_speedup": tot_b / tot_w}
+        print("w4a16", m, round(tot_b / tot_w, 2))
+    res["goals"] = {"fp8_ge_1.5x_at_4096_tokens": res["fp8_w8a8"][4096]["layer_speedup"] >= 1.5,
+                    "w4a16_batch1_ge_2x": res["w4a16_decode"][1]["layer_speedup"] >= 2.0}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
