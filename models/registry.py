@@ -19,6 +19,8 @@ _BUILTIN: dict[str, str] = {
     "Qwen3MoeForCausalLM": "pageport.models.llama:LlamaForCausalLM",
     "Gemma2ForCausalLM": "pageport.models.gemma:GemmaForCausalLM",
     "Gemma3ForCausalLM": "pageport.models.gemma:GemmaForCausalLM",
+    "DeepseekV2ForCausalLM": "pageport.models.deepseek:DeepseekForCausalLM",
+    "DeepseekV3ForCausalLM": "pageport.models.deepseek:DeepseekForCausalLM",
 }
 
 

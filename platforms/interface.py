@@ -157,6 +157,12 @@ class Platform:
                           softcap: Optional[float] = None) -> AttentionBackend:
         raise NotImplementedError(f"platform {self.name} offers no attention backend")
 
+    def mla_attention_backend(self, num_heads: int, kv_lora_rank: int, rope_dim: int,
+                              scale: float) -> AttentionBackend:
+        """Multi-head latent attention (DeepSeek-V2/V3) over a paged cache of latents; plain torch by default."""
+        from pageport.platforms.mla import TorchMLAAttention
+        return TorchMLAAttention(num_heads, kv_lora_rank, rope_dim, scale)
+
     def compile(self, fn):
         """Wrap a pure tensor function of a model (no attention, no Python-side metadata; e.g. norm + qkv +
         rotary of a layer) for this platform's compiler. Identity unless the platform opts in."""

@@ -6,11 +6,12 @@ through paged attention: one prompt in one step, and a ragged batch with a chunk
 """
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2Config,
+from transformers import (AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2Config,
                           Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
 
 from pageport.core.config import EngineConfig
 from pageport.models import load_model
+from pageport.models.deepseek import DeepseekMoE
 from pageport.models.llama import SparseMoeBlock
 
 from .helpers import PagedRunner
@@ -24,6 +25,10 @@ COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}
 YARN_ROPE = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+MLA = dict(COMMON, num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+           moe_intermediate_size=16, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1)
+DEEPSEEK_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "mscale": 1.0,
+                 "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}
 
 CASES = {
     "llama": lambda: LlamaConfig(**COMMON),
@@ -59,9 +64,22 @@ CASES = {
                                                                               "rope_theta": 10000.0},
                                                         "full_attention": {"rope_type": "linear", "factor": 8.0,
                                                                            "rope_theta": 1000000.0}}),
+    # DeepSeek MLA (latent 16 + rope 8 in the cache; nope 8, v 12 per head); layer 0 dense, layer 1 routed + shared
+    # V2-Lite style: one q_proj, softmax greedy top-2, scaled; rope interleaved in pairs
+    "deepseek-v2-lite": lambda: DeepseekV2Config(**MLA, q_lora_rank=None, n_routed_experts=4, topk_method="greedy",
+                                                 routed_scaling_factor=1.5),
+    "deepseek-v2-grouped": lambda: DeepseekV2Config(**MLA, q_lora_rank=24, n_routed_experts=8, n_group=4, topk_group=2,
+                                                    topk_method="group_limited_greedy"),
+    # V3: sigmoid scores + correction bias, 2 of 4 groups, renormalised, x2.5; interleaved rope
+    "deepseek-v3": lambda: DeepseekV3Config(**MLA, q_lora_rank=24, n_routed_experts=8, n_group=4, topk_group=2,
+                                            routed_scaling_factor=2.5, norm_topk_prob=True),
+    # V3 with neox rope and YaRN (the softmax scale gains mscale^2)
+    "deepseek-v3-yarn": lambda: DeepseekV3Config(**MLA, q_lora_rank=24, n_routed_experts=8, n_group=4, topk_group=2,
+                                                 rope_interleave=False, rope_scaling=DEEPSEEK_YARN),
 }
 # which layers of each MoE case have routed experts
-MOE_LAYERS = {"mixtral": [0, 1], "qwen2-moe": [1], "qwen3-moe": [0, 1]}
+MOE_LAYERS = {"mixtral": [0, 1], "qwen2-moe": [1], "qwen3-moe": [0, 1], "deepseek-v2-lite": [1],
+              "deepseek-v2-grouped": [1], "deepseek-v3": [1], "deepseek-v3-yarn": [1]}
 
 
 def _perturb(model, seed=0):
@@ -73,6 +91,9 @@ def _perturb(model, seed=0):
                 p.uniform_(0.5, 1.5, generator=g)
             else:
                 p.normal_(0.0, 0.1, generator=g)
+        for name, b in model.named_buffers():
+            if "e_score_correction_bias" in name:  # DeepSeek-V3's router bias is a buffer
+                b.normal_(0.0, 0.1, generator=g)
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -133,8 +154,12 @@ def test_ragged_batch_chunked_prefill_and_decode(case):
 
 def test_interface(case):
     name, hf, model = case
-    assert model.num_layers == 2 and model.num_kv_heads == 2
-    assert model.head_size == (32 if name in ("qwen3", "qwen3-moe") else 16)
+    mla = name.startswith("deepseek")
+    assert model.num_layers == 2 and model.num_kv_heads == (1 if mla else 2)
+    # MLA: one cached latent of kv_lora_rank + qk_rope_head_dim a token
+    assert model.head_size == (32 if name in ("qwen3", "qwen3-moe") else 24 if mla else 16)
+    if mla:  # one vector per token and layer, no separate K and V
+        assert model.attn_backend.kv_cache_shape(7, 4, 1, 24) == (7, 4, 1, 24)
     windows = {"mistral-sliding": [5, 5], "qwen2-mixed-window": [None, 4], "gemma2-softcap": [5, None],
                "gemma3": [5, None]}.get(name, [None, None])
     assert [b.sliding_window for b in model.attn_backends] == windows
@@ -146,5 +171,5 @@ def test_interface(case):
         assert model.attn_backend.softcap == (2.0 if name == "gemma2-softcap" else None)
     if "tied" in name or name.startswith("gemma"):
         assert model.lm_head.weight is model.model.embed_tokens.weight
-    moe = [i for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, SparseMoeBlock)]
+    moe = [i for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, (SparseMoeBlock, DeepseekMoE))]
     assert moe == MOE_LAYERS.get(name, [])
