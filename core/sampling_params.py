@@ -184,3 +184,6 @@ class SamplingParams:
 
     def clone(self, **changes) -> "SamplingParams":
         return replace(self, **changes)
+
+
+GuidedDecodingParams = StructuredOutputsParams  # vLLM's former name

@@ -6,21 +6,34 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0"
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineConfig", "__version__"]
+# name -> module it lives in; vLLM's names, so that a vLLM script runs with `vllm` changed to `pageport`
+_EXPORTS = {
+    "LLM": "pageport.core.compat",
+    "LLMEngine": "pageport.core.compat",
+    "AsyncLLM": "pageport.core.compat",
+    "AsyncLLMEngine": "pageport.core.compat",
+    "EngineArgs": "pageport.core.compat",
+    "AsyncEngineArgs": "pageport.core.compat",
+    "FlexibleArgumentParser": "pageport.core.compat",
+    "cleanup_dist_env_and_memory": "pageport.core.compat",
+    "SamplingParams": "pageport.core.sampling_params",
+    "StructuredOutputsParams": "pageport.core.sampling_params",
+    "GuidedDecodingParams": "pageport.core.sampling_params",
+    "RequestOutputKind": "pageport.core.sampling_params",
+    "RequestOutput": "pageport.core.outputs",
+    "CompletionOutput": "pageport.core.outputs",
+    "BeamSearchParams": "pageport.core.llm",
+    "EngineConfig": "pageport.core.config",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
 
 
 def __getattr__(name):
     # Lazy, so `import pageport` stays cheap for the CLI and for plugins.
-    if name == "LLM":
-        from pageport.core.llm import LLM
-        return LLM
-    if name == "SamplingParams":
-        from pageport.core.sampling_params import SamplingParams
-        return SamplingParams
-    if name in ("RequestOutput", "CompletionOutput"):
-        from pageport.core import outputs
-        return getattr(outputs, name)
-    if name == "EngineConfig":
-        from pageport.core.config import EngineConfig
-        return EngineConfig
-    raise AttributeError(f"module 'pageport' has no attribute {name!r}")
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pageport' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

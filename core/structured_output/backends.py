@@ -23,6 +23,7 @@ class GrammarBackend(Protocol):
 
 
 # xgrammar ---------------------------------------------------------------------------------------------------
+MAX_WHITESPACE_RUN = 24
 _XGR_NOISE = re.compile(r"^\[[0-9:]+\] \S+?\.cc:\d+: ")  # "[14:23:49] /project/cpp/x.cc:94: " before the text
 
 
@@ -84,11 +85,12 @@ def _grammar(xgr, params: StructuredOutputsParams):
     """The tokenizer-free grammar of a spec: building it checks the spec."""
     kind = params.kind
     try:
-        if kind == "json":
-            return xgr.Grammar.from_json_schema(json.dumps(_schema(params)),
-                                                any_whitespace=not params.disable_any_whitespace)
-        if kind == "json_object":  # any JSON object (xgrammar's built-in JSON grammar takes any value)
-            return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=not params.disable_any_whitespace)
+        if kind in ("json", "json_object"):
+            # json_object: any JSON object (xgrammar's built-in JSON grammar takes any value). Whitespace runs
+            # are bounded: room for pretty-printing, none for a small model's endless newlines
+            schema = json.dumps(_schema(params)) if kind == "json" else '{"type": "object"}'
+            return xgr.Grammar.from_json_schema(schema, any_whitespace=not params.disable_any_whitespace,
+                                                max_whitespace_cnt=MAX_WHITESPACE_RUN)
         if kind == "regex":
             return xgr.Grammar.from_regex(params.regex)
         if kind == "choice":
