@@ -129,16 +129,55 @@ def test_packed_formats_match_the_dequantized_reference(tmp_path, cpu_platform, 
         assert _greedy(model, IDS) == _hf_greedy(_hf(dense), IDS)
 
 
-def _fake_quant_fp8_inputs(hf, group):
+def _fake_quant_fp8_inputs(hf, group, dtype=torch.float8_e4m3fn):
+    qmax = 127.0 if dtype == torch.int8 else 448.0
+
     def hook(module, args):
         x = args[0].float()
         g = x.unflatten(-1, (-1, group or x.shape[-1]))
-        s = g.abs().amax(-1, keepdim=True).clamp_min(1e-10) / 448.0
-        return ((g / s).to(torch.float8_e4m3fn).float() * s).flatten(-2)
+        s = g.abs().amax(-1, keepdim=True).clamp_min(1e-10) / qmax
+        q = (g / s).round().clamp(-qmax, qmax) if dtype == torch.int8 else (g / s).to(dtype).float()
+        return (q * s).flatten(-2)
 
     for name, m in hf.named_modules():
         if isinstance(m, torch.nn.Linear) and ".layers." in name:
             m.register_forward_pre_hook(hook)
+
+
+# quantized while loading a dense checkpoint ----------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["fp8", "w8a8", "w4a16"])
+def test_in_run_quantization_of_a_dense_checkpoint(tmp_path, cpu_platform, kind):
+    # reference: Transformers with each decoder linear's weight replaced by its quantize-dequantize (per-channel
+    # round to nearest; w4a16: symmetric groups of 128) and, for W8A8, its input fake-quantized per token
+    from pageport.models.quantization.methods import quantize_weight_w4, quantize_weight_w8a8
+
+    dense_llama().save_pretrained(tmp_path)
+    hf = _hf(tmp_path)  # loaded, not converted in memory (.to(bf16) would round its rotary frequencies too)
+    for name, m in hf.named_modules():
+        if isinstance(m, torch.nn.Linear) and ".layers." in name:
+            w = m.weight.data.to(torch.float32)
+            if kind == "w4a16":
+                codes, scale, _ = quantize_weight_w4(w, 128)
+                m.weight.data = (codes.float() - 8) * scale.repeat_interleave(128, 1)
+            else:
+                q, scale = quantize_weight_w8a8(w, torch.float8_e4m3fn if kind == "fp8" else torch.int8)
+                m.weight.data = q.float() * scale[:, None]
+    if kind != "w4a16":
+        _fake_quant_fp8_inputs(hf, None, torch.float8_e4m3fn if kind == "fp8" else torch.int8)
+    model = _load(tmp_path, cpu_platform, quantization=kind)
+    assert model.model.layers[0].mlp.down_proj.quant_method is not None
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(model), hf(IDS).logits[0], atol=1e-4, rtol=0)
+
+
+def test_in_run_quantization_keeps_bf16_and_the_cpu_kernels(tmp_path, cpu_platform):
+    dense_llama().save_pretrained(tmp_path)
+    cfg = EngineConfig(model=str(tmp_path), dtype=torch.bfloat16, quantization="w4a16")
+    cpu_platform.check_config(cfg)
+    model = load_model(cfg, cpu_platform).model
+    layer = model.model.layers[0].mlp.gate_up_proj
+    assert "int4pack" in layer.w4a16 and "weight" not in dict(layer.named_parameters())
+    assert torch.isfinite(_logits(model)).all()
 
 
 # errors ---------------------------------------------------------------------------------------------------
@@ -155,6 +194,17 @@ def test_unsupported_compressed_tensors_scheme_names_it(tmp_path, cpu_platform):
     compressed_tensors_checkpoint(tmp_path, "W8A16", IDS)  # 8-bit weights, activations left alone
     with pytest.raises(ValueError, match="compressed-tensors checkpoint with pack-quantized 8-bit int weights is not supported; supported: W8A8"):
         _load(tmp_path, cpu_platform)
+
+
+def test_quantized_moe_experts_are_refused(tmp_path, cpu_platform):
+    from transformers import MixtralConfig
+
+    cfg = MixtralConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=2, max_position_embeddings=64)
+    cfg.quantization_config = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    cfg.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="experts.*not supported"):
+        _load(tmp_path, cpu_platform, load_format="dummy")
 
 
 def test_quantization_flag_must_agree_with_the_checkpoint(tmp_path, cpu_platform):
