@@ -13,6 +13,7 @@ loads run along N (coalesced).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -195,13 +196,18 @@ def w4a16_config(m: int, n: int, k: int, group_size: int, num_sms: int = 132) ->
     return (32 if m <= 64 else 64), 128, block_k, 1
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def w4a16_linear(x, w: dict, bias=None, config: Optional[tuple] = None):
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
     m, k = x2.shape
     q, s, z, g = w["qweight"], w["scales"], w["zeros"], w["group_size"]
     n = q.shape[1]
-    num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
+    num_sms = _num_sms(x.device.index or 0) if x.is_cuda else 132
     bm, bn, bk, split = config or w4a16_config(m, n, k, g, num_sms)
     out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if split > 1 else \
         torch.empty(m, n, dtype=x.dtype, device=x.device)

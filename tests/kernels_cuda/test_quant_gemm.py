@@ -86,3 +86,31 @@ def test_w4a16_gemm(device, dtype, m, group, symmetric):
     _close(w4a16_linear(x, prepared), ref, tol)
     for split in (1, 4):  # the split-K path and the plain one give the same result
         _close(w4a16_linear(x, prepared, config=(16, 64, 32, split)), ref, tol)
+
+
+# On a CUDA device: bf16 activations at Llama-3-8B's linear shapes (the paths the H200 benchmark times).
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("m", [1, 16, 512])
+@pytest.mark.parametrize("n, k", [(6144, 4096), (4096, 14336)])
+def test_gpu_bf16_at_8b_shapes(m, n, k):
+    g = torch.Generator(device="cuda").manual_seed(m)
+    x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+    w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+    for dtype, block in ((FP8, None), (torch.int8, None), (FP8, (128, 128))):
+        wq, ws = quantize_weight_w8a8(w, dtype, block)
+        y = scaled_linear(x, wq, ws, block=block)
+        xq, xs = quantize_activations(x, dtype, block[1] if block else None)
+        if block:
+            xd = (xq.double().unflatten(-1, (-1, 128)) * xs.double().unsqueeze(-1)).flatten(-2)
+            ref = xd @ dequantize_block(wq, ws, block).double().t()
+        else:
+            ref = (xq.double() @ wq.double().t()) * xs.double() * ws.double()
+        _close(y, ref, 1e-2)  # bf16 output
+    codes, scale, _ = quantize_weight_w4(w, 128)
+    prepared = w4a16_prepare(pack_int4(codes), scale.to(torch.bfloat16), None, 128)
+    wd = (codes.double() - 8) * scale.to(torch.bfloat16).double().repeat_interleave(128, 1)
+    _close(w4a16_linear(x, prepared), x.double() @ wd.t(), 1e-2)
