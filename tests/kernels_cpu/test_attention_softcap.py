@@ -48,7 +48,8 @@ def test_softcap_mixed_step_matches_float64(backend, window):
     qsl = [0]
     for n in query_lens:
         qsl.append(qsl[-1] + n)
-    slots = [tables[s][p // bs] * bs + p % bs for s in range(4) for p in range(seq_lens[s] - query_lens[s], seq_lens[s])]
+    slots = [tables[s][p // bs] * bs + p % bs
+             for s in range(4) for p in range(seq_lens[s] - query_lens[s], seq_lens[s])]
     md = AttentionMetadata(qsl[-1], torch.tensor(qsl, dtype=torch.int32), torch.tensor(seq_lens, dtype=torch.int32),
                            torch.tensor([t + [0] * (4 - len(t)) for t in tables], dtype=torch.int32),
                            torch.tensor(slots), max(query_lens), max(seq_lens), qsl, seq_lens, bs)

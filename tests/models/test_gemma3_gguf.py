@@ -89,7 +89,8 @@ def _assert_transformers_greedy(reference, prompt, generated):
     with torch.no_grad():
         logits = reference(torch.tensor([prompt + generated])).logits[0, len(prompt) - 1:-1]
     picks = logits.argmax(-1).tolist()
-    assert picks == generated, f"diverges at token {next(i for i, (a, b) in enumerate(zip(picks, generated)) if a != b)}"
+    first = next((i for i, (a, b) in enumerate(zip(picks, generated)) if a != b), None)
+    assert picks == generated, f"diverges at token {first}"
 
 
 def test_greedy_mixed_batch_matches_transformers(ours, reference, prompt_ids):

@@ -1,4 +1,5 @@
-"""Our Llama-family and Gemma models vs transformers on tiny random models of each architecture (float32).
+"""Every built-in architecture vs transformers on tiny random models (float32): the Llama family, Phi-3, the MoE
+members, Gemma 2/3 and DeepSeek-V2/V3.
 
 Each case is built with transformers' own config class, saved with save_pretrained (safetensors;
 one case sharded so the index path runs), loaded by our loader on the CPU platform and run
@@ -6,8 +7,9 @@ through paged attention: one prompt in one step, and a ragged batch with a chunk
 """
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2Config,
-                          Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
+from transformers import (AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, Gemma2Config, Gemma3TextConfig,
+                          LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2Config, Qwen2MoeConfig,
+                          Qwen3Config, Qwen3MoeConfig)
 
 from pageport.core.config import EngineConfig
 from pageport.models import load_model
