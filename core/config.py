@@ -11,6 +11,8 @@ import torch
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}
 
+_KV_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
 
 def _opt(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
@@ -42,6 +44,9 @@ class EngineConfig:
                                              "int4 | int8: the CPU's weight-only matmuls for small batches",
                                        choices=("compressed-tensors", "fp8", "awq", "gptq", "w8a8", "w4a16",
                                                 "int4", "int8"))
+    kv_cache_dtype: str = _opt("auto", "KV-cache element type: auto (the model's dtype) | fp8 (= fp8_e4m3) | fp8_e4m3 | "
+                                       "fp8_e5m2: half the bytes per token (scale 1.0: values past the format's "
+                                       "range saturate)", choices=("auto", "fp8", "fp8_e4m3", "fp8_e5m2"))
     enforce_eager: bool = _opt(False, "never capture graphs")
     async_scheduling: Optional[bool] = _opt(None, "prepare step N+1 while the device runs step N (default: on "
                                                   "where the device runs asynchronously to the host)")
@@ -58,6 +63,8 @@ class EngineConfig:
             raise ValueError("block_size and max_num_seqs must be >= 1")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in _KV_DTYPES:
+            raise ValueError(f"unknown kv_cache_dtype {self.kv_cache_dtype!r}; choose auto, {', '.join(_KV_DTYPES)}")
         if self.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 is not supported yet")
 
@@ -71,6 +78,14 @@ class EngineConfig:
             self.dtype = _DTYPES[self.dtype]
         else:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose auto or one of {', '.join(_DTYPES)}")
+
+    def kv_cache_torch_dtype(self) -> torch.dtype:
+        """The KV cache's element type (call after `resolve_dtype`)."""
+        if self.kv_cache_dtype == "auto":
+            return self.dtype
+        if self.kv_cache_dtype not in _KV_DTYPES:
+            raise ValueError(f"unknown kv_cache_dtype {self.kv_cache_dtype!r}; choose auto, {', '.join(_KV_DTYPES)}")
+        return _KV_DTYPES[self.kv_cache_dtype]
 
     # CLI ---------------------------------------------------------------------------
     @classmethod

@@ -134,6 +134,10 @@ class TorchPagedAttention(AttentionBackend):
                                     decode_blocks, decode_lens, max_len, uniform, prefills)
 
     def write_kv(self, k, v, kv_cache, slot_mapping):
+        if kv_cache.dtype != k.dtype:  # an fp8 cache: scale 1.0, saturated at the format's range; copied as bytes
+            lim = torch.finfo(kv_cache.dtype).max  # (index_copy_ has no fp8 kernel)
+            k, v = (t.clamp(-lim, lim).to(kv_cache.dtype).view(torch.uint8) for t in (k, v))
+            kv_cache = kv_cache.view(torch.uint8)
         kv_cache[0].view(-1, self.num_kv_heads, self.head_size).index_copy_(0, slot_mapping, k)
         kv_cache[1].view(-1, self.num_kv_heads, self.head_size).index_copy_(0, slot_mapping, v)
 
@@ -154,8 +158,8 @@ class TorchPagedAttention(AttentionBackend):
         """q [B, Hq, D] (one token per sequence) -> [B, Hq, D]."""
         b, hkv, d = q.shape[0], self.num_kv_heads, self.head_size
         blocks = md.decode_blocks.view(-1)  # gather whole blocks: index_select of rows, ~5x faster than cache[idx]
-        k = kv_cache[0].index_select(0, blocks).view(b, -1, hkv, d)
-        v = kv_cache[1].index_select(0, blocks).view(b, -1, hkv, d)
+        k = kv_cache[0].index_select(0, blocks).view(b, -1, hkv, d).to(q.dtype)  # fp8 caches widen here
+        v = kv_cache[1].index_select(0, blocks).view(b, -1, hkv, d).to(q.dtype)
         mask = md.decode_mask(self.sliding_window)
         if mask is None:
             k, v = k[:, : md.decode_max_len], v[:, : md.decode_max_len]
@@ -184,8 +188,8 @@ class TorchPagedAttention(AttentionBackend):
         if p.fresh:
             k, v = k_new.transpose(0, 1), v_new.transpose(0, 1)
         else:
-            k = kv_cache[0].view(-1, hkv, d).index_select(0, p.slots).transpose(0, 1)
-            v = kv_cache[1].view(-1, hkv, d).index_select(0, p.slots).transpose(0, 1)
+            k = kv_cache[0].view(-1, hkv, d).index_select(0, p.slots).transpose(0, 1).to(q.dtype)
+            v = kv_cache[1].view(-1, hkv, d).index_select(0, p.slots).transpose(0, 1).to(q.dtype)
         q_len = q.shape[0]
         if q_len * p.seq_len <= self.MATMUL_MAX_SCORES or self.softcap is not None:
             # the query heads of one KV head as that head's rows: [Hkv, group * q_len, D], no K/V repeat
@@ -212,7 +216,7 @@ class NativePagedAttention(TorchPagedAttention):
     name = "cpu-native"
 
     def _decode(self, q, kv_cache, md: CpuAttentionMetadata):
-        if self.softcap is not None:  # the C++ kernel has no soft-capping
+        if self.softcap is not None or kv_cache.dtype != q.dtype:  # the C++ kernel: no soft-capping, no fp8
             return super()._decode(q, kv_cache, md)
         return native.paged_decode_attention(torch.empty_like(q), q.contiguous(), kv_cache[0], kv_cache[1],
                                              md.decode_blocks, md.decode_lens.view(-1), self.scale,

@@ -116,7 +116,7 @@ def _paged_attention_kernel(
         off = k_pos % BLOCK_SIZE
         k = tl.load(k_cache_ptr + blk[None, :] * stride_kb + off[None, :] * stride_kt
                     + kv_head * stride_kh + d[:, None],
-                    mask=k_ok[None, :] & d_ok[:, None], other=0.0)  # [HEAD_PAD, TILE_N]
+                    mask=k_ok[None, :] & d_ok[:, None], other=0.0).to(q.dtype)  # [HEAD_PAD, TILE_N]; fp8 caches widen
         s = tl.dot(q, k, input_precision=DOT_PRECISION)
         if USE_SOFTCAP:  # softcap * tanh(s * scale / softcap), tanh through exp (no libdevice)
             x = s * (qk_scale / softcap)
@@ -135,7 +135,7 @@ def _paged_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + off[:, None] * stride_vt
                     + kv_head * stride_vh + d[None, :],
-                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # [TILE_N, HEAD_PAD]
+                    mask=k_ok[:, None] & d_ok[None, :], other=0.0).to(q.dtype)  # [TILE_N, HEAD_PAD]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 

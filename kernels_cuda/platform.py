@@ -22,6 +22,7 @@ class CudaPlatform(Platform):
 
     ops = TritonOps()
     min_bf16_capability: Optional[tuple[int, int]] = (8, 0)  # NVIDIA: Ampere and newer
+    min_fp8_capability: Optional[tuple[int, int]] = (8, 9)  # fp8 GEMMs and casts: Ada, Hopper and newer
 
     def __init__(self, index: int = 0):
         self.index = index
@@ -103,6 +104,11 @@ class CudaPlatform(Platform):
         if cap is not None and cap < self.min_bf16_capability:
             raise ValueError(f"{self.name}: compute capability {cap[0]}.{cap[1]} has no bfloat16 (needs 8.0); "
                              "use --dtype float16")
+        fp8 = getattr(config, "kv_cache_dtype", "auto") != "auto" or getattr(config, "quantization", None) == "fp8"
+        cap = self.capability() if fp8 and self.min_fp8_capability else None
+        if cap is not None and cap < self.min_fp8_capability:
+            raise ValueError(f"{self.name}: compute capability {cap[0]}.{cap[1]} has no fp8 (needs 8.9) for "
+                             f"--kv-cache-dtype / --quantization fp8")
 
     def profile_peak_bytes(self, run) -> int:
         """Peak memory one worst-case step allocates beyond what is already held (weights)."""
