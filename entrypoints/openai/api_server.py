@@ -16,7 +16,6 @@ import asyncio
 import hmac
 import json
 import logging
-import os
 import signal
 import time
 from typing import Optional
@@ -36,7 +35,7 @@ from pageport.entrypoints.openai.protocol import (ChatCompletionRequest, ChatCom
                                                    CompletionResponse, DetokenizeRequest, DetokenizeResponse,
                                                    ErrorResponse, ModelList, TokenizeRequest, TokenizeResponse,
                                                    VersionResponse)
-from pageport.entrypoints.openai.limits import API_KEY_ENV, ServerLimits
+from pageport.entrypoints.openai.limits import ServerLimits
 from pageport.entrypoints.openai.serving import OpenAIServing, ServingOptions, engine_dead_error
 
 logger = logging.getLogger(__name__)
@@ -61,6 +60,12 @@ async def _send_error(send, status: int, message: str, code: Optional[str], head
     await send({"type": "http.response.body", "body": body})
 
 
+def _route(scope) -> str:
+    """The request's path without the --root-path prefix (which ASGI servers put in front of it)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
 class AuthMiddleware:
     """Bearer API key on every route but /health."""
 
@@ -70,7 +75,7 @@ class AuthMiddleware:
         self.expected = [f"Bearer {k}".encode() for k in keys]
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in _OPEN_PATHS:
+        if scope["type"] != "http" or _route(scope) in _OPEN_PATHS:
             return await self.app(scope, receive, send)
         got = dict(scope["headers"]).get(b"authorization", b"")
         # every key compared, so the time taken does not tell which one nearly matched
@@ -240,7 +245,8 @@ def _openapi(app: FastAPI) -> dict:
 
 
 def build_app(engine: AsyncLLMEngine, served_model_names: Optional[list[str]] = None, api_key=None,
-              limits: Optional[ServerLimits] = None, options: Optional[ServingOptions] = None) -> FastAPI:
+              limits: Optional[ServerLimits] = None, options: Optional[ServingOptions] = None,
+              docs: bool = True) -> FastAPI:
     """An app over a running AsyncLLMEngine. Several apps may share one engine (each has its own metrics).
     `api_key`: one key or a list of keys, any of which is accepted."""
     limits = limits or ServerLimits()
@@ -250,8 +256,8 @@ def build_app(engine: AsyncLLMEngine, served_model_names: Optional[list[str]] = 
     metrics = ServerMetrics(engine, names[0])
     _chain_observer(engine, metrics.observe)
 
-    app = FastAPI(title="pageport OpenAI-compatible server", version=pageport.__version__, docs_url="/docs",
-                  redoc_url=None, openapi_url="/openapi.json")
+    app = FastAPI(title="pageport OpenAI-compatible server", version=pageport.__version__,
+                  docs_url="/docs" if docs else None, redoc_url=None, openapi_url="/openapi.json" if docs else None)
     app.openapi = lambda: _openapi(app)
     app.state.engine = engine
     app.state.serving = serving
@@ -411,21 +417,50 @@ class _Server:
         return self.exit_code
 
 
+def serving_options(args) -> ServingOptions:
+    """The chat, tool, reasoning and structured-output choices of `pageport serve`'s flags."""
+    from pageport.core.arg_utils import default_sampling_params
+    from pageport.entrypoints.serve import load_chat_template, structured_outputs_backend
+
+    defaults = default_sampling_params(getattr(args, "model", None), getattr(args, "generation_config", "auto"),
+                                       getattr(args, "override_generation_config", None))
+    changed = {k: getattr(defaults, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                                                 "max_tokens")
+               if getattr(defaults, k) != getattr(type(defaults)(), k)}
+    return ServingOptions(
+        structured_outputs_backend=structured_outputs_backend(args),
+        enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser, chat_template=load_chat_template(args.chat_template),
+        default_chat_template_kwargs=args.default_chat_template_kwargs, default_sampling=changed,
+        log_requests=args.enable_log_requests and not args.disable_log_requests, max_log_len=args.max_log_len)
+
+
 def serve(engine: AsyncLLMEngine, args) -> int:
     """Serve `engine` until SIGTERM/SIGINT (exit status 0) or until the engine dies (1)."""
     import uvicorn
+    from fastapi.middleware.cors import CORSMiddleware
 
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    from pageport.entrypoints.serve import api_keys, check_serve_args
+
+    check_serve_args(args)
+    keys = api_keys(args)
     limits = ServerLimits(max_n=args.max_n, max_seqs_per_request=args.max_seqs_per_request,
                           max_body_bytes=args.max_request_body_bytes, max_prompt_chars=args.max_prompt_chars,
                           request_body_timeout=args.request_body_timeout)
-    app = build_app(engine, args.served_model_name, api_key, limits)
-    logger.warning("pageport %s serving %s on http://%s:%d (max_model_len %d)%s", pageport.__version__,
-                   ", ".join(app.state.serving.model_names), args.host, args.port, engine.config.max_model_len,
-                   " with an API key" if api_key else "")
+    app = build_app(engine, args.served_model_name, keys or None, limits, serving_options(args),
+                    docs=not args.disable_fastapi_docs)
+    app.add_middleware(CORSMiddleware, allow_origins=args.allowed_origins, allow_methods=args.allowed_methods,
+                       allow_headers=args.allowed_headers, allow_credentials=args.allow_credentials)
+    where = f"unix:{args.uds}" if args.uds else f"http{'s' if args.ssl_certfile else ''}://{args.host}:{args.port}"
+    logger.warning("pageport %s serving %s on %s (max_model_len %d)%s", pageport.__version__,
+                   ", ".join(app.state.serving.model_names), where, engine.config.max_model_len,
+                   f" with {len(keys)} API key(s)" if keys else "")
     # uvicorn's own graceful timeout only backs ours up: past it, it cuts connections without an answer
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                            timeout_keep_alive=30, timeout_graceful_shutdown=args.shutdown_timeout + 5)
+    config = uvicorn.Config(app, host=args.host, port=args.port, uds=args.uds, log_level=args.uvicorn_log_level,
+                            timeout_keep_alive=30, timeout_graceful_shutdown=args.shutdown_timeout + 5,
+                            root_path=args.root_path or "", ssl_keyfile=args.ssl_keyfile,
+                            ssl_certfile=args.ssl_certfile, ssl_ca_certs=args.ssl_ca_certs,
+                            access_log=not args.disable_uvicorn_access_log)
     return _Server(app, config, args.shutdown_timeout).run()
 
 

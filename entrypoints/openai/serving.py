@@ -58,6 +58,9 @@ class ServingOptions:
     reasoning_parser: Optional[str] = None
     chat_template: Optional[str] = None  # the template text (--chat-template, a file or inline)
     default_chat_template_kwargs: Optional[dict] = None
+    default_sampling: Optional[dict] = None  # the model's generation config: for fields a request leaves out
+    log_requests: bool = False
+    max_log_len: Optional[int] = None
 
 
 @dataclass
@@ -265,13 +268,18 @@ class OpenAIServing:
             self.check_token_ids(req.allowed_token_ids, "allowed_token_ids")
         if req.min_tokens and req.min_tokens > max_tokens:
             raise bad_request(f"min_tokens={req.min_tokens} is more than max_tokens={max_tokens}", "min_tokens")
+        d = self.options.default_sampling or {}
+
+        def given(name: str, fallback):
+            value = getattr(req, name)
+            return d.get(name, fallback) if value is None else value
+
         try:
             return SamplingParams(
-                n=n, temperature=1.0 if req.temperature is None else req.temperature,
-                top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
-                min_p=req.min_p or 0.0, presence_penalty=req.presence_penalty or 0.0,
+                n=n, temperature=given("temperature", 1.0), top_p=given("top_p", 1.0), top_k=given("top_k", 0),
+                min_p=given("min_p", 0.0), presence_penalty=req.presence_penalty or 0.0,
                 frequency_penalty=req.frequency_penalty or 0.0,
-                repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                repetition_penalty=given("repetition_penalty", 1.0),
                 logit_bias=bias, seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens,
                 stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
                 include_stop_str_in_output=req.include_stop_str_in_output, logprobs=logprobs,
@@ -289,6 +297,12 @@ class OpenAIServing:
                      arrival: float) -> list:
         """Add every prompt's request at once; all or nothing."""
         ids = [base_id] if len(prompts) == 1 else [f"{base_id}-{i}" for i in range(len(prompts))]
+        if self.options.log_requests:
+            for p, rid in zip(prompts, ids):
+                text = p.text if p.text is not None else str(p.token_ids)
+                if self.options.max_log_len is not None:
+                    text = text[:self.options.max_log_len]
+                logger.info("request %s: prompt %r (%d tokens), %s", rid, text, len(p.token_ids), params)
         results = await asyncio.gather(
             *[self.engine.add_request({"prompt": p.text, "prompt_token_ids": p.token_ids}, params, rid,
                                       priority=req.priority, arrival_time=arrival, cache_salt=req.cache_salt,
@@ -407,6 +421,10 @@ class OpenAIServing:
                                         tools=template_tools(req.tools), documents=req.documents)
         self.truncate(prompt, req.truncate_prompt_tokens)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if max_tokens is None and self.options.default_sampling:
+            max_tokens = self.options.default_sampling.get("max_tokens")
+            if max_tokens is not None:  # the model's default never overflows the context
+                max_tokens = min(max_tokens, self.max_model_len - len(prompt.token_ids))
         max_tokens = self._context_check(prompt, max_tokens, "messages")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         structured = await self.structured_outputs(req, tool_constraint)

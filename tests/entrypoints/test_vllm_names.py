@@ -13,7 +13,7 @@ import pytest
 import pageport
 from pageport import (AsyncEngineArgs, EngineArgs, FlexibleArgumentParser, RequestOutputKind, SamplingParams,
                       StructuredOutputsParams)
-from pageport.core.compat import default_sampling_params, resolve_hub_model
+from pageport.core.arg_utils import default_sampling_params, resolve_hub_model
 
 NAMES = ["LLM", "LLMEngine", "AsyncLLM", "AsyncLLMEngine", "EngineArgs", "AsyncEngineArgs", "FlexibleArgumentParser",
          "cleanup_dist_env_and_memory", "SamplingParams", "StructuredOutputsParams", "GuidedDecodingParams",
