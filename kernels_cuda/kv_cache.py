@@ -24,8 +24,10 @@ def _reshape_and_cache_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
     v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
     if CLAMP > 0:  # an fp8 cache: saturate at the format's largest value (e5m2 would overflow to inf)
-        k = tl.minimum(tl.maximum(k.to(tl.float32), -CLAMP), CLAMP)
-        v = tl.minimum(tl.maximum(v.to(tl.float32), -CLAMP), CLAMP)
+        k = tl.minimum(tl.maximum(k.to(tl.float32), -CLAMP), CLAMP).to(k_cache_ptr.dtype.element_ty,
+                                                                         fp_downcast_rounding="rtne")
+        v = tl.minimum(tl.maximum(v.to(tl.float32), -CLAMP), CLAMP).to(v_cache_ptr.dtype.element_ty,
+                                                                         fp_downcast_rounding="rtne")
     tl.store(k_cache_ptr + blk * stride_kcb + off * stride_kct + h * stride_kch + d,
              k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_cache_ptr + blk * stride_vcb + off * stride_vct + h * stride_vch + d,

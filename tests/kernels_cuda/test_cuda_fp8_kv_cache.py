@@ -45,3 +45,22 @@ def test_backend_writes_and_reads_fp8(device, kv_dtype):
     torch.testing.assert_close(written.float()[1:], k_new[1:].to(kv_dtype).float())
     ref = reference_attention(b["q"], kv_cache[0], kv_cache[1], b["qsl"], b["seq_lens"], b["block_table"], 0.125)
     assert (out.double() - ref).abs().max().item() <= 4e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kv_dtype", list(FP8_ERR))
+def test_gpu_bf16_queries_over_fp8_cache(kv_dtype):
+    # 8B heads (32 / 8 of 128), mixed prefill chunks and decodes over contexts up to 2k, the GPU's own fp8 casts
+    b = make_batch([1, 64, 1, 1, 17], [2000, 300, 1024, 5, 0], 32, 8, 128, 16, torch.bfloat16, "cuda", seed=2)
+    md = _metadata(b, 16)
+    full = torch.stack([b["k_cache"], b["v_cache"]])
+    flat = full.view(2, -1, 8, 128)
+    k_new, v_new = flat[0][md.slot_mapping].clone(), flat[1][md.slot_mapping].clone()
+    kv_cache = full.to(kv_dtype)
+    out = TritonPagedAttention(32, 8, 128, 128 ** -0.5).forward(b["q"], k_new, v_new, kv_cache, md)
+    written = kv_cache.view(2, -1, 8, 128)[0][md.slot_mapping]
+    assert torch.equal(written.float(), k_new.float().to(kv_dtype).float())  # the kernel's cast = torch's
+    ref8 = reference_attention(b["q"], kv_cache[0], kv_cache[1], b["qsl"], b["seq_lens"], b["block_table"],
+                               128 ** -0.5)
+    assert (out.double() - ref8).abs().max().item() <= 2e-2  # bf16
