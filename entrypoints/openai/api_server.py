@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP server: `build_app(async_engine, ...)` and `run_server(args)` (`pageport serve`).
 
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /version,
+Routes: POST /v1/completions, POST /v1/chat/completions, POST /v1/responses, GET /v1/models, GET /health, GET /version,
 GET /metrics, POST /tokenize, POST /detokenize, and the schema at /openapi.json (Swagger UI at /docs). Every
 error is an OpenAI body `{"error": {"message", "type", "param", "code"}}`; bad input is a 400 (FastAPI's 422
 included), never a 500.
@@ -36,6 +36,7 @@ from pageport.entrypoints.openai.protocol import (ChatCompletionRequest, ChatCom
                                                    ErrorResponse, ModelList, TokenizeRequest, TokenizeResponse,
                                                    VersionResponse)
 from pageport.entrypoints.openai.limits import ServerLimits
+from pageport.entrypoints.openai.responses import ResponsesRequest
 from pageport.entrypoints.openai.serving import OpenAIServing, ServingOptions, engine_dead_error
 
 logger = logging.getLogger(__name__)
@@ -316,6 +317,12 @@ def build_app(engine: AsyncLLMEngine, served_model_names: Optional[list[str]] = 
         200: {"model": ChatCompletionResponse, "content": _SSE}, **_POST_ERRORS})
     async def chat_completions(body: ChatCompletionRequest, raw: Request):
         return await _respond(raw, serving.create_chat_completion, body)
+
+    @app.post("/v1/responses", response_model=None, responses={
+        200: {"description": "a response object, or its events when stream=true",
+              "content": {"application/json": {"schema": {"type": "object"}}, **_SSE}}, **_POST_ERRORS})
+    async def responses(body: ResponsesRequest, raw: Request):
+        return await _respond(raw, serving.create_response, body)
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=_POST_ERRORS)
     async def tokenize(body: TokenizeRequest):

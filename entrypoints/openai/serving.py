@@ -410,6 +410,30 @@ class OpenAIServing:
 
     # /v1/chat/completions ---------------------------------------------------------------------------
     async def create_chat_completion(self, req: ChatCompletionRequest, arrival: float):
+        model, base_id, prompt, stream, output = await self.start_chat(req, arrival, "chatcmpl")
+        echo = ""
+        last = req.messages[-1]
+        if req.echo and isinstance(last, dict) and last.get("role") == "assistant":
+            echo = _text_of(last.get("content"))
+        ctx = _ChatContext(self, req, model, base_id, prompt, stream, req.n or 1, output, echo)
+        if req.stream:
+            return ctx.stream()
+        return await ctx.collect()
+
+    async def create_response(self, req, arrival: float):
+        """POST /v1/responses (see responses.py)."""
+        from pageport.entrypoints.openai.responses import ResponsesContext, to_chat_request
+
+        chat = to_chat_request(req)
+        model, base_id, prompt, stream, output = await self.start_chat(chat, arrival, "resp")
+        ctx = ResponsesContext(self, req, chat, model, base_id.replace("resp-", "resp_", 1), prompt, stream, output)
+        if req.stream:
+            return ctx.stream()
+        return await ctx.collect()
+
+    async def start_chat(self, req: ChatCompletionRequest, arrival: float, id_prefix: str):
+        """Check, render and start a chat request: (model, request id, prompt, its stream, a factory of the
+        ChatOutput that turns each choice's text into content, reasoning and tool calls)."""
         model = self.check_model(req.model)
         _refuse_unsupported_chat_fields(req)
         if req.top_logprobs is not None and not req.logprobs:
@@ -429,7 +453,7 @@ class OpenAIServing:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         structured = await self.structured_outputs(req, tool_constraint)
         params = self.sampling_params(req, max_tokens, logprobs, req.prompt_logprobs, structured)
-        base_id = req.request_id or f"chatcmpl-{uuid.uuid4().hex}"
+        base_id = req.request_id or f"{id_prefix}-{uuid.uuid4().hex}"
         streams = await self._start([prompt], params, base_id, req, arrival)
         # the grammar shapes the whole output, so there is no reasoning to split off
         reasoning = self.reasoning_parser_cls if structured is None else None
@@ -438,14 +462,7 @@ class OpenAIServing:
             return ChatOutput(mode, self.tool_parser_cls(self.tokenizer) if mode == "auto" else None,
                               reasoning(self.tokenizer) if reasoning is not None else None, named)
 
-        echo = ""
-        last = req.messages[-1]
-        if req.echo and isinstance(last, dict) and last.get("role") == "assistant":
-            echo = _text_of(last.get("content"))
-        ctx = _ChatContext(self, req, model, base_id, prompt, streams[0], req.n or 1, output, echo)
-        if req.stream:
-            return ctx.stream()
-        return await ctx.collect()
+        return model, base_id, prompt, streams[0], output
 
     def _tool_mode(self, req: ChatCompletionRequest) -> tuple[str, Optional[str], Optional[tuple[str, dict]]]:
         """(mode, the named function, the grammar the mode needs) from tools and tool_choice."""

@@ -34,6 +34,7 @@ def test_openapi_and_docs_are_served(schema_server):
     ops = {(path, method) for path, item in spec["paths"].items() for method in item}
     assert ops == {("/v1/completions", "post"), ("/v1/chat/completions", "post"), ("/v1/models", "get"),
                    ("/health", "get"), ("/version", "get"), ("/metrics", "get"), ("/tokenize", "post"),
+                   ("/v1/responses", "post"),
                    ("/detokenize", "post")}
     completions = spec["paths"]["/v1/completions"]["post"]
     assert set(completions["responses"]) == {"200", "400", "401", "404", "408", "413", "503"}  # no FastAPI 422
