@@ -228,6 +228,8 @@ def init_dummy_weights(model: nn.Module, seed: int, std: float = 0.02) -> None:
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
             p.fill_(1.0)
+        elif name.endswith(("g_idx", "weight_shape")):  # quantization metadata: keep the layer's own
+            continue
         elif not p.dtype.is_floating_point or p.element_size() == 1:  # quantized codes: random in their range
             info = torch.iinfo(p.dtype) if not p.dtype.is_floating_point else None
             if info is None:

@@ -180,6 +180,18 @@ def test_in_run_quantization_keeps_bf16_and_the_cpu_kernels(tmp_path, cpu_platfo
     assert torch.isfinite(_logits(model)).all()
 
 
+@pytest.mark.parametrize("kind", ["gptq-asym-actorder-g64", "awq-g64", "fp8-block"])
+def test_dummy_weights_for_a_quantized_config(tmp_path, cpu_platform, kind):
+    # --load-format dummy on a quantized checkpoint's config: random codes and small scales, the layer's own
+    # metadata (g_idx) kept, so the quantized shapes can be benchmarked without weights
+    model = dense_llama()
+    model.config.quantization_config = PACKED[kind][1]
+    model.config.save_pretrained(tmp_path)
+    loaded = _load(tmp_path, cpu_platform, load_format="dummy")
+    assert loaded.model.layers[0].mlp.down_proj.quant_method is not None
+    assert torch.isfinite(_logits(loaded)).all()
+
+
 # errors ---------------------------------------------------------------------------------------------------
 def test_unsupported_format_fails_at_load_with_one_line(tmp_path, cpu_platform):
     dense_checkpoint(tmp_path, dense_llama().state_dict(), quantization_config={"quant_method": "bitsandbytes"})
