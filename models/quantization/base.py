@@ -109,6 +109,12 @@ def quant_param(layer: nn.Module, name: str, shape: tuple, dtype: torch.dtype, d
     return p
 
 
+def set_tensor(layer: nn.Module, name: str, t: torch.Tensor) -> None:
+    """A processed weight tensor, held as a parameter (no grad) so model-size counts see it."""
+    drop_param(layer, name)
+    layer.register_parameter(name, nn.Parameter(t, requires_grad=False))
+
+
 def drop_param(layer: nn.Module, name: str) -> None:
     if name in layer._parameters:
         del layer._parameters[name]

@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pageport.models.quantization.base import LinearMethod, drop_param, num_shards, per_channel, quant_param
+from pageport.models.quantization.base import (LinearMethod, drop_param, num_shards, per_channel, quant_param,
+                                                set_tensor)
 from pageport.platforms.quant_ops import FP8_MAX, INT8_MAX, pack_int4
 
 
@@ -57,9 +58,9 @@ class W8A8LinearMethod(LinearMethod):
         elif s.weight_strategy == "tensor":
             scale = per_channel(layer, scale)
         drop_param(layer, s.scale_name)
-        layer.register_buffer("weight_scale", scale.float().contiguous())
+        set_tensor(layer, "weight_scale", scale.float().contiguous())
         if s.static_input:
-            layer.register_buffer("w8a8_input_scale", layer.input_scale.data.float().amax().reshape(1))
+            set_tensor(layer, "w8a8_input_scale", layer.input_scale.data.float().amax().reshape(1))
             drop_param(layer, "input_scale")
 
     def apply(self, layer, x, bias):
@@ -100,8 +101,8 @@ class OnlineW8A8LinearMethod(W8A8LinearMethod):
     def process_weights(self, layer) -> None:
         q, scale = quantize_weight_w8a8(layer.weight.data, self.scheme.weight_dtype, self.scheme.block)
         drop_param(layer, "weight")
-        layer.register_buffer("weight", q)
-        layer.register_buffer("weight_scale", scale)
+        set_tensor(layer, "weight", q)
+        set_tensor(layer, "weight_scale", scale)
 
 
 # W4A16 --------------------------------------------------------------------------------------------------
@@ -134,9 +135,9 @@ class W4A16LinearMethod(LinearMethod):
         layer.w4a16 = prepared
         for name, t in prepared.items():
             if isinstance(t, torch.Tensor):
-                layer.register_buffer(f"w4a16_{name}", t, persistent=False)
+                set_tensor(layer, f"w4a16_{name}", t)
         if perm is not None:
-            layer.register_buffer("w4a16_perm", perm)
+            set_tensor(layer, "w4a16_perm", perm)
 
     def apply(self, layer, x, bias):
         perm = getattr(layer, "w4a16_perm", None)
