@@ -127,7 +127,11 @@ def scaled_linear(x, weight, weight_scale, input_scale=None, block=None, bias=No
         if bias is not None:
             y = y + bias
     else:
-        y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=ws.contiguous(), out_dtype=x.dtype, bias=bias)
+        # cuBLASLt's row-wise scaled fp8 GEMM writes bfloat16 only: other dtypes are cast after
+        out_dtype = torch.bfloat16 if x.is_cuda else x.dtype
+        b = None if bias is None else bias.to(out_dtype)
+        y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=ws.contiguous(), out_dtype=out_dtype, bias=b)
+        y = y.to(x.dtype)
     return y.reshape(*shape[:-1], -1)
 
 
