@@ -39,9 +39,13 @@ class TorchMLAAttention(AttentionBackend):
         starts = md.query_start_loc_cpu
         decodes = [i for i in range(md.num_seqs) if starts[i + 1] - starts[i] == 1]
         if decodes:
-            rows = torch.tensor([starts[i] for i in decodes], device=q.device)
-            idx = torch.tensor(decodes, device=q.device)
-            out[rows] = self._decode(q[rows], kv_cache, md, idx, max(md.seq_lens_cpu[i] for i in decodes))
+            max_len = max(md.seq_lens_cpu[i] for i in decodes)
+            if len(decodes) == md.num_seqs == n:  # decode-only (a captured graph's step): slices, no new tensors
+                out[:n] = self._decode(q[:n], kv_cache, md, slice(0, n), max_len)
+            else:
+                rows = torch.tensor([starts[i] for i in decodes], device=q.device)
+                idx = torch.tensor(decodes, device=q.device)
+                out[rows] = self._decode(q[rows], kv_cache, md, idx, max_len)
         flat = kv_cache.view(-1, self.head_size)
         for i in range(md.num_seqs):
             s, e = starts[i], starts[i + 1]
@@ -58,9 +62,9 @@ class TorchMLAAttention(AttentionBackend):
     def _decode(self, q, kv_cache, md, idx, max_len: int):
         bs = md.block_size
         blocks = md.block_table[idx, :-(-max_len // bs)].long()  # [B, n]
-        kv = kv_cache[blocks].view(len(idx), -1, self.head_size)  # [B, n * bs, L + R]
+        kv = kv_cache[blocks].view(blocks.shape[0], -1, self.head_size)  # [B, n * bs, L + R]
         visible = torch.arange(kv.shape[1], device=q.device)[None, :] < md.seq_lens[idx].long()[:, None]
-        return self._attend(q, kv, visible[:, None, :])
+        return self._attend(q, kv, visible[:, None, :])  # [B, n * bs] -> per head
 
     def _prefill(self, q, flat, md, i: int):
         seq_len, q_len, bs = md.seq_lens_cpu[i], q.shape[0], md.block_size

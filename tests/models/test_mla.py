@@ -3,6 +3,7 @@ plain float64 attention on the expanded keys and values (K = [W_UK c | k_pe], V 
 ragged step with decodes of unequal length, a fresh prefill and a prefill on cached context."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pageport.platforms import Platform
@@ -27,12 +28,17 @@ def _expanded_reference(q_nope, q_pe, latents, k_pes, w_uk, w_uv, seqs, scale):
     return torch.stack(out)
 
 
-def test_absorbed_paged_mla_matches_expanded_float64():
+# (cached, new, blocks) per sequence
+MIXED = [(8, 1, [3, 7, 1]), (0, 6, [2, 9]), (5, 4, [4, 5, 6]), (12, 1, [10, 11, 12, 8])]  # decode, fresh and
+# cached-context prefills, decode
+DECODES = [(8, 1, [3, 7, 1]), (2, 1, [2]), (12, 1, [10, 11, 12, 8])]  # decode-only (the CUDA-graph step's path)
+
+
+@pytest.mark.parametrize("seqs", [MIXED, DECODES], ids=["mixed", "decode-only"])
+def test_absorbed_paged_mla_matches_expanded_float64(seqs):
     g = torch.Generator().manual_seed(0)
     bs, scale = 4, (DN + R) ** -0.5 * 1.3
     attn = Platform().mla_attention_backend(H, L, R, scale)
-    # (cached, new, blocks): decode, fresh prefill, prefill on 5 cached tokens, decode
-    seqs = [(8, 1, [3, 7, 1]), (0, 6, [2, 9]), (5, 4, [4, 5, 6]), (12, 1, [10, 11, 12, 8])]
     md, _ = make_metadata(seqs, bs)
     lens = [c + n for c, n, _ in seqs]
     latents = [torch.randn(n, L, generator=g) for n in lens]
