@@ -132,22 +132,42 @@ _SHIFTS: dict[torch.device, torch.Tensor] = {}
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
     """logits[i, t] = -inf where bit t of row i is 0, in place on the logits' device. Rows whose mask allows
-    everything (no grammar) are not touched at all; in the others, tokens past the mask's width are forbidden."""
+    everything (no grammar) are not touched at all; in the others, tokens past the mask's width are forbidden.
+    xgrammar's kernel where it has one (CPU float32, CUDA), plain torch elsewhere."""
     if logits.dim() != 2 or bitmask.dim() != 2 or logits.shape[0] != bitmask.shape[0]:
         raise ValueError(f"logits {tuple(logits.shape)} and bitmask {tuple(bitmask.shape)} must both be "
                          "[rows, ...] with the same rows")
-    device = logits.device
-    bitmask = bitmask.to(device, non_blocking=True)
+    bitmask = bitmask.to(logits.device, non_blocking=True)
     rows = (bitmask != -1).any(dim=1).nonzero().flatten()
     if rows.numel() == 0:
         return
-    vocab = logits.shape[1]
-    shifts = _SHIFTS.get(device)
+    covered = bitmask.shape[1] * 32
+    if covered < logits.shape[1]:
+        logits[rows, covered:] = float("-inf")
+    if not _xgrammar_kernel(logits, bitmask, rows.tolist(), min(covered, logits.shape[1])):
+        _torch_apply(logits, bitmask, rows)
+
+
+def _xgrammar_kernel(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int], vocab: int) -> bool:
+    if not (logits.device.type == "cuda" or (logits.device.type == "cpu" and logits.dtype == torch.float32)):
+        return False
+    try:
+        import xgrammar
+    except ImportError:
+        return False
+    xgrammar.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab,
+                                         indices=None if len(rows) == logits.shape[0] else rows)
+    return True
+
+
+def _torch_apply(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
+    """The same on any device: unpack the rows' bits and fill."""
+    vocab = min(logits.shape[1], bitmask.shape[1] * 32)
+    shifts = _SHIFTS.get(logits.device)
     if shifts is None:
-        shifts = _SHIFTS[device] = torch.arange(32, dtype=torch.int32, device=device)
+        shifts = _SHIFTS[logits.device] = torch.arange(32, dtype=torch.int32, device=logits.device)
     words = bitmask.index_select(0, rows)
-    allowed = ((words.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)
-    if allowed.shape[1] < vocab:
-        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
-    sub = logits.index_select(0, rows).masked_fill_(~allowed[:, :vocab], float("-inf"))
+    forbidden = ((words.unsqueeze(-1) >> shifts) & 1).eq(0).flatten(1)[:, :vocab]
+    sub = logits.index_select(0, rows)
+    sub[:, :vocab].masked_fill_(forbidden, float("-inf"))
     logits.index_copy_(0, rows, sub)

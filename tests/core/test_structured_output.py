@@ -215,8 +215,12 @@ def test_unknown_backend_is_named(default_tokenizer):
         StructuredOutputManager(default_tokenizer, VOCAB, backend="nope")
 
 
+@pytest.mark.parametrize("kernel", ["auto", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_apply_bitmask_matches_a_bit_by_bit_reference(dtype):
+def test_apply_bitmask_matches_a_bit_by_bit_reference(dtype, kernel, monkeypatch):
+    if kernel == "torch":  # the path every device without xgrammar's kernel takes
+        import pageport.core.structured_output as so
+        monkeypatch.setattr(so, "_xgrammar_kernel", lambda *a: False)
     gen = torch.Generator().manual_seed(1)
     rows, vocab = 5, 1000
     width = bitmask_width(vocab - 70)  # the mask covers fewer tokens than the logits: the rest is forbidden
