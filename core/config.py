@@ -41,9 +41,10 @@ class EngineConfig:
     quantization: Optional[str] = _opt(None, "quantized linears: the checkpoint's format is detected from its "
                                              "config (compressed-tensors, fp8, awq, gptq; naming it must agree); "
                                              "on a dense checkpoint fp8 | w8a8 | w4a16 quantize while loading; "
+                                             "gguf: a GGUF file's Q4_0/Q4_1 linears stay 4-bit (W4A16); "
                                              "int4 | int8: the CPU's weight-only matmuls for small batches",
                                        choices=("compressed-tensors", "fp8", "awq", "gptq", "w8a8", "w4a16",
-                                                "int4", "int8"))
+                                                "gguf", "int4", "int8"))
     kv_cache_dtype: str = _opt("auto", "KV-cache element type: auto (the model's dtype) | fp8 (= fp8_e4m3) | fp8_e4m3 | "
                                        "fp8_e5m2: half the bytes per token (scale 1.0: values past the format's "
                                        "range saturate)", choices=("auto", "fp8", "fp8_e4m3", "fp8_e5m2"))

@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 
 from pageport.models.default import default_model_path
 from pageport.models.layers import quantized_linears
-from pageport.models.quantization import RUNTIME, create_weights, get_quantization_config, process_weights
+from pageport.models.quantization import (RUNTIME, create_weights, get_quantization_config, gguf_config,
+                                          process_weights)
 from pageport.models.registry import get_model_class
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,10 @@ def load_model(config, platform) -> LoadedModel:
     _check_max_model_len(config, hf_config)
     model_cls = get_model_class(hf_config.architectures)
     quantization = getattr(config, "quantization", None)
-    quant_config = get_quantization_config(hf_config, quantization)
+    if quantization == "gguf" and path.suffix == ".gguf":
+        quant_config = gguf_config(gg.tensors)
+    else:
+        quant_config = get_quantization_config(hf_config, quantization)
     with quantized_linears() if quant_config else contextlib.nullcontext():
         model = model_cls(hf_config, platform, config.dtype)
     if quant_config:

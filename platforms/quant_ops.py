@@ -99,7 +99,8 @@ class QuantOps:
     def w4a16_prepare(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
                       group_size: int) -> dict:
         """The platform's layout of a W4A16 weight. qweight [N, K / 8] int32 (`unpack_int4`'s packing),
-        scales [N, K / G] in the model's dtype, zeros [N, K / G] codes (uint8) or None for 8. Returns a dict of
+        scales [N, K / G] in the model's dtype, zeros [N, K / G]: codes (uint8), zero points in the scales' dtype
+        (fractional ones: GGUF Q4_1), or None for 8. Returns a dict of
         tensors and ints that `w4a16_linear` takes back."""
         return {"qweight": qweight, "scales": scales, "zeros": zeros, "group_size": group_size}
 

@@ -5,6 +5,7 @@ must then agree with a quantized checkpoint), or quantizes a dense checkpoint wh
 - checkpoint formats: compressed-tensors, fp8 (Hugging Face's, incl. block scales), awq, gptq
 - in the run: fp8 (FP8 W8A8: per-channel weights, dynamic per-token activations), w8a8 (the same in int8),
   w4a16 (symmetric int4, group 128)
+- gguf: a GGUF file's Q4_0 / Q4_1 linears kept 4-bit with their own codes (W4A16, group 32)
 (`int4` / `int8` are the CPU's weight-only speed mode, `pageport.kernels_cpu.quant`, applied after loading.)
 
 Loading: the model is built inside `layers.quantized_linears()` (dense weights left on "meta"), then
@@ -25,13 +26,14 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMATS = ("compressed-tensors", "fp8", "awq", "gptq")
 ONLINE = ("fp8", "w8a8", "w4a16")
+GGUF = "gguf"  # needs the file's tensor types: made by the loader (`gguf_config`)
 RUNTIME = ("int4", "int8")  # the CPU's weight-only mode, applied after loading by the platform
-QUANTIZATIONS = tuple(dict.fromkeys((*CHECKPOINT_FORMATS, *ONLINE, *RUNTIME)))
+QUANTIZATIONS = tuple(dict.fromkeys((*CHECKPOINT_FORMATS, *ONLINE, GGUF, *RUNTIME)))
 
 
 def _supported() -> str:
     return (f"checkpoint formats {', '.join(CHECKPOINT_FORMATS)}; in-run quantization "
-            f"{', '.join(ONLINE)}; CPU weight-only {', '.join(RUNTIME)}")
+            f"{', '.join(ONLINE)}; gguf (a GGUF file's 4-bit linears); CPU weight-only {', '.join(RUNTIME)}")
 
 
 def _hf_quant_config(hf_config) -> Optional[dict]:
@@ -57,6 +59,8 @@ def get_quantization_config(hf_config, override: Optional[str] = None) -> Option
     if cfg is None:
         if override in RUNTIME or override is None:
             return None
+        if override == GGUF:
+            raise ValueError("--quantization gguf needs a .gguf model")
         if override not in ONLINE:
             raise ValueError(f"--quantization {override} needs a checkpoint quantized as {override}; this one is "
                              f"dense (in-run quantization: {', '.join(ONLINE)})")
@@ -73,6 +77,20 @@ def get_quantization_config(hf_config, override: Optional[str] = None) -> Option
         return AwqConfig(cfg)
     from pageport.models.quantization.gptq import GptqConfig
     return GptqConfig(cfg)
+
+
+def gguf_config(tensors) -> QuantizationConfig:
+    """`--quantization gguf` for a GGUF file's tensor table (`gguf_loader.TensorInfo`s)."""
+    from gguf import GGMLQuantizationType
+
+    from pageport.models.gguf_loader import hf_name
+    from pageport.models.quantization.gguf import GgufConfig
+    types = {}
+    for t in tensors:
+        name = hf_name(t.name)
+        if name and name.endswith(".weight"):
+            types[name.removesuffix(".weight")] = GGMLQuantizationType(t.qtype).name
+    return GgufConfig(types)
 
 
 def create_weights(model: nn.Module, quant_config: QuantizationConfig, platform, dtype: torch.dtype) -> int:
@@ -110,5 +128,5 @@ def process_weights(model: nn.Module) -> None:
             method.process_weights(module)
 
 
-__all__ = ["QUANTIZATIONS", "QuantizationConfig", "LinearMethod", "get_quantization_config", "create_weights",
+__all__ = ["QUANTIZATIONS", "gguf_config", "QuantizationConfig", "LinearMethod", "get_quantization_config", "create_weights",
            "process_weights"]

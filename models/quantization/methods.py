@@ -130,7 +130,7 @@ class W4A16LinearMethod(LinearMethod):
                 drop_param(layer, name)
         k = codes.shape[1]
         prepared = self.ops.w4a16_prepare(pack_int4(codes), scales.contiguous(),
-                                           None if zeros is None else zeros.to(torch.uint8).contiguous(),
+                                           None if zeros is None else _zero_points(zeros, scales.dtype),
                                            self.group_size or k)
         layer.w4a16 = prepared
         for name, t in prepared.items():
@@ -144,6 +144,11 @@ class W4A16LinearMethod(LinearMethod):
         if perm is not None:
             x = x.index_select(-1, perm)
         return self.ops.w4a16_linear(x, layer.w4a16, bias)
+
+
+def _zero_points(zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Integer zero codes as uint8; fractional ones (GGUF Q4_1: -min / scale) in the scales' dtype."""
+    return (zeros.to(dtype) if zeros.is_floating_point() else zeros.to(torch.uint8)).contiguous()
 
 
 def quantize_weight_w4(w: torch.Tensor, group_size: int, symmetric: bool = True):

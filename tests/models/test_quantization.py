@@ -223,3 +223,36 @@ def test_quantization_flag_must_agree_with_the_checkpoint(tmp_path, cpu_platform
     compressed_tensors_checkpoint(tmp_path, "FP8_DYNAMIC", IDS)
     with pytest.raises(ValueError, match="does not match the checkpoint's quantization 'compressed-tensors'"):
         _load(tmp_path, cpu_platform, quantization="awq")
+
+
+# GGUF ------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # loads the default model twice in float32 (~15 s)
+def test_gguf_q4_linears_stay_4bit_with_the_files_codes(cpu_platform):
+    # the default model (Q4_1 linears, Q8_0 embedding) in float32: the W4A16 weights equal the file's dequantized
+    # ones to float32 rounding (codes recovered exactly, scale and zero point kept in float32), so the logits agree
+    from pageport.models.default import default_model_path
+    from pageport.platforms.quant_ops import dequantize_w4
+
+    def load(q):
+        cfg = EngineConfig(model=str(default_model_path()), dtype=torch.float32, quantization=q)
+        cpu_platform.check_config(cfg)
+        return load_model(cfg, cpu_platform).model
+
+    dense, quant = load(None), load("gguf")
+    n = 0
+    for (name, d), (_, q) in zip(dense.named_modules(), quant.named_modules()):
+        if getattr(q, "w4a16", None) is not None:
+            w = q.w4a16
+            assert w["group_size"] == 32 and w["zeros"] is not None  # Q4_1: fractional zero points
+            deq = dequantize_w4(w["qweight"], w["scales"], w["zeros"], 32)
+            assert (deq - d.weight).abs().max() <= 1e-6, name
+            n += 1
+    assert n == 30 * 4  # qkv, o, gate|up, down of every layer; the Q8_0 embedding / tied head stay dense
+    ids = IDS.clamp(max=255)
+    torch.testing.assert_close(_logits(quant, ids), _logits(dense, ids), atol=1e-3, rtol=0)
+
+
+def test_gguf_quantization_needs_a_gguf_file(tmp_path, cpu_platform):
+    dense_llama().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="--quantization gguf needs a .gguf model"):
+        _load(tmp_path, cpu_platform, quantization="gguf")
