@@ -12,7 +12,8 @@ from pageport.core.arg_utils import (_CONFIG_FIELDS, AsyncEngineArgs, EngineArgs
 from pageport.core.async_engine import AsyncLLMEngine as _AsyncLLMEngine
 from pageport.core.engine import LLMEngine as _LLMEngine
 from pageport.core.llm import LLM as _LLM
-from pageport.core.sampling_params import RequestOutputKind, SamplingParams
+from pageport.core.sampling_params import (RequestOutputKind, SamplingParams, check_engine_features,
+                                           engine_features)
 
 __all__ = ["LLM", "LLMEngine", "AsyncLLM", "AsyncLLMEngine", "EngineArgs", "AsyncEngineArgs",
            "FlexibleArgumentParser", "cleanup_dist_env_and_memory"]
@@ -32,6 +33,15 @@ class LLM(_LLM):
         model = resolve_hub_model(model, download_dir, revision)
         self._generation = (generation_config, override_generation_config)
         super().__init__(model, **kwargs)
+
+    def generate(self, prompts, sampling_params=None, use_tqdm: bool = True):
+        # what the engine does not apply is refused, never silently left out
+        params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params]
+        supported = engine_features(self.engine)
+        for p in params:
+            if p is not None:
+                check_engine_features(p, supported)
+        return super().generate(prompts, sampling_params, use_tqdm)
 
     def get_default_sampling_params(self) -> SamplingParams:
         """The model's own sampling defaults (generation_config.json), as vLLM gives them."""
@@ -58,6 +68,7 @@ class AsyncLLM(_AsyncLLMEngine):
 
     async def generate(self, prompt, sampling_params: SamplingParams, request_id: Optional[str] = None,
                        **kwargs) -> AsyncIterator:
+        check_engine_features(sampling_params, engine_features(self))
         final_only = sampling_params.output_kind == RequestOutputKind.FINAL_ONLY
         async for out in super().generate(prompt, sampling_params, request_id, **kwargs):
             if not final_only or out.finished:

@@ -187,3 +187,32 @@ class SamplingParams:
 
 
 GuidedDecodingParams = StructuredOutputsParams  # vLLM's former name
+
+
+# Options the engine core applies itself; an engine lists those it does in `sampling_features` (a set of these
+# names), and a request using one it does not is refused instead of being run without it.
+ENGINE_FEATURES = ("structured_outputs", "bad_words", "allowed_token_ids", "logits_processors", "logprobs_all",
+                   "truncate_prompt_tokens")
+
+
+def features_used(params: SamplingParams) -> list[str]:
+    used = [name for name in ("structured_outputs", "bad_words", "allowed_token_ids", "logits_processors",
+                              "truncate_prompt_tokens") if getattr(params, name)]
+    if params.logprobs == -1 or params.prompt_logprobs == -1:
+        used.append("logprobs_all")
+    return used
+
+
+def engine_features(engine) -> frozenset:
+    """The ENGINE_FEATURES an engine (LLMEngine, AsyncLLMEngine or a wrapper of one) applies."""
+    found = getattr(engine, "sampling_features", None)
+    if found is None and getattr(engine, "engine", None) is not None:
+        found = getattr(engine.engine, "sampling_features", None)
+    return frozenset(found or ())
+
+
+def check_engine_features(params: SamplingParams, supported: frozenset) -> None:
+    missing = [f for f in features_used(params) if f not in supported]
+    if missing:
+        what = "logprobs=-1 (the whole vocabulary)" if missing[0] == "logprobs_all" else missing[0]
+        raise ValueError(f"{what} is not applied by this engine yet; leave it out")

@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Optional
 
 from pageport.core.async_engine import AsyncLLMEngine, EngineDeadError
 from pageport.core.outputs import Logprob, RequestOutput
-from pageport.core.sampling_params import SamplingParams
+from pageport.core.sampling_params import SamplingParams, check_engine_features, engine_features, features_used
 from pageport.entrypoints.openai.errors import APIError, bad_request, error_body
 from pageport.entrypoints.openai.limits import PROMPT_CHARS_PER_TOKEN, ServerLimits
 from pageport.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
@@ -114,6 +114,11 @@ class OpenAIServing:
         self.closing = error
         for q in list(self._live):
             q.put_nowait((-1, error))
+
+    @property
+    def features(self) -> frozenset:
+        """What the engine applies of structured outputs, bad words, allowed tokens… (ENGINE_FEATURES)."""
+        return engine_features(self.engine)
 
     async def in_tokenizer_thread(self, fn, *args, **kwargs):
         """Tokenizer and chat-template work, off the event loop."""
@@ -228,7 +233,11 @@ class OpenAIServing:
             param, spec = extra
         if spec is None:
             return None
-        return await self.in_tokenizer_thread(structured_outputs_params, param, spec)
+        structured = await self.in_tokenizer_thread(structured_outputs_params, param, spec)  # a bad spec: 400
+        if "structured_outputs" not in self.features:
+            raise bad_request(f"{param}: this engine does not apply output grammars yet", param,
+                              "unsupported_parameter")
+        return structured
 
     def truncate(self, prompt: _Prompt, k: Optional[int]) -> None:
         """truncate_prompt_tokens: keep the prompt's last k tokens (-1: max_model_len)."""
@@ -275,7 +284,7 @@ class OpenAIServing:
             return d.get(name, fallback) if value is None else value
 
         try:
-            return SamplingParams(
+            params = SamplingParams(
                 n=n, temperature=given("temperature", 1.0), top_p=given("top_p", 1.0), top_k=given("top_k", 0),
                 min_p=given("min_p", 0.0), presence_penalty=req.presence_penalty or 0.0,
                 frequency_penalty=req.frequency_penalty or 0.0,
@@ -285,13 +294,18 @@ class OpenAIServing:
                 include_stop_str_in_output=req.include_stop_str_in_output, logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs, skip_special_tokens=req.skip_special_tokens,
                 spaces_between_special_tokens=req.spaces_between_special_tokens, bad_words=req.bad_words,
-                allowed_token_ids=req.allowed_token_ids, truncate_prompt_tokens=req.truncate_prompt_tokens,
+                allowed_token_ids=req.allowed_token_ids,  # truncate_prompt_tokens: done here already
                 structured_outputs=structured, extra_args=req.vllm_xargs, output_kind="delta")
         except (ValueError, TypeError) as e:
             msg = str(e)
             param = msg.split(" ", 1)[0].removeprefix("SamplingParams.") if msg.startswith("SamplingParams.") \
                 else None
             raise bad_request(msg.removeprefix("SamplingParams."), param) from e
+        try:
+            check_engine_features(params, self.features)
+        except ValueError as e:
+            raise bad_request(str(e), features_used(params)[0], "unsupported_parameter") from None
+        return params
 
     async def _start(self, prompts: list[_Prompt], params: SamplingParams, base_id: str, req,
                      arrival: float) -> list:

@@ -50,6 +50,7 @@ class ScriptedEngine:
         self.chunk = 3
         self.finish_reason = "stop"
         self.requests: list[tuple[dict, object]] = []  # (prompt, params) as received
+        self.sampling_features = {"structured_outputs", "bad_words", "allowed_token_ids"}  # passed on as given
 
     @property
     def last_prompt(self) -> str:

@@ -228,3 +228,20 @@ def test_echo_and_continue(engine, plain_client):
         "echo": True, "add_generation_prompt": False, "continue_final_message": True})
     assert r.choices[0].message.content == "Hello world"
     assert engine.last_prompt.endswith("Hello")  # continued, not closed
+
+
+def test_what_the_engine_does_not_apply_is_refused(engine, plain_client):
+    saved = engine.sampling_features
+    engine.sampling_features = set()
+    try:
+        with pytest.raises(openai.BadRequestError, match="does not apply output grammars") as e:
+            plain_client.chat.completions.create(model="m", messages=ASK, response_format={"type": "json_object"})
+        assert e.value.body["param"] == "response_format"
+        with pytest.raises(openai.BadRequestError, match="tool_choice: this engine does not apply"):
+            plain_client.chat.completions.create(model="m", messages=ASK, tools=TOOLS, tool_choice="required")
+        with pytest.raises(openai.BadRequestError, match="bad_words is not applied by this engine yet"):
+            plain_client.completions.create(model="m", prompt="hi", extra_body={"bad_words": ["x"]})
+        engine.reply = "fine"  # the rest still works
+        assert plain_client.completions.create(model="m", prompt="hi").choices[0].text == "fine"
+    finally:
+        engine.sampling_features = saved

@@ -166,3 +166,24 @@ def test_vllm_style_scripts(name, tmp_path):
         assert results[2] == "DEFAULTS 1.0"
     else:
         assert results == ["RESULT True 1 True"]
+
+
+def test_engine_features_are_checked():
+    from pageport.core.sampling_params import check_engine_features, engine_features
+
+    so = StructuredOutputsParams(choice=["a"])
+    check_engine_features(SamplingParams(), frozenset())
+    with pytest.raises(ValueError, match="structured_outputs is not applied by this engine yet"):
+        check_engine_features(SamplingParams(structured_outputs=so), frozenset())
+    with pytest.raises(ValueError, match="logprobs=-1"):
+        check_engine_features(SamplingParams(logprobs=-1), frozenset({"structured_outputs"}))
+    check_engine_features(SamplingParams(structured_outputs=so, logprobs=-1),
+                          frozenset({"structured_outputs", "logprobs_all"}))
+
+    class Inner:
+        sampling_features = {"bad_words"}
+
+    class Outer:
+        engine = Inner()
+
+    assert engine_features(Outer()) == {"bad_words"} and engine_features(object()) == frozenset()
