@@ -237,3 +237,38 @@ def test_apply_bitmask_matches_a_bit_by_bit_reference(dtype, kernel, monkeypatch
     assert torch.equal(logits, expected)
     with pytest.raises(ValueError, match="same rows"):
         apply_bitmask(logits, mask[:2])
+
+
+def test_allowed_tokens_row_and_forbid():
+    from pageport.core.structured_output.token_masks import allowed_tokens_row, forbid
+
+    ids = [0, 5, 31, 32, 1000, VOCAB - 1]
+    row = allowed_tokens_row(ids, VOCAB)
+    assert row.dtype == torch.int32 and row.shape == (bitmask_width(VOCAB),)
+    logits = torch.randn(2, VOCAB)
+    before = logits.clone()
+    apply_bitmask(logits, torch.stack([row, torch.full_like(row, -1)]))
+    assert sorted(torch.isfinite(logits[0]).nonzero().flatten().tolist()) == ids
+    assert torch.equal(logits[0, ids], before[0, ids]) and torch.equal(logits[1], before[1])
+    forbid(row, [31, 1000])
+    logits = torch.randn(1, VOCAB)
+    apply_bitmask(logits, row[None])
+    assert sorted(torch.isfinite(logits[0]).nonzero().flatten().tolist()) == [0, 5, 32, VOCAB - 1]
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        allowed_tokens_row([VOCAB], VOCAB)
+
+
+def test_bad_words(default_tokenizer):
+    from pageport.core.structured_output.token_masks import BadWords
+
+    tok = default_tokenizer
+    bw = BadWords(tok, ["Paris", "ineffable"])
+    spaced = tok.encode(" ineffable", add_special_tokens=False)
+    assert len(spaced) > 1  # a word of several tokens
+    always = bw.banned([])
+    for seq in bw.sequences:
+        if len(seq) == 1:
+            assert seq[0] in always  # one-token forms: never
+    after = bw.banned(tok.encode("It is", add_special_tokens=False) + spaced[:-1])
+    assert spaced[-1] in after  # the word's last token, right after the rest of it
+    assert spaced[-1] not in bw.banned(tok.encode("It is", add_special_tokens=False))
