@@ -75,7 +75,15 @@ def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor, shar
     if tuple(param.shape) != tuple(loaded_weight.shape):
         raise ValueError(f"weight shape {tuple(loaded_weight.shape)} does not fit parameter "
                          f"shape {tuple(param.shape)}")
+    if param.dtype.is_floating_point and is_quantized_tensor(loaded_weight):
+        raise ValueError(f"a quantized {str(loaded_weight.dtype).removeprefix('torch.')} checkpoint tensor for a "
+                         f"dense parameter: this layer's quantization is not supported")
     param.data.copy_(loaded_weight)
+
+
+def is_quantized_tensor(t: torch.Tensor) -> bool:
+    """Integer codes or fp8: what a dense parameter must never take by a silent cast."""
+    return not t.dtype.is_floating_point or t.element_size() == 1
 
 
 def _param(*shape: int, loader=None, fill: Optional[float] = None) -> nn.Parameter:

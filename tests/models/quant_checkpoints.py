@@ -45,7 +45,7 @@ def _weight_qparams(module, args):
 
 
 def compressed_tensors_checkpoint(path: Path, scheme: str, ids: torch.Tensor, group_size: int | None = None,
-                                  seed: int = 0) -> Path:
+                                  seed: int = 0, ignore: tuple = ("lm_head",)) -> Path:
     """Quantize a tiny Llama with a compressed-tensors preset scheme (W8A8, FP8, FP8_DYNAMIC, FP8_BLOCK, W4A16,
     W4A16_ASYM; group_size overrides the preset's) and save it compressed, as llm-compressor does.
     Static activation scales (FP8) are the max |input| over `ids`."""
@@ -62,12 +62,12 @@ def compressed_tensors_checkpoint(path: Path, scheme: str, ids: torch.Tensor, gr
     if qscheme.input_activations is not None and not qscheme.input_activations.dynamic:
         hooks = [m.register_forward_pre_hook(lambda m, a, n=n: input_absmax.__setitem__(
             n, max(input_absmax.get(n, 0.0), a[0].abs().max().item())))
-            for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+            for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in ignore]
         with torch.no_grad():
             model(ids)
         for h in hooks:
             h.remove()
-    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": qscheme}, ignore=["lm_head"]))
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": qscheme}, ignore=list(ignore)))
     for name, m in model.named_modules():
         s = getattr(m, "quantization_scheme", None)
         if s is None:

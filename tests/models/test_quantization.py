@@ -219,6 +219,12 @@ def test_quantized_moe_experts_are_refused(tmp_path, cpu_platform):
         _load(tmp_path, cpu_platform, load_format="dummy")
 
 
+def test_a_quantized_lm_head_is_refused_not_cast(tmp_path, cpu_platform):
+    compressed_tensors_checkpoint(tmp_path, "W8A8", IDS, ignore=())  # the LM head quantized too
+    with pytest.raises(ValueError, match="quantized int8 checkpoint tensor for a dense parameter"):
+        _load(tmp_path, cpu_platform)
+
+
 def test_quantization_flag_must_agree_with_the_checkpoint(tmp_path, cpu_platform):
     compressed_tensors_checkpoint(tmp_path, "FP8_DYNAMIC", IDS)
     with pytest.raises(ValueError, match="does not match the checkpoint's quantization 'compressed-tensors'"):
