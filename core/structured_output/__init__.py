@@ -166,8 +166,12 @@ def _torch_apply(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor
     shifts = _SHIFTS.get(logits.device)
     if shifts is None:
         shifts = _SHIFTS[logits.device] = torch.arange(32, dtype=torch.int32, device=logits.device)
-    words = bitmask.index_select(0, rows)
+    every = rows.numel() == logits.shape[0]
+    words = bitmask if every else bitmask.index_select(0, rows)
     forbidden = ((words.unsqueeze(-1) >> shifts) & 1).eq(0).flatten(1)[:, :vocab]
+    if every:
+        logits[:, :vocab].masked_fill_(forbidden, float("-inf"))
+        return
     sub = logits.index_select(0, rows)
     sub[:, :vocab].masked_fill_(forbidden, float("-inf"))
     logits.index_copy_(0, rows, sub)
