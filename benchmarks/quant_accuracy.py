@@ -1,5 +1,6 @@
 """Accuracy of in-run FP8 and INT8 W8A8 (also W4A16, and gguf: the file's own 4-bit codes) on the default model's
-real weights (CPU): KL(bf16 || quantized) of the next-token distributions over held-out text, and top-1 agreement. Writes benchmarks/results/quant_accuracy_cpu.json.
+real weights (CPU): KL(bf16 || quantized) of the next-token distributions over held-out text, and top-1 agreement.
+Writes benchmarks/results/quant_accuracy_cpu.json.
 
     python benchmarks/quant_accuracy.py [--out PATH]
 """
@@ -75,7 +76,8 @@ def main() -> None:
         kl = (ref.exp() * (ref - lp)).sum(-1)
         results["schemes"][q] = {"kl_mean": kl.mean().item(), "kl_p95": kl.quantile(0.95).item(),
                                  "top1_agreement": (ref.argmax(-1) == lp.argmax(-1)).float().mean().item(),
-                                 "goal_kl_le_0.01": kl.mean().item() <= 0.01 if q in ("fp8", "w8a8") else None,  # the goal names those two
+                                 # the goal names FP8 and W8A8 only
+                                 "goal_kl_le_0.01": kl.mean().item() <= 0.01 if q in ("fp8", "w8a8") else None,
                                  "seconds": round(time.perf_counter() - t0, 1)}
         print(q, results["schemes"][q])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

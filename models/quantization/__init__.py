@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pageport.models.quantization.base import LinearMethod, QuantizationConfig
+from pageport.models.quantization.base import LinearMethod, QuantizationConfig, dense_weight
 
 logger = logging.getLogger(__name__)
 
@@ -106,11 +106,7 @@ def create_weights(model: nn.Module, quant_config: QuantizationConfig, platform,
             continue
         method = quant_config.linear_method(prefix, module)
         if method is None:
-            shape = tuple(module.weight.shape)
-            del module._parameters["weight"]
-            p = nn.Parameter(torch.empty(shape, dtype=dtype, device=platform.device), requires_grad=False)
-            p.weight_loader = module.weight_loader
-            module.register_parameter("weight", p)
+            dense_weight(module, dtype, platform.device)
             continue
         method.ops = platform.ops
         method.create_weights(module, dtype, platform.device)
@@ -128,5 +124,6 @@ def process_weights(model: nn.Module) -> None:
             method.process_weights(module)
 
 
-__all__ = ["QUANTIZATIONS", "gguf_config", "QuantizationConfig", "LinearMethod", "get_quantization_config", "create_weights",
+__all__ = ["QUANTIZATIONS", "gguf_config", "QuantizationConfig", "LinearMethod", "get_quantization_config",
+           "create_weights",
            "process_weights"]

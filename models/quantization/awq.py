@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from pageport.models.quantization.base import QuantizationConfig, quant_param
+from pageport.models.quantization.base import QuantizationConfig, drop_param, quant_param
 from pageport.models.quantization.methods import W4A16LinearMethod
 from pageport.platforms.quant_ops import unpack_int4
 
@@ -27,7 +27,7 @@ class AwqLinearMethod(W4A16LinearMethod):
     def create_weights(self, layer, dtype, device) -> None:
         n, k = layer.output_size, layer.input_size
         groups = self.groups(k)
-        layer._parameters.pop("weight", None)
+        drop_param(layer, "weight")
         quant_param(layer, "qweight", (k, n // 8), torch.int32, device, out_dim=1, rows_per_elem=8)
         quant_param(layer, "qzeros", (groups, n // 8), torch.int32, device, out_dim=1, rows_per_elem=8)
         quant_param(layer, "scales", (groups, n), dtype, device, out_dim=1)

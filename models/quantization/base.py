@@ -46,11 +46,11 @@ class LinearMethod:
 
 
 def matches(prefix: str, patterns: Iterable[str], class_name: str = "Linear") -> bool:
-    """compressed-tensors / HF target matching: 're:REGEX' (fullmatch on the prefix), a class name, or a
+    """compressed-tensors / HF target matching: 're:REGEX' (matched from the prefix's start), a class name, or a
     module name (whole prefix or its last components)."""
     for p in patterns:
         if p.startswith("re:"):
-            if re.fullmatch(p[3:], prefix) or re.match(p[3:], prefix):
+            if re.match(p[3:], prefix):
                 return True
         elif p == class_name or prefix == p or prefix.endswith("." + p):
             return True
@@ -68,8 +68,8 @@ def quant_param(layer: nn.Module, name: str, shape: tuple, dtype: torch.dtype, d
                 fill: Optional[float] = None) -> nn.Parameter:
     """Register a checkpoint tensor of a (possibly fused) linear as `layer.<name>` and give it a shard loader.
 
-    out_dim: the tensor's dimension that runs over output features (None: the same tensor for every shard,
-    e.g. GPTQ's g_idx, checked equal). rows_per_elem: output features per element along out_dim (8 for
+    out_dim: the tensor's dimension that runs over output features (None: one tensor the shards all carry,
+    e.g. GPTQ's g_idx, copied whole). rows_per_elem: output features per element along out_dim (8 for
     int4 codes packed along it, 128 for 128x128 block scales). per_shard: one row per fused shard (a per-tensor
     scale of q, k and v each), shape[0] == number of shards."""
     data = torch.empty(shape, dtype=dtype, device=device) if fill is None else torch.full(shape, fill, dtype=dtype,
@@ -83,12 +83,11 @@ def quant_param(layer: nn.Module, name: str, shape: tuple, dtype: torch.dtype, d
                                  f"the format's {rows_per_elem}-row blocks")
 
     def loader(param: nn.Parameter, w: torch.Tensor, shard_id=None) -> None:
-        if per_shard:
-            dst = param.data[shard_index(layer, shard_id)] if len(shards) > 1 or shard_id is not None \
-                else param.data[0]
-            if w.numel() != dst.numel():
-                raise ValueError(f"{name}: expected {dst.numel()} value(s) per shard, got shape {tuple(w.shape)}")
-            dst.copy_(w.reshape(dst.shape))
+        if per_shard:  # one value (or row) per fused shard; a fused checkpoint tensor (shard None) sets them all
+            rows = param.data if shard_id is None else param.data[shard_index(layer, shard_id)].unsqueeze(0)
+            if w.numel() != rows[0].numel():
+                raise ValueError(f"{name}: expected {rows[0].numel()} value(s) per shard, got shape {tuple(w.shape)}")
+            rows.copy_(w.reshape(rows.shape[1:]).expand_as(rows))
             return
         if out_dim is None:
             if w.shape != param.shape:
@@ -107,6 +106,15 @@ def quant_param(layer: nn.Module, name: str, shape: tuple, dtype: torch.dtype, d
     p.weight_loader = loader
     layer.register_parameter(name, p)
     return p
+
+
+def dense_weight(layer: nn.Module, dtype: torch.dtype, device) -> None:
+    """Replace the "meta" placeholder with the layer's real dense weight (loaded by the layer's own loader)."""
+    drop_param(layer, "weight")
+    p = nn.Parameter(torch.empty(layer.output_size, layer.input_size, dtype=dtype, device=device),
+                     requires_grad=False)
+    p.weight_loader = layer.weight_loader
+    layer.register_parameter("weight", p)
 
 
 def set_tensor(layer: nn.Module, name: str, t: torch.Tensor) -> None:

@@ -15,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from pageport.models.quantization.base import LinearMethod, QuantizationConfig, matches, quant_param
+from pageport.models.quantization.base import (LinearMethod, QuantizationConfig, drop_param, matches, num_shards,
+                                                quant_param)
 from pageport.models.quantization.methods import W4A16LinearMethod, W8A8LinearMethod, W8A8Scheme
 from pageport.platforms.quant_ops import unpack_int4
 
@@ -32,10 +33,10 @@ class CompressedTensorsW4A16(W4A16LinearMethod):
     def create_weights(self, layer, dtype, device) -> None:
         n, k = layer.output_size, layer.input_size
         groups = self.groups(k)
-        layer._parameters.pop("weight", None)
+        drop_param(layer, "weight")
         quant_param(layer, "weight_packed", (n, k // 8), torch.int32, device)
         quant_param(layer, "weight_scale", (n, groups), dtype, device)
-        quant_param(layer, "weight_shape", (num_shards_or_one(layer), 2), torch.int64, device, per_shard=True)
+        quant_param(layer, "weight_shape", (num_shards(layer), 2), torch.int64, device, per_shard=True)
         if not self.symmetric:
             quant_param(layer, "weight_zero_point", (-(-n // 8), groups), torch.int32, device, rows_per_elem=8)
 
@@ -45,10 +46,6 @@ class CompressedTensorsW4A16(W4A16LinearMethod):
         if not self.symmetric:
             zeros = unpack_int4(layer.weight_zero_point.data.t().contiguous()).t()[:layer.output_size]
         return codes, layer.weight_scale.data, zeros, None
-
-
-def num_shards_or_one(layer) -> int:
-    return len(layer.output_shards())
 
 
 class CompressedTensorsConfig(QuantizationConfig):

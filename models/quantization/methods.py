@@ -9,10 +9,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch import nn
 
-from pageport.models.quantization.base import (LinearMethod, drop_param, num_shards, per_channel, quant_param,
-                                                set_tensor)
+from pageport.models.quantization.base import (LinearMethod, dense_weight, drop_param, num_shards, per_channel,
+                                                quant_param, set_tensor)
 from pageport.platforms.quant_ops import FP8_MAX, INT8_MAX, pack_int4
 
 
@@ -92,11 +91,7 @@ class OnlineW8A8LinearMethod(W8A8LinearMethod):
     """A dense checkpoint's linears quantized at load: per-channel weights, dynamic per-token activations."""
 
     def create_weights(self, layer, dtype, device) -> None:
-        drop_param(layer, "weight")
-        p = nn.Parameter(torch.empty(layer.output_size, layer.input_size, dtype=dtype, device=device),
-                         requires_grad=False)
-        p.weight_loader = layer.weight_loader
-        layer.register_parameter("weight", p)
+        dense_weight(layer, dtype, device)
 
     def process_weights(self, layer) -> None:
         q, scale = quantize_weight_w8a8(layer.weight.data, self.scheme.weight_dtype, self.scheme.block)
@@ -170,7 +165,7 @@ class OnlineW4A16LinearMethod(W4A16LinearMethod):
     """A dense checkpoint's linears quantized to symmetric int4 at load (`--quantization w4a16`)."""
 
     def create_weights(self, layer, dtype, device) -> None:
-        OnlineW8A8LinearMethod.create_weights(self, layer, dtype, device)
+        dense_weight(layer, dtype, device)
 
     def unpack(self, layer):
         w = layer.weight.data

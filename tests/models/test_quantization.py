@@ -204,7 +204,8 @@ def test_unsupported_format_fails_at_load_with_one_line(tmp_path, cpu_platform):
 
 def test_unsupported_compressed_tensors_scheme_names_it(tmp_path, cpu_platform):
     compressed_tensors_checkpoint(tmp_path, "W8A16", IDS)  # 8-bit weights, activations left alone
-    with pytest.raises(ValueError, match="compressed-tensors checkpoint with pack-quantized 8-bit int weights is not supported; supported: W8A8"):
+    with pytest.raises(ValueError, match="compressed-tensors checkpoint with pack-quantized 8-bit int weights is not "
+                                         "supported; supported: W8A8"):
         _load(tmp_path, cpu_platform)
 
 
