@@ -81,6 +81,7 @@ def load_model(config, platform) -> LoadedModel:
                                 leave=False))
     if quant_config:
         process_weights(model)
+        platform.empty_cache()  # dense weights quantized in the run leave freed blocks the KV-cache sizing must see
     model.eval()
     if quantization in RUNTIME:
         _quantize(model, platform, quantization)
