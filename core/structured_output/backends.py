@@ -158,8 +158,65 @@ class XgrammarBackend:
         return _XgrammarMatcher(self.xgr, compiled)
 
 
-BACKENDS = {"xgrammar": XgrammarBackend}
-_NOT_HERE = ("guidance", "llguidance", "outlines", "lm-format-enforcer")
+# llguidance ---------------------------------------------------------------------------------------------------
+class _LlguidanceMatcher:
+    def __init__(self, llg_torch, matcher):
+        self._torch, self._m = llg_torch, matcher
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        self._torch.fill_next_token_bitmask(self._m, bitmask, row)
+
+    def accept_token(self, token_id: int) -> bool:
+        # checked first: a refused token would leave llguidance's matcher in its error state
+        return self._m.validate_tokens([token_id]) == 1 and bool(self._m.consume_token(token_id))
+
+    def is_terminated(self) -> bool:
+        return self._m.is_stopped()
+
+
+class LlguidanceBackend:
+    """llguidance (`pip install llguidance`): same bitmask layout. JSON objects take only their declared
+    properties here too, so that both backends generate the same language for a schema."""
+
+    def __init__(self, tokenizer, vocab_size: int):
+        try:
+            import llguidance
+            import llguidance.hf
+            import llguidance.torch
+        except ImportError as e:
+            raise ValueError(f"the guidance backend needs llguidance: pip install llguidance ({e})") from None
+        self.llg = llguidance
+        self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
+
+    def compile(self, params: StructuredOutputsParams) -> str:
+        M, kind = self.llg.LLMatcher, params.kind
+        if kind in ("json", "json_object"):
+            schema = _no_additional_properties(_schema(params) if kind == "json" else {"type": "object"})
+            grammar = M.grammar_from_json_schema(schema, defaults={
+                "whitespace_flexible": not params.disable_any_whitespace})
+        elif kind == "regex":
+            grammar = M.grammar_from_regex(params.regex)
+        elif kind == "choice":
+            grammar = M.grammar_from_lark("start: " + " | ".join(json.dumps(c, ensure_ascii=False)
+                                                                 for c in params.choice))
+        elif kind == "grammar":
+            g = params.grammar
+            from llguidance.gbnf_to_lark import gbnf_to_lark
+            grammar = M.grammar_from_lark(gbnf_to_lark(g) if _is_ebnf(g) else g)
+        else:
+            raise ValueError(f"the guidance backend does not take {kind}; use xgrammar")
+        err = M.validate_grammar(grammar)
+        if err:
+            raise ValueError(f"invalid {kind} in structured_outputs: {err.strip()}")
+        return grammar
+
+    def matcher(self, compiled: str) -> GrammarMatcher:
+        import llguidance.torch
+        return _LlguidanceMatcher(llguidance.torch, self.llg.LLMatcher(self.tokenizer, compiled))
+
+
+BACKENDS = {"xgrammar": XgrammarBackend, "guidance": LlguidanceBackend, "llguidance": LlguidanceBackend}
+_NOT_HERE = ("outlines", "lm-format-enforcer")
 
 
 def make_backend(name: str, tokenizer, vocab_size: int) -> GrammarBackend:
