@@ -140,30 +140,31 @@ def scaled_linear(x, weight, weight_scale, input_scale=None, block=None, bias=No
 def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, G, stride_xm, stride_qk, stride_sk, stride_om,
                   K_PER_SPLIT, HAS_ZEROS: tl.constexpr, SPLIT: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # BLOCK_K divides the group size: one scale (and zero point) row per K step
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    rw = tl.arange(0, BLOCK_K // 8)
+    shifts = tl.arange(0, 8) * 4
+    n_ok = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
     for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
-        kk = k0 + rk
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K),
-                    other=0.0)
-        mask_w = (kk[:, None] < K) & (rn[None, :] < N)
-        words = tl.load(q_ptr + (kk[:, None] // 8) * stride_qk + rn[None, :], mask=mask_w, other=0)
-        codes = (words >> ((kk[:, None] % 8) * 4)) & 0xF
-        g = kk[:, None] // G
-        s = tl.load(s_ptr + g * stride_sk + rn[None, :], mask=mask_w, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=rm[:, None] < M, other=0.0)
+        words = tl.load(q_ptr + (k0 // 8 + rw)[:, None] * stride_qk + rn[None, :], mask=n_ok[None, :], other=0)
+        codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N))  # row 8i + j
+        g = k0 // G
+        s = tl.load(s_ptr + g * stride_sk + rn, mask=n_ok, other=0.0).to(tl.float32)
         if HAS_ZEROS:
-            z = tl.load(z_ptr + g * stride_sk + rn[None, :], mask=mask_w, other=8).to(tl.float32)
+            z = tl.load(z_ptr + g * stride_sk + rn, mask=n_ok, other=8).to(tl.float32)
         else:
-            z = 8.0
-        w = ((codes.to(tl.float32) - z) * s).to(x.dtype)
+            z = tl.full((BLOCK_N,), 8.0, tl.float32)
+        w = ((codes.to(tl.float32) - z[None, :]) * s[None, :]).to(x.dtype)
         acc += tl.dot(x, w, out_dtype=tl.float32)
-    mask_o = (rm[:, None] < M) & (rn[None, :] < N)
+    mask_o = (rm[:, None] < M) & n_ok[None, :]
     if SPLIT == 1:
         tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask_o)
     else:
@@ -213,6 +214,8 @@ def w4a16_linear(x, w: dict, bias=None, config: Optional[tuple] = None):
     n = q.shape[1]
     num_sms = _num_sms(x.device.index or 0) if x.is_cuda else 132
     bm, bn, bk, split = config or w4a16_config(m, n, k, g, num_sms)
+    if g % bk or bk % 8 or k % (split * bk):
+        raise ValueError(f"W4A16 launch: BLOCK_K {bk} must divide the group size {g} and K {k} split {split} ways")
     out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if split > 1 else \
         torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
