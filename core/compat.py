@@ -49,6 +49,10 @@ class LLM(_LLM):
 
 
 class LLMEngine(_LLMEngine):
+    def add_request(self, request_id, prompt, params: SamplingParams, *args, **kwargs):
+        check_engine_features(params, engine_features(self))
+        return super().add_request(request_id, prompt, params, *args, **kwargs)
+
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs, **kwargs) -> "LLMEngine":
         return cls(engine_args.create_engine_config(), **kwargs)

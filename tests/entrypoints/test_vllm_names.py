@@ -127,6 +127,37 @@ SCRIPTS = {
             print("RESULT", repr(output.prompt), len(output.outputs[0].token_ids))
         print("DEFAULTS", llm.get_default_sampling_params().temperature)
     """,
+    # the engine-loop example: EngineArgs from the command line, add_request / step
+    "engine": """
+        from pageport import EngineArgs, FlexibleArgumentParser, LLMEngine, SamplingParams
+        parser = EngineArgs.add_cli_args(FlexibleArgumentParser(description="engine example"))
+        args = parser.parse_args(["--max_model_len", "256"])
+        engine = LLMEngine.from_engine_args(EngineArgs.from_cli_args(args))
+        queue = [("To be or not to be,", SamplingParams(temperature=0.8, top_k=5, max_tokens=8, seed=1)),
+                 ("What is the meaning of life?", SamplingParams(n=2, temperature=0.8, max_tokens=8, seed=2))]
+        request_id, done = 0, []
+        while queue or engine.has_unfinished_requests():
+            if queue:
+                prompt, params = queue.pop(0)
+                engine.add_request(str(request_id), prompt, params)
+                request_id += 1
+            done += [out for out in engine.step() if out.finished]
+        print("RESULT", len(done), sorted(len(o.outputs) for o in done))
+    """,
+    # chat and beam search, offline
+    "chat": """
+        from pageport import LLM, SamplingParams
+        from pageport.sampling_params import BeamSearchParams
+        llm = LLM(max_model_len=512)
+        conversation = [{"role": "system", "content": "You are a helpful assistant"},
+                        {"role": "user", "content": "Hello"},
+                        {"role": "assistant", "content": "Hello! How can I assist you today?"},
+                        {"role": "user", "content": "Write an essay about the importance of higher education."}]
+        outputs = llm.chat(conversation, SamplingParams(temperature=0.5, max_tokens=8), use_tqdm=False)
+        print("RESULT", len(outputs), len(outputs[0].outputs[0].token_ids))
+        beams = llm.beam_search([{"prompt": "The capital of France is"}], BeamSearchParams(beam_width=2, max_tokens=4))
+        print("RESULT", len(beams[0].sequences), bool(beams[0].sequences[0].text))
+    """,
     # the async engine from engine args, streaming deltas
     "async": """
         import asyncio
@@ -161,11 +192,13 @@ def run_script(name: str, source: str, tmp_path) -> list[str]:
 @pytest.mark.parametrize("name", list(SCRIPTS))
 def test_vllm_style_scripts(name, tmp_path):
     results = run_script(name, SCRIPTS[name], tmp_path)
+    expected = {"engine": ["RESULT 2 [1, 2]"], "chat": ["RESULT 1 8", "RESULT 2 True"],
+                "async": ["RESULT True 1 True"]}
     if name == "offline":
         assert len(results) == 3 and all(line.endswith(" 8") for line in results[:2])
         assert results[2] == "DEFAULTS 1.0"
     else:
-        assert results == ["RESULT True 1 True"]
+        assert results == expected[name]
 
 
 def test_engine_features_are_checked():
