@@ -60,6 +60,11 @@ class CompressedTensorsConfig(QuantizationConfig):
             self.groups.append((list(group.get("targets") or []), self._method_factory(group, fmt)))
         if cfg.get("kv_cache_scheme"):
             raise _unsupported("a quantized KV cache (kv_cache_scheme)")
+        sparsity = cfg.get("sparsity_config") or {}
+        if sparsity.get("format") not in (None, "dense"):
+            raise _unsupported(f"sparsity format {sparsity.get('format')!r}")
+        if cfg.get("transform_config"):
+            raise _unsupported("transforms (transform_config)")
         if not self.groups:
             raise _unsupported("no config_groups")
 

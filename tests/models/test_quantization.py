@@ -226,6 +226,15 @@ def test_a_quantized_lm_head_is_refused_not_cast(tmp_path, cpu_platform):
         _load(tmp_path, cpu_platform)
 
 
+def test_sparse_compressed_tensors_checkpoint_is_refused(tmp_path, cpu_platform):
+    compressed_tensors_checkpoint(tmp_path, "FP8_DYNAMIC", IDS)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"]["sparsity_config"] = {"format": "sparse-24-bitmask", "targets": ["Linear"]}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="sparsity format 'sparse-24-bitmask' is not supported"):
+        _load(tmp_path, cpu_platform)
+
+
 def test_quantization_flag_must_agree_with_the_checkpoint(tmp_path, cpu_platform):
     compressed_tensors_checkpoint(tmp_path, "FP8_DYNAMIC", IDS)
     with pytest.raises(ValueError, match="does not match the checkpoint's quantization 'compressed-tensors'"):
