@@ -32,9 +32,9 @@ def bench(fn, iters=50):
 
 
 def main() -> None:
-    from pageport.kernels_cuda.quant_gemm import scaled_linear, w4a16_linear, w4a16_prepare
+    from pageport.kernels_cuda.quant_gemm import scaled_linear, wna16_linear, wna16_prepare
     from pageport.models.quantization.methods import quantize_weight_w4, quantize_weight_w8a8
-    from pageport.platforms.quant_ops import pack_int4
+    from pageport.platforms.quant_ops import pack_codes
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "quant_gpu.json"))
@@ -46,7 +46,7 @@ def main() -> None:
     w4 = {}
     for k, w in weights.items():
         codes, s, _ = quantize_weight_w4(w, 128)
-        w4[k] = w4a16_prepare(pack_int4(codes), s.to(torch.bfloat16), None, 128)
+        w4[k] = wna16_prepare(pack_codes(codes), s.to(torch.bfloat16), None, 128)
     for m in (1024, 4096, 8192):  # tokens per step of a throughput run (1000 x 1024/128 prefills chunked)
         row = {}
         for k, w in weights.items():
@@ -63,7 +63,7 @@ def main() -> None:
         for k, w in weights.items():
             x = torch.randn(m, w.shape[1], device=dev, dtype=torch.bfloat16)
             t_bf16 = bench(lambda: torch.nn.functional.linear(x, w), 200)
-            t_w4 = bench(lambda: w4a16_linear(x, w4[k]), 200)
+            t_w4 = bench(lambda: wna16_linear(x, w4[k]), 200)
             row[k] = {"bf16_ms": t_bf16, "w4a16_ms": t_w4, "speedup": t_bf16 / t_w4}
         tot_b, tot_w = sum(r["bf16_ms"] for r in row.values()), sum(r["w4a16_ms"] for r in row.values())
         res["w4a16_decode"][m] = {"per_linear": row, "layer_speedup": tot_b / tot_w}

@@ -62,15 +62,23 @@ class CpuOps(Ops):
                                  out_dtype=x.dtype, bias=bias)
         return y.reshape(*shape[:-1], -1)
 
-    def w4a16_prepare(self, qweight, scales, zeros, group_size):
+    def wna16_prepare(self, qweight, scales, zeros, group_size, bits=4):
         from pageport.kernels_cpu.quant import int4pack_from_codes
-        from pageport.platforms.quant_ops import unpack_int4
-        packed = int4pack_from_codes(unpack_int4(qweight), scales, zeros, group_size)
-        w = super().w4a16_prepare(qweight, scales, zeros, group_size)
-        return {**w, **packed} if packed else w
+        from pageport.platforms.quant_ops import unpack_codes
+        w = super().wna16_prepare(qweight, scales, zeros, group_size, bits)
+        codes = unpack_codes(qweight, bits)
+        if bits == 4:
+            return {**w, **int4pack_from_codes(codes, scales, zeros, group_size)}
+        if zeros is None and group_size == codes.shape[1] and scales.dtype == torch.bfloat16:
+            # symmetric per-channel 8-bit: torch's weight-only int8 kernel (bf16 activations)
+            return {**w, "int8pack": (codes - 128).to(torch.int8), "int8pack_scale": scales.reshape(-1).contiguous()}
+        return w
 
-    def w4a16_linear(self, x, w, bias=None):
-        if "int4pack" not in w or x.dtype != torch.bfloat16 or x.dim() != 2:
-            return super().w4a16_linear(x, w, bias)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, w["int4pack"], w["group_size"], w["int4pack_sz"])
+    def wna16_linear(self, x, w, bias=None):
+        if x.dtype != torch.bfloat16 or x.dim() != 2 or not ("int4pack" in w or "int8pack" in w):
+            return super().wna16_linear(x, w, bias)
+        if "int4pack" in w:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, w["int4pack"], w["group_size"], w["int4pack_sz"])
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x, w["int8pack"], w["int8pack_scale"])
         return y if bias is None else y + bias

@@ -57,14 +57,14 @@ class TritonOps(Ops):
         from pageport.kernels_cuda.quant_gemm import scaled_linear
         return scaled_linear(x, weight, weight_scale, input_scale, block, bias)
 
-    def w4a16_prepare(self, qweight, scales, zeros, group_size):
+    def wna16_prepare(self, qweight, scales, zeros, group_size, bits=4):
         if not self.runs_triton(qweight):
-            return super().w4a16_prepare(qweight, scales, zeros, group_size)
-        from pageport.kernels_cuda.quant_gemm import w4a16_prepare
-        return w4a16_prepare(qweight, scales, zeros, group_size)
+            return super().wna16_prepare(qweight, scales, zeros, group_size, bits)
+        from pageport.kernels_cuda.quant_gemm import wna16_prepare
+        return wna16_prepare(qweight, scales, zeros, group_size, bits)
 
-    def w4a16_linear(self, x, w, bias=None):
+    def wna16_linear(self, x, w, bias=None):
         if not self.runs_triton(x):
-            return super().w4a16_linear(x, w, bias)
-        from pageport.kernels_cuda.quant_gemm import w4a16_linear
-        return w4a16_linear(x, w, bias)
+            return super().wna16_linear(x, w, bias)
+        from pageport.kernels_cuda.quant_gemm import wna16_linear
+        return wna16_linear(x, w, bias)

@@ -5,11 +5,11 @@
 - fp8 W8A8: torch._scaled_mm with row-wise scales (per-token activations x per-channel weights; cuBLASLt's
   fp8 GEMM on Hopper); int8 W8A8: torch._int_mm (int32 accumulation) and the scales applied after;
 - fp8 with 128x128 block weight scales: a Triton GEMM that scales each K block's partial product;
-- W4A16: a Triton GEMM that unpacks the 4-bit codes and applies the group scale in registers; for decode
+- W4A16 / W8A16: a Triton GEMM that unpacks the codes and applies the group scale in registers; for decode
   shapes (few rows) the K loop is split over programs (split-K) that add into a float32 output, so a batch-1
   GEMM still spreads over every SM.
-The W4A16 weight layout here is K-major: codes [K/8, N] int32, scales and zero codes [K/G, N], so a tile's
-loads run along N (coalesced).
+The weight-only layout here is K-major: codes [K*bits/32, N] int32, scales and zero points [K/G, N], so a
+tile's loads run along N (coalesced).
 """
 from __future__ import annotations
 
@@ -137,8 +137,8 @@ def scaled_linear(x, weight, weight_scale, input_scale=None, block=None, bias=No
 
 # W4A16 ------------------------------------------------------------------------------------------------------
 @triton.jit
-def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, G, stride_xm, stride_qk, stride_sk, stride_om,
-                  K_PER_SPLIT, HAS_ZEROS: tl.constexpr, SPLIT: tl.constexpr,
+def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, G, stride_xm, stride_qk, stride_sk, stride_om,
+                  K_PER_SPLIT, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, SPLIT: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # BLOCK_K divides the group size: one scale (and zero point) row per K step
     pid_m = tl.program_id(0)
@@ -147,21 +147,24 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, G, stride_xm, st
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    rw = tl.arange(0, BLOCK_K // 8)
-    shifts = tl.arange(0, 8) * 4
+    PER_WORD: tl.constexpr = 32 // BITS
+    rw = tl.arange(0, BLOCK_K // PER_WORD)
+    shifts = tl.arange(0, PER_WORD) * BITS
     n_ok = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
     for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
         x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=rm[:, None] < M, other=0.0)
-        words = tl.load(q_ptr + (k0 // 8 + rw)[:, None] * stride_qk + rn[None, :], mask=n_ok[None, :], other=0)
-        codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N))  # row 8i + j
+        words = tl.load(q_ptr + (k0 // PER_WORD + rw)[:, None] * stride_qk + rn[None, :], mask=n_ok[None, :],
+                        other=0)
+        codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1),
+                           (BLOCK_K, BLOCK_N))  # row PER_WORD * i + j
         g = k0 // G
         s = tl.load(s_ptr + g * stride_sk + rn, mask=n_ok, other=0.0).to(tl.float32)
         if HAS_ZEROS:
-            z = tl.load(z_ptr + g * stride_sk + rn, mask=n_ok, other=8).to(tl.float32)
+            z = tl.load(z_ptr + g * stride_sk + rn, mask=n_ok, other=0).to(tl.float32)
         else:
-            z = tl.full((BLOCK_N,), 8.0, tl.float32)
+            z = tl.full((BLOCK_N,), 1 << (BITS - 1), tl.float32)
         w = ((codes.to(tl.float32) - z[None, :]) * s[None, :]).to(x.dtype)
         acc += tl.dot(x, w, out_dtype=tl.float32)
     mask_o = (rm[:, None] < M) & n_ok[None, :]
@@ -171,24 +174,27 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, G, stride_xm, st
         tl.atomic_add(out_ptr + rm[:, None] * stride_om + rn[None, :], acc, mask=mask_o)
 
 
-def w4a16_prepare(qweight, scales, zeros, group_size) -> dict:
-    """[N, K/8] codes (8 per int32 along K), scales/zeros [N, K/G] -> the K-major layout the kernel reads."""
-    from pageport.platforms.quant_ops import unpack_int4
+def wna16_prepare(qweight, scales, zeros, group_size, bits=4) -> dict:
+    """[N, K*bits/32] codes (packed along K), scales/zeros [N, K/G] -> the K-major layout the kernel reads."""
+    from pageport.platforms.quant_ops import unpack_codes
 
-    return {"qweight": _pack_along_rows(unpack_int4(qweight).t().contiguous()), "scales": scales.t().contiguous(),
+    return {"qweight": _pack_along_rows(unpack_codes(qweight, bits).t().contiguous(), bits), "bits": bits,
+            "scales": scales.t().contiguous(),
             "zeros": None if zeros is None else zeros.t().contiguous(), "group_size": group_size}
 
 
-def _pack_along_rows(codes_kn: torch.Tensor) -> torch.Tensor:
-    """codes [K, N] -> [K/8, N] int32: word (i, n) holds rows 8i..8i+7 of column n, row 8i+j in bits 4j."""
-    c = codes_kn.to(torch.int32).unflatten(0, (-1, 8))  # [K/8, 8, N]
+def _pack_along_rows(codes_kn: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes [K, N] -> [K*bits/32, N] int32: word (i, n) holds rows p*i..p*i+p-1 of column n (p = 32/bits),
+    row p*i+j in bits j*bits.."""
+    per_word = 32 // bits
+    c = codes_kn.to(torch.int32).unflatten(0, (-1, per_word))  # [K/p, p, N]
     out = torch.zeros(c.shape[0], c.shape[2], dtype=torch.int32, device=c.device)
-    for j in range(8):
-        out |= c[:, j] << (4 * j)
+    for j in range(per_word):
+        out |= c[:, j] << (bits * j)
     return out
 
 
-def w4a16_config(m: int, n: int, k: int, group_size: int, num_sms: int = 132) -> tuple[int, int, int, int]:
+def wna16_config(m: int, n: int, k: int, group_size: int, num_sms: int = 132) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, split_k): decode shapes split K until the grid covers the SMs twice."""
     block_k = 64 if group_size % 64 == 0 else 32 if group_size % 32 == 0 else 16
     if m <= 16:
@@ -206,21 +212,21 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def w4a16_linear(x, w: dict, bias=None, config: Optional[tuple] = None):
+def wna16_linear(x, w: dict, bias=None, config: Optional[tuple] = None):
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
     m, k = x2.shape
     q, s, z, g = w["qweight"], w["scales"], w["zeros"], w["group_size"]
     n = q.shape[1]
     num_sms = _num_sms(x.device.index or 0) if x.is_cuda else 132
-    bm, bn, bk, split = config or w4a16_config(m, n, k, g, num_sms)
-    if g % bk or bk % 8 or k % (split * bk):
+    bm, bn, bk, split = config or wna16_config(m, n, k, g, num_sms)
+    if g % bk or bk % (32 // w["bits"]) or k % (split * bk):
         raise ValueError(f"W4A16 launch: BLOCK_K {bk} must divide the group size {g} and K {k} split {split} ways")
     out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if split > 1 else \
         torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
-    _w4a16_kernel[grid](x2, q, s, z if z is not None else s, out, m, n, k, g, x2.stride(0), q.stride(0),
-                        s.stride(0), out.stride(0), k // split, HAS_ZEROS=z is not None, SPLIT=split,
+    _wna16_kernel[grid](x2, q, s, z if z is not None else s, out, m, n, k, g, x2.stride(0), q.stride(0),
+                        s.stride(0), out.stride(0), k // split, BITS=w["bits"], HAS_ZEROS=z is not None, SPLIT=split,
                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     y = out.to(x.dtype)
     if bias is not None:

@@ -4,8 +4,9 @@ Two families, named by what the weights hold:
 - `scaled_linear`: int8 or float8_e4m3fn weights with activations quantized on the fly to the same type
   (W8A8), dynamically per token, per token and 128-column group (block-scaled weights), or with a static
   per-tensor scale. Scales are float32; the product is accumulated exactly (int8) or in float32 (fp8).
-- `w4a16_linear`: 4-bit weight codes in groups along the input features with a scale per group and an
-  optional zero code (8 when absent, i.e. symmetric), activations left in their dtype (W4A16).
+- `wna16_linear`: 4- or 8-bit weight codes in groups along the input features with a scale per group and an
+  optional zero point (the middle code when absent, i.e. symmetric), activations left in their dtype (W4A16,
+  W8A16).
 """
 from __future__ import annotations
 
@@ -51,27 +52,28 @@ def dequantize_block(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int
     return weight.float() * s
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """[N, K / 8] int32, code j of a word in bits 4j..4j+3 -> codes [N, K] int32 in 0..15."""
-    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int32)
-    return ((packed.unsqueeze(-1) >> shifts) & 0xF).flatten(-2)
+def unpack_codes(packed: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """[N, K * bits / 32] int32, code j of a word in bits j*bits.. -> unsigned codes [N, K] int32 (4 bits: 0..15,
+    8 bits: 0..255)."""
+    shifts = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int32)
+    return ((packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).flatten(-2)
 
 
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """codes [N, K] in 0..15 -> [N, K / 8] int32 (the inverse of `unpack_int4`)."""
-    shifts = torch.arange(0, 32, 4, device=codes.device, dtype=torch.int32)
-    c = codes.to(torch.int32).unflatten(-1, (-1, 8)) << shifts
+def pack_codes(codes: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """Unsigned codes [N, K] -> [N, K * bits / 32] int32 (the inverse of `unpack_codes`)."""
+    per_word = 32 // bits
+    c = codes.to(torch.int32).unflatten(-1, (-1, per_word))
     out = torch.zeros(c.shape[:-1], dtype=torch.int32, device=codes.device)
-    for j in range(8):  # OR, not sum: code 15 in the top nibble sets the sign bit
-        out |= c[..., j]
+    for j in range(per_word):  # OR, not sum: a top code past 7 (4 bits) or 127 (8 bits) sets the sign bit
+        out |= c[..., j] << (bits * j)
     return out
 
 
-def dequantize_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
-                  group_size: int) -> torch.Tensor:
-    """W [N, K] float32 = (code - zero) * scale of each weight's group."""
-    codes = unpack_int4(qweight).float()
-    z = 8.0 if zeros is None else zeros.float().repeat_interleave(group_size, 1)
+def dequantize_wn(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], group_size: int,
+                  bits: int = 4) -> torch.Tensor:
+    """W [N, K] float32 = (code - zero) * scale of each weight's group; no zeros: the middle code 2^(bits-1)."""
+    codes = unpack_codes(qweight, bits).float()
+    z = float(1 << (bits - 1)) if zeros is None else zeros.float().repeat_interleave(group_size, 1)
     return (codes - z) * scales.float().repeat_interleave(group_size, 1)
 
 
@@ -96,14 +98,14 @@ class QuantOps:
             y = y + bias.float()
         return y.to(x.dtype).reshape(*shape[:-1], -1)
 
-    def w4a16_prepare(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
-                      group_size: int) -> dict:
-        """The platform's layout of a W4A16 weight. qweight [N, K / 8] int32 (`unpack_int4`'s packing),
-        scales [N, K / G] in the model's dtype, zeros [N, K / G]: codes (uint8), zero points in the scales' dtype
-        (fractional ones: GGUF Q4_1), or None for 8. Returns a dict of
-        tensors and ints that `w4a16_linear` takes back."""
-        return {"qweight": qweight, "scales": scales, "zeros": zeros, "group_size": group_size}
+    def wna16_prepare(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                      group_size: int, bits: int = 4) -> dict:
+        """The platform's layout of a 4- or 8-bit weight-only (W4A16 / W8A16) weight. qweight [N, K * bits / 32]
+        int32 (`unpack_codes`'s packing), scales [N, K / G] in the model's dtype, zeros [N, K / G]: codes (uint8),
+        zero points in the scales' dtype (fractional ones: GGUF Q4_1), or None for the middle code. Returns a dict
+        of tensors and ints that `wna16_linear` takes back."""
+        return {"qweight": qweight, "scales": scales, "zeros": zeros, "group_size": group_size, "bits": bits}
 
-    def w4a16_linear(self, x: torch.Tensor, w: dict, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        weight = dequantize_w4(w["qweight"], w["scales"], w["zeros"], w["group_size"]).to(x.dtype)
+    def wna16_linear(self, x: torch.Tensor, w: dict, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        weight = dequantize_wn(w["qweight"], w["scales"], w["zeros"], w["group_size"], w["bits"]).to(x.dtype)
         return F.linear(x, weight, bias)

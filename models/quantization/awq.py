@@ -9,21 +9,21 @@ from __future__ import annotations
 import torch
 
 from pageport.models.quantization.base import QuantizationConfig, drop_param, quant_param
-from pageport.models.quantization.methods import W4A16LinearMethod
-from pageport.platforms.quant_ops import unpack_int4
+from pageport.models.quantization.methods import WnA16LinearMethod
+from pageport.platforms.quant_ops import unpack_codes
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
 
 def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
     """[R, N/8] int32 -> codes [R, N] in output-column order."""
-    nib = unpack_int4(packed).unflatten(-1, (-1, 8))  # [R, N/8, 8]: nibble i
+    nib = unpack_codes(packed).unflatten(-1, (-1, 8))  # [R, N/8, 8]: nibble i
     out = torch.empty_like(nib)
     out[..., list(AWQ_ORDER)] = nib
     return out.flatten(-2)
 
 
-class AwqLinearMethod(W4A16LinearMethod):
+class AwqLinearMethod(WnA16LinearMethod):
     def create_weights(self, layer, dtype, device) -> None:
         n, k = layer.output_size, layer.input_size
         groups = self.groups(k)

@@ -5,9 +5,9 @@ the top-level `format` and `ignore`. Served:
 - int-quantized / float-quantized (naive): W8A8 int8 or fp8 — weights per tensor, per channel or in blocks
   (fp8 128x128), activations dynamic per token (per token and 128-column group with block weights) or static
   per tensor; symmetric only.
-- pack-quantized: 4-bit weights (W4A16), groups or channels, symmetric or with packed zero points; no
-  activation quantization. Codes are stored offset by 8 (code = q + 8), eight to an int32 along the input
-  features; zero points the same way along the output features.
+- pack-quantized: 4- or 8-bit weights (W4A16, W8A16), groups or channels, symmetric or with packed zero points;
+  no activation quantization. Codes are stored offset by 2^(bits-1) (4 bits: code = q + 8), 32/bits to an int32
+  along the input features; zero points the same way along the output features.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import torch
 
 from pageport.models.quantization.base import (LinearMethod, QuantizationConfig, drop_param, matches, num_shards,
                                                 quant_param)
-from pageport.models.quantization.methods import W4A16LinearMethod, W8A8LinearMethod, W8A8Scheme
-from pageport.platforms.quant_ops import unpack_int4
+from pageport.models.quantization.methods import WnA16LinearMethod, W8A8LinearMethod, W8A8Scheme
+from pageport.platforms.quant_ops import unpack_codes
 
 _W8A8_FORMATS = ("int-quantized", "float-quantized", "naive-quantized")
 
@@ -26,25 +26,26 @@ _W8A8_FORMATS = ("int-quantized", "float-quantized", "naive-quantized")
 def _unsupported(what: str) -> ValueError:
     return ValueError(f"compressed-tensors checkpoint with {what} is not supported; supported: W8A8 int8/fp8 "
                       f"(per-tensor, per-channel or 128x128-block weights, dynamic per-token or static per-tensor "
-                      f"activations, symmetric) and W4A16 pack-quantized (groups or channels)")
+                      f"activations, symmetric) and W4A16 / W8A16 pack-quantized (groups or channels)")
 
 
-class CompressedTensorsW4A16(W4A16LinearMethod):
+class CompressedTensorsWnA16(WnA16LinearMethod):
     def create_weights(self, layer, dtype, device) -> None:
         n, k = layer.output_size, layer.input_size
-        groups = self.groups(k)
+        groups, per_word = self.groups(k), 32 // self.bits
         drop_param(layer, "weight")
-        quant_param(layer, "weight_packed", (n, k // 8), torch.int32, device)
+        quant_param(layer, "weight_packed", (n, k // per_word), torch.int32, device)
         quant_param(layer, "weight_scale", (n, groups), dtype, device)
         quant_param(layer, "weight_shape", (num_shards(layer), 2), torch.int64, device, per_shard=True)
         if not self.symmetric:
-            quant_param(layer, "weight_zero_point", (-(-n // 8), groups), torch.int32, device, rows_per_elem=8)
+            quant_param(layer, "weight_zero_point", (-(-n // per_word), groups), torch.int32, device,
+                        rows_per_elem=per_word)
 
     def unpack(self, layer):
-        codes = unpack_int4(layer.weight_packed.data)
+        codes = unpack_codes(layer.weight_packed.data, self.bits)
         zeros = None
         if not self.symmetric:
-            zeros = unpack_int4(layer.weight_zero_point.data.t().contiguous()).t()[:layer.output_size]
+            zeros = unpack_codes(layer.weight_zero_point.data.t().contiguous(), self.bits).t()[:layer.output_size]
         return codes, layer.weight_scale.data, zeros, None
 
 
@@ -76,13 +77,13 @@ class CompressedTensorsConfig(QuantizationConfig):
             raise _unsupported("output activation quantization")
         bits, wtype, strategy = w.get("num_bits"), w.get("type", "int"), w.get("strategy")
         if fmt == "pack-quantized":
-            if bits != 4 or wtype != "int" or a:
+            if bits not in (4, 8) or wtype != "int" or a:
                 raise _unsupported(f"pack-quantized {bits}-bit {wtype} weights{' with activations' if a else ''}")
             if strategy not in ("group", "channel"):
                 raise _unsupported(f"pack-quantized weights per {strategy}")
             group_size = w.get("group_size") if strategy == "group" else None
             sym = bool(w.get("symmetric", True))
-            return lambda: CompressedTensorsW4A16(group_size, sym)
+            return lambda: CompressedTensorsWnA16(group_size, sym, bits)
         if fmt in _W8A8_FORMATS:
             if bits != 8 or wtype not in ("int", "float") or not w.get("symmetric", True):
                 raise _unsupported(f"{fmt} {bits}-bit {wtype} weights (symmetric={w.get('symmetric')})")

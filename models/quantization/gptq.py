@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 
 from pageport.models.quantization.base import QuantizationConfig, drop_param, quant_param
-from pageport.models.quantization.methods import W4A16LinearMethod
-from pageport.platforms.quant_ops import unpack_int4
+from pageport.models.quantization.methods import WnA16LinearMethod
+from pageport.platforms.quant_ops import unpack_codes
 
 
-class GptqLinearMethod(W4A16LinearMethod):
+class GptqLinearMethod(WnA16LinearMethod):
     def __init__(self, group_size, symmetric: bool, zero_offset: int):
         super().__init__(group_size, symmetric)
         self.zero_offset = zero_offset
@@ -34,8 +34,8 @@ class GptqLinearMethod(W4A16LinearMethod):
     def unpack(self, layer):
         k = layer.input_size
         g = self.group_size or k
-        codes = unpack_int4(layer.qweight.data.t().contiguous())  # [N, K]
-        zeros = (unpack_int4(layer.qzeros.data) + self.zero_offset).clamp(0, 15).t().contiguous()  # [N, K/G]
+        codes = unpack_codes(layer.qweight.data.t().contiguous())  # [N, K]
+        zeros = (unpack_codes(layer.qzeros.data) + self.zero_offset).clamp(0, 15).t().contiguous()  # [N, K/G]
         g_idx = layer.g_idx.data.long()
         perm = None
         if not torch.equal(g_idx, torch.arange(k, device=g_idx.device) // g):

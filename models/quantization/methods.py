@@ -1,7 +1,7 @@
 """The linear methods every format maps to: W8A8 (int8 / fp8 weights, quantized activations) and W4A16.
 
 Formats differ in names and packing only; each converts its checkpoint tensors, once loaded, into one
-layout per method, and the matmul runs through the platform's ops (`scaled_linear`, `w4a16_linear`).
+layout per method, and the matmul runs through the platform's ops (`scaled_linear`, `wna16_linear`).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from pageport.models.quantization.base import (LinearMethod, dense_weight, drop_param, num_shards, per_channel,
                                                 quant_param, set_tensor)
-from pageport.platforms.quant_ops import FP8_MAX, INT8_MAX, pack_int4
+from pageport.platforms.quant_ops import FP8_MAX, INT8_MAX, pack_codes
 
 
 @dataclass(frozen=True)
@@ -100,14 +100,14 @@ class OnlineW8A8LinearMethod(W8A8LinearMethod):
         set_tensor(layer, "weight_scale", scale)
 
 
-# W4A16 --------------------------------------------------------------------------------------------------
-class W4A16LinearMethod(LinearMethod):
-    """4-bit weights in groups of `group_size` input features (None: one group per row); a format subclass
-    declares its checkpoint tensors (`create_weights`) and turns them into (codes [N, K] 0..15, scales [N, K/G],
-    zero codes [N, K/G] or None, input permutation or None) in `unpack`."""
+# W4A16 / W8A16 ------------------------------------------------------------------------------------------
+class WnA16LinearMethod(LinearMethod):
+    """4- or 8-bit weights in groups of `group_size` input features (None: one group per row); a format subclass
+    declares its checkpoint tensors (`create_weights`) and turns them into (unsigned codes [N, K], scales
+    [N, K/G], zero points [N, K/G] or None for the middle code, input permutation or None) in `unpack`."""
 
-    def __init__(self, group_size: Optional[int], symmetric: bool):
-        self.group_size, self.symmetric = group_size, symmetric
+    def __init__(self, group_size: Optional[int], symmetric: bool, bits: int = 4):
+        self.group_size, self.symmetric, self.bits = group_size, symmetric, bits
 
     def groups(self, k: int) -> int:
         g = self.group_size or k
@@ -124,21 +124,21 @@ class W4A16LinearMethod(LinearMethod):
             if name != "bias":
                 drop_param(layer, name)
         k = codes.shape[1]
-        prepared = self.ops.w4a16_prepare(pack_int4(codes), scales.contiguous(),
-                                           None if zeros is None else _zero_points(zeros, scales.dtype),
-                                           self.group_size or k)
-        layer.w4a16 = prepared
+        prepared = self.ops.wna16_prepare(pack_codes(codes, self.bits), scales.contiguous(),
+                                          None if zeros is None else _zero_points(zeros, scales.dtype),
+                                          self.group_size or k, self.bits)
+        layer.wna16 = prepared
         for name, t in prepared.items():
             if isinstance(t, torch.Tensor):
-                set_tensor(layer, f"w4a16_{name}", t)
+                set_tensor(layer, f"wna16_{name}", t)
         if perm is not None:
-            set_tensor(layer, "w4a16_perm", perm)
+            set_tensor(layer, "wna16_perm", perm)
 
     def apply(self, layer, x, bias):
-        perm = getattr(layer, "w4a16_perm", None)
+        perm = getattr(layer, "wna16_perm", None)
         if perm is not None:
             x = x.index_select(-1, perm)
-        return self.ops.w4a16_linear(x, layer.w4a16, bias)
+        return self.ops.wna16_linear(x, layer.wna16, bias)
 
 
 def _zero_points(zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -161,7 +161,7 @@ def quantize_weight_w4(w: torch.Tensor, group_size: int, symmetric: bool = True)
     return codes.flatten(1).to(torch.int32), scale, zero.to(torch.int32)
 
 
-class OnlineW4A16LinearMethod(W4A16LinearMethod):
+class OnlineW4A16LinearMethod(WnA16LinearMethod):
     """A dense checkpoint's linears quantized to symmetric int4 at load (`--quantization w4a16`)."""
 
     def create_weights(self, layer, dtype, device) -> None:

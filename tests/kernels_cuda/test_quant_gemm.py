@@ -1,4 +1,4 @@
-"""Quantized GEMM kernels (activation quantization, fp8/int8 W8A8, fp8 block, W4A16 with split-K) against a
+"""Quantized GEMM kernels (activation quantization, fp8/int8 W8A8, fp8 block, W4A16 / W8A16 with split-K) against a
 float64 reference of the same quantized numbers. On the CPU under TRITON_INTERPRET=1 (conftest), fp32 / fp16
 activations (the interpreter's bf16 dot is wrong); torch._scaled_mm and torch._int_mm run on the CPU too.
 
@@ -8,9 +8,9 @@ differ, so what is left is accumulation order: fp32 1e-4 relative to the output'
 import pytest
 import torch
 
-from pageport.kernels_cuda.quant_gemm import quantize_activations, scaled_linear, w4a16_linear, w4a16_prepare
+from pageport.kernels_cuda.quant_gemm import quantize_activations, scaled_linear, wna16_linear, wna16_prepare
 from pageport.models.quantization.methods import quantize_weight_w4, quantize_weight_w8a8
-from pageport.platforms.quant_ops import FP8_MAX, dequantize_block, pack_int4
+from pageport.platforms.quant_ops import FP8_MAX, dequantize_block, pack_codes
 
 FP8 = torch.float8_e4m3fn
 
@@ -69,23 +69,38 @@ def test_fp8_block_scaled(device, m):
     _close(y, xd @ dequantize_block(wq, ws, (128, 128)).double().t(), 1e-4)
 
 
+def _quantize_w8(w, group, symmetric):
+    """8-bit round to nearest, unsigned codes around 128 (symmetric) or with zero codes."""
+    gw = w.float().unflatten(1, (-1, group))
+    if symmetric:
+        scale = gw.abs().amax(-1) / 127.5
+        return (torch.round(gw / scale[..., None]) + 128).clamp(0, 255).flatten(1).int(), scale, None
+    lo, hi = gw.amin(-1).clamp(max=0), gw.amax(-1).clamp(min=0)
+    scale = (hi - lo) / 255
+    zero = torch.round(-lo / scale).clamp(0, 255)
+    return (torch.round(gw / scale[..., None]) + zero[..., None]).clamp(0, 255).flatten(1).int(), scale, zero.int()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("m, group, symmetric", [(1, 128, True), (3, 32, False), (40, 64, True)])
-def test_w4a16_gemm(device, dtype, m, group, symmetric):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_weight_only_gemm(device, dtype, m, group, symmetric, bits):
     g = torch.Generator().manual_seed(m + group)
     k, n = 512, 192
     x = torch.randn(m, k, generator=g).to(device, dtype)
     w = torch.randn(n, k, generator=g).to(device) * 0.05
-    codes, scale, zero = quantize_weight_w4(w, group, symmetric)
+    codes, scale, zero = (quantize_weight_w4 if bits == 4 else _quantize_w8)(w, group, symmetric)
     scale = scale.to(dtype)
-    prepared = w4a16_prepare(pack_int4(codes), scale, None if zero is None else zero.to(torch.uint8), group)
-    wd = (codes.double() - (8.0 if zero is None else zero.double().repeat_interleave(group, 1))) \
+    prepared = wna16_prepare(pack_codes(codes, bits), scale, None if zero is None else zero.to(torch.uint8), group,
+                             bits)
+    mid = float(1 << (bits - 1))
+    wd = (codes.double() - (mid if zero is None else zero.double().repeat_interleave(group, 1))) \
         * scale.double().repeat_interleave(group, 1)
     ref = x.double() @ wd.t()
     tol = 1e-4 if dtype == torch.float32 else 2e-3
-    _close(w4a16_linear(x, prepared), ref, tol)
+    _close(wna16_linear(x, prepared), ref, tol)
     for split in (1, 4):  # the split-K path and the plain one give the same result
-        _close(w4a16_linear(x, prepared, config=(16, 64, 32, split)), ref, tol)
+        _close(wna16_linear(x, prepared, config=(16, 64, 32, split)), ref, tol)
 
 
 # On a CUDA device: bf16 activations at Llama-3-8B's linear shapes (the paths the H200 benchmark times).
@@ -111,6 +126,6 @@ def test_gpu_bf16_at_8b_shapes(m, n, k):
             ref = (xq.double() @ wq.double().t()) * xs.double() * ws.double()
         _close(y, ref, 1e-2)  # bf16 output
     codes, scale, _ = quantize_weight_w4(w, 128)
-    prepared = w4a16_prepare(pack_int4(codes), scale.to(torch.bfloat16), None, 128)
+    prepared = wna16_prepare(pack_codes(codes), scale.to(torch.bfloat16), None, 128, 4)
     wd = (codes.double() - 8) * scale.to(torch.bfloat16).double().repeat_interleave(128, 1)
-    _close(w4a16_linear(x, prepared), x.double() @ wd.t(), 1e-2)
+    _close(wna16_linear(x, prepared), x.double() @ wd.t(), 1e-2)

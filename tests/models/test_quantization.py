@@ -50,9 +50,9 @@ def _hf_greedy(hf, ids, n=8):
 # compressed-tensors -----------------------------------------------------------------------------------------
 # Transformers decompresses these on the CPU and runs compressed-tensors' quantize-dequantize forward: the same
 # weights and, for fp8, the same activation rounding (e4m3 cast of x / (max|x| / 448)), so the logits agree to
-# float32 rounding (measured: <= 4e-6 at logits of magnitude ~5).
+# float32 rounding (measured: <= 4e-6 at logits of magnitude ~5). W8A16 is pack-quantized 8-bit (4 codes a word).
 @pytest.mark.parametrize("scheme, group_size", [("FP8_DYNAMIC", None), ("FP8", None), ("FP8_BLOCK", None),
-                                                ("W4A16", 128), ("W4A16", 32)])
+                                                ("W4A16", 128), ("W4A16", 32), ("W8A16", 128), ("W8A16", 64)])
 def test_compressed_tensors_matches_transformers(tmp_path, cpu_platform, scheme, group_size):
     compressed_tensors_checkpoint(tmp_path, scheme, IDS, group_size)
     model = _load(tmp_path, cpu_platform)
@@ -176,7 +176,7 @@ def test_in_run_quantization_keeps_bf16_and_the_cpu_kernels(tmp_path, cpu_platfo
     cpu_platform.check_config(cfg)
     model = load_model(cfg, cpu_platform).model
     layer = model.model.layers[0].mlp.gate_up_proj
-    assert "int4pack" in layer.w4a16 and "weight" not in dict(layer.named_parameters())
+    assert "int4pack" in layer.wna16 and "weight" not in dict(layer.named_parameters())
     assert torch.isfinite(_logits(model)).all()
 
 
@@ -203,9 +203,9 @@ def test_unsupported_format_fails_at_load_with_one_line(tmp_path, cpu_platform):
 
 
 def test_unsupported_compressed_tensors_scheme_names_it(tmp_path, cpu_platform):
-    compressed_tensors_checkpoint(tmp_path, "W8A16", IDS)  # 8-bit weights, activations left alone
-    with pytest.raises(ValueError, match="compressed-tensors checkpoint with pack-quantized 8-bit int weights is not "
-                                         "supported; supported: W8A8"):
+    compressed_tensors_checkpoint(tmp_path, "W4A8", IDS)  # 4-bit weights with int8 activations
+    with pytest.raises(ValueError, match="compressed-tensors checkpoint with int-quantized 4-bit int weights "
+                                         r"\(symmetric=True\) is not supported; supported: W8A8"):
         _load(tmp_path, cpu_platform)
 
 
@@ -247,7 +247,7 @@ def test_gguf_q4_linears_stay_4bit_with_the_files_codes(cpu_platform):
     # the default model (Q4_1 linears, Q8_0 embedding) in float32: the W4A16 weights equal the file's dequantized
     # ones to float32 rounding (codes recovered exactly, scale and zero point kept in float32), so the logits agree
     from pageport.models.default import default_model_path
-    from pageport.platforms.quant_ops import dequantize_w4
+    from pageport.platforms.quant_ops import dequantize_wn
 
     def load(q):
         cfg = EngineConfig(model=str(default_model_path()), dtype=torch.float32, quantization=q)
@@ -257,10 +257,10 @@ def test_gguf_q4_linears_stay_4bit_with_the_files_codes(cpu_platform):
     dense, quant = load(None), load("gguf")
     n = 0
     for (name, d), (_, q) in zip(dense.named_modules(), quant.named_modules()):
-        if getattr(q, "w4a16", None) is not None:
-            w = q.w4a16
+        if getattr(q, "wna16", None) is not None:
+            w = q.wna16
             assert w["group_size"] == 32 and w["zeros"] is not None  # Q4_1: fractional zero points
-            deq = dequantize_w4(w["qweight"], w["scales"], w["zeros"], 32)
+            deq = dequantize_wn(w["qweight"], w["scales"], w["zeros"], 32)
             assert (deq - d.weight).abs().max() <= 1e-6, name
             n += 1
     assert n == 30 * 4  # qkv, o, gate|up, down of every layer; the Q8_0 embedding / tied head stay dense
