@@ -1,25 +1,27 @@
-"""AsyncLLMEngine: the LLMEngine step loop on a dedicated thread, with a clean hand-off to asyncio.
+"""AsyncLLMEngine: the front end's loop on a dedicated thread, with a clean hand-off to asyncio.
 
-Threads and what they own:
+Processes and threads, and what they own:
 
-* the **engine thread** owns the `LLMEngine` and nothing else touches it. Its loop: take every pending
-  command (add / abort / stop) from a thread-safe inbox, run `step()` while there is work, hand the step's
-  outputs to the asyncio side, publish a stats snapshot; when idle it blocks on the inbox.
+* the **engine core** (scheduler, KV cache, model runner) runs in a process of its own behind
+  `LLMEngine.client`; the front end only tokenizes, detokenizes and assembles outputs.
+* the **engine thread** owns the `LLMEngine` (the front end) and nothing else touches it. Its loop: take
+  every pending command (add / abort / stop) from a thread-safe inbox, read the core's outputs in short
+  waits while there is work, hand them to the asyncio side, publish a stats snapshot; when idle it blocks
+  on the inbox, checking every 0.1 s that the core is alive.
 * the **asyncio side** (one or more event loops, e.g. the HTTP server) calls `add_request` / `generate` /
-  `abort`. Prompts should arrive already tokenized (`{"prompt": text, "prompt_token_ids": ids}`) so no
-  tokenization runs on the engine thread. Outputs of one step reach each event loop in a single
-  `loop.call_soon_threadsafe` callback that appends them to per-request streams, so every stream of a
-  step wakes up together (fair to many concurrent streams) and the engine thread never waits for a
-  consumer. A slow consumer gets its pending delta outputs merged into one.
+  `abort`. Prompts should arrive already tokenized (`{"prompt": text, "prompt_token_ids": ids}`). Outputs
+  reach each event loop in a single `loop.call_soon_threadsafe` callback per batch, so every stream wakes up
+  together and the engine thread never waits for a consumer. A slow consumer gets its pending delta
+  outputs merged into one.
 
 Failure handling:
 
-* `add_request` raises `ValueError` from `LLMEngine.add_request` (invalid prompt or parameters) to its
-  caller; nothing else is disturbed.
-* a consumer that stops early (break, `aclose()`, task cancelled, client gone) aborts its request, which
-  returns its KV blocks to the pool.
-* an exception inside `step()` marks the engine dead (`errored`, `dead_error`): every pending request
-  fails with `EngineDeadError` and new requests are refused with it; nothing hangs.
+* `add_request` raises `ValueError` (invalid prompt or parameters) to its caller; nothing else is disturbed.
+* a consumer that stops early (break, `aclose()`, task cancelled, client gone) aborts its own request
+  (by the engine's id, never by the client's label), which returns its KV blocks to the pool.
+* a failure that belongs to one request ends that stream with `RequestFailedError`; the engine goes on.
+* an exception in the loop, or the core process dying, marks the engine dead (`errored`, `dead_error`):
+  every pending request fails with `EngineDeadError` and new requests are refused with it; nothing hangs.
 """
 from __future__ import annotations
 
@@ -33,14 +35,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Optional
 
+from pageport.core.client import EngineDeadError  # noqa: F401 - re-exported: the server catches it here
 from pageport.core.outputs import CompletionOutput, RequestOutput
 from pageport.core.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 
-class EngineDeadError(RuntimeError):
-    """The engine loop crashed; the server reports 503 from now on."""
+class RequestFailedError(RuntimeError):
+    """This request alone failed in the engine (its parameters, its text); the engine goes on."""
 
 
 @dataclass
@@ -69,7 +72,9 @@ class RequestStream:
     def __init__(self, engine: "AsyncLLMEngine", request_id: str, params: SamplingParams,
                  loop: asyncio.AbstractEventLoop):
         self.engine = engine
-        self.request_id = request_id
+        self.request_id = request_id  # the client's label
+        self.engine_id: Optional[str] = None  # the engine's id, set when the engine takes the request
+        self.cancelled = False
         self.params = params
         self.loop = loop
         self.finished = False  # the final output was taken by the consumer (or the stream failed)
@@ -155,7 +160,7 @@ class RequestStream:
     def abort(self) -> None:
         """Stop this request (idempotent); its KV blocks go back to the pool."""
         if not self._final_seen:
-            self.engine.abort(self.request_id)
+            self.engine._abort_stream(self)
         self.finished = True
 
 
@@ -176,6 +181,7 @@ class AsyncLLMEngine:
         self._streams: dict[str, RequestStream] = {}  # engine thread only
         self._dead: Optional[BaseException] = None
         self._stopped = False
+        self._owns_engine = False
         self._ids = itertools.count()
         self.snapshot = EngineSnapshot()
         self._thread: Optional[threading.Thread] = None
@@ -186,7 +192,10 @@ class AsyncLLMEngine:
     @classmethod
     def from_config(cls, config, **kwargs) -> "AsyncLLMEngine":
         from pageport.core.engine import LLMEngine
-        return cls(LLMEngine(config), **kwargs)
+        engine = cls(LLMEngine(config), start=False, **kwargs)
+        engine._owns_engine = True  # its shutdown stops the engine core too
+        engine.start()
+        return engine
 
     # lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -204,11 +213,15 @@ class AsyncLLMEngine:
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self._dead is None
+        return self._thread is not None and self._thread.is_alive() and not self.errored
 
     @property
     def errored(self) -> bool:
-        return self._dead is not None
+        return self._dead is not None or not self._core_alive()
+
+    def _core_alive(self) -> bool:
+        client = getattr(self.engine, "client", None)
+        return client is None or self._stopped or client.is_alive()
 
     @property
     def dead_error(self) -> Optional[BaseException]:
@@ -225,18 +238,18 @@ class AsyncLLMEngine:
 
     async def add_request(self, prompt, params: SamplingParams, request_id: Optional[str] = None, *,
                           priority: int = 0, arrival_time: Optional[float] = None,
-                          cache_salt: Optional[str] = None) -> RequestStream:
+                          cache_salt: Optional[str] = None, owner: Optional[str] = None) -> RequestStream:
         """Queue a request and wait until the engine took it. Raises ValueError for an invalid request,
         EngineDeadError once the engine is dead. Iterate the returned stream for its outputs; the caller
         must iterate it to the end or call `stream.abort()` (see `generate`, which does both)."""
         request_id = f"req-{next(self._ids)}" if request_id is None else str(request_id)
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         stream = RequestStream(self, request_id, params, asyncio.get_running_loop())
-        self._send(("add", stream, prompt, params, priority, arrival_time, cache_salt))
+        self._send(("add", stream, prompt, params, priority, arrival_time, cache_salt, owner))
         try:
             await stream._accepted
         except asyncio.CancelledError:
-            self.abort(request_id)  # it may be accepted after all
+            self._abort_stream(stream)  # it may be accepted after all
             raise
         return stream
 
@@ -255,9 +268,16 @@ class AsyncLLMEngine:
                 stream.abort()
 
     def abort(self, request_id: str) -> None:
-        """Abort a request (thread-safe, never blocks, no-op once it finished or the engine is dead)."""
+        """Abort every request carrying this client id (thread-safe, never blocks, no-op once they finished
+        or the engine is dead). A stream's own `abort()` touches that request alone."""
         try:
             self._send(("abort", request_id))
+        except EngineDeadError:
+            pass
+
+    def _abort_stream(self, stream: RequestStream) -> None:
+        try:
+            self._send(("abort_stream", stream))
         except EngineDeadError:
             pass
 
@@ -269,8 +289,16 @@ class AsyncLLMEngine:
             while True:
                 busy = engine.has_unfinished_requests()
                 cmds = []
-                if not busy:
-                    cmds.append(self._inbox.get())  # idle: sleep until there is something to do
+                while not busy:  # idle: sleep until there is something to do, watching the core
+                    try:
+                        cmds.append(self._inbox.get(timeout=0.1))
+                        break
+                    except queue.Empty:
+                        if not self._core_alive():
+                            raise EngineDeadError("the engine core process exited")
+                        if hasattr(engine, "client"):
+                            engine.step(timeout=0)  # take the core's late news (blocks freed by aborts)
+                            self._publish(steps)
                 while True:
                     try:
                         cmds.append(self._inbox.get_nowait())
@@ -287,8 +315,15 @@ class AsyncLLMEngine:
                     elif kind == "abort":
                         engine.abort_request(cmd[1])
                         aborted = True
+                    elif kind == "abort_stream":
+                        stream = cmd[1]
+                        stream.cancelled = True
+                        if stream.engine_id is not None:
+                            engine.abort_request(stream.engine_id)
+                            aborted = True
                 if engine.has_unfinished_requests() or aborted:
-                    outputs = engine.step()  # an aborted group is reported (finished) once by step()
+                    # short waits for the core's outputs, so new commands are taken promptly
+                    outputs = engine.step(timeout=0.002)  # an aborted group is reported once by step()
                     steps += 1
                     t = time.monotonic()
                     if outputs:
@@ -298,24 +333,29 @@ class AsyncLLMEngine:
             logger.exception("the engine loop died")
             self._die(e)
 
-    def _add(self, stream: RequestStream, prompt, params, priority, arrival_time, cache_salt) -> None:
+    def _add(self, stream: RequestStream, prompt, params, priority, arrival_time, cache_salt, owner) -> None:
+        if stream.cancelled:
+            return
         try:
-            self.engine.add_request(stream.request_id, prompt, params, priority=priority,
-                                    arrival_time=arrival_time, cache_salt=cache_salt)
+            stream.engine_id = self.engine.add_request(stream.request_id, prompt, params, priority=priority,
+                                                       arrival_time=arrival_time, cache_salt=cache_salt,
+                                                       owner=owner)
+        except EngineDeadError:
+            raise
         except Exception as e:  # invalid request: only its caller hears of it
             self._call(stream.loop, _resolve, stream._accepted, e)
             return
-        self._streams[stream.request_id] = stream
+        self._streams[stream.engine_id] = stream
         self._call(stream.loop, _resolve, stream._accepted, None)
 
     def _dispatch(self, outputs: list[RequestOutput], t: float) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for out in outputs:
-            stream = self._streams.get(out.request_id)
+            stream = self._streams.get(out.engine_request_id)
             if stream is None:
                 continue
             if out.finished:
-                del self._streams[out.request_id]
+                del self._streams[out.engine_request_id]
             by_loop.setdefault(stream.loop, []).append((stream, out))
         for loop, items in by_loop.items():
             if not self._call(loop, self._deliver, items, t):
@@ -324,7 +364,7 @@ class AsyncLLMEngine:
     def _deliver(self, items: list, t: float) -> None:  # on the consumer's loop
         for stream, out in items:
             stream._record(out, t)
-            stream._put(out)
+            stream._put(out if out.error is None else RequestFailedError(out.error))
             if out.finished:
                 stream._final_seen = True
                 if self.observer is not None:
@@ -343,16 +383,15 @@ class AsyncLLMEngine:
 
     def _publish(self, steps: int) -> None:
         e = self.engine
-        try:
-            sched, kv, stats = e.scheduler, e.kv, e.stats
-            self.snapshot = EngineSnapshot(
-                num_running=len(sched.running), num_waiting=len(sched.waiting), kv_cache_usage=kv.usage(),
-                prefix_cache_queries=kv.stats.queries, prefix_cache_hits=kv.stats.hits,
-                num_preemptions=sched.num_preemptions, prompt_tokens=stats.prompt_tokens,
-                generation_tokens=stats.generation_tokens, finished=dict(stats.finished), num_steps=steps,
-                time=time.monotonic())
-        except AttributeError:  # an engine without these (tests' fakes)
-            pass
+        core = getattr(getattr(e, "client", None), "last_stats", None)
+        if core is None:  # an engine without a core (tests' fakes)
+            return
+        self.snapshot = EngineSnapshot(
+            num_running=core.num_running, num_waiting=core.num_waiting, kv_cache_usage=core.kv_cache_usage,
+            prefix_cache_queries=core.prefix_cache_queries, prefix_cache_hits=core.prefix_cache_hits,
+            num_preemptions=core.num_preemptions, prompt_tokens=core.prompt_tokens,
+            generation_tokens=core.generation_tokens, finished=dict(e.stats.finished), num_steps=core.num_steps,
+            time=time.monotonic())
 
     def _stop(self, leftover: list) -> None:
         """Shut down: abort what is in flight (its blocks go back), fail every waiting caller."""
@@ -361,10 +400,15 @@ class AsyncLLMEngine:
             if cmd[0] == "add":
                 self._call(cmd[1].loop, _resolve, cmd[1]._accepted, error)
         if self._streams:
-            self.engine.abort_request(list(self._streams))
-            self.engine.step()  # reports the aborted groups and forgets them
+            try:
+                self.engine.abort_request(list(self._streams))
+                self.engine.step(timeout=0)  # reports the aborted groups and forgets them
+            except EngineDeadError:
+                pass
         self._fail_all(error)
         self._publish(self.snapshot.num_steps)
+        if self._owns_engine:
+            self.engine.shutdown()
 
     def _fail_all(self, error: BaseException) -> None:
         streams, self._streams = self._streams, {}

@@ -1,34 +1,44 @@
-"""LLMEngine: add requests, then step() = schedule -> run model -> sample -> update."""
+"""LLMEngine, the front end: tokenize and validate requests, fan n > 1 out into child requests, send them
+to the engine core (`core.client`), turn its token ids into text (detokenizer, stop strings) and outputs.
+
+Request ids: every request gets an internal id from a counter here; the id a client gives is a label
+only (duplicates do not matter), and nothing the core keys by is derived from client input.
+"""
 from __future__ import annotations
 
 import itertools
 import logging
+import pickle
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+import msgspec
+
+from pageport.core.client import EngineDeadError, make_client
 from pageport.core.config import EngineConfig
 from pageport.core.detokenizer import IncrementalDetokenizer
-from pageport.core.kv_cache import KVCacheManager
-from pageport.core.model_runner import ModelRunner, StepResult
+from pageport.core.engine_core import CoreOutputs, CoreRequest, CoreStats
 from pageport.core.outputs import CompletionOutput, RequestOutput
 from pageport.core.request import Request, RequestStatus
 from pageport.core.sampling_params import SamplingParams
-from pageport.core.scheduler import Scheduler
-from pageport.platforms import resolve_platform
 
 logger = logging.getLogger(__name__)
 
 PromptType = Union[str, list[int], dict]
 
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
 
 @dataclass
 class _Group:
     """A user request: one child per `n`."""
-    request_id: str
+    request_id: str  # internal
+    label: str  # the client's id
     prompt: Optional[str]
     prompt_token_ids: list[int]
     children: list[Request]
+    error: Optional[str] = None
 
 
 @dataclass
@@ -40,51 +50,43 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, multiprocess: Optional[bool] = None):
         self.config = config
-        self.platform = resolve_platform(config.device)
-        config.resolve_dtype(self.platform.supported_dtypes)
-        self.platform.check_config(config)
-        self.platform.seed(config.seed)
-
-        from pageport.models import load_model
-        loaded = load_model(config, self.platform)
-        self.model_source = loaded.source
-        self.hf_config = loaded.hf_config
-        self.tokenizer = loaded.tokenizer
-        self.vocab_size = loaded.hf_config.vocab_size
-        self.eos_token_id = self._eos_id()
-
-        if config.max_num_batched_tokens is None:
-            config.max_num_batched_tokens = 2048 if config.enable_chunked_prefill else max(
-                2048, config.max_model_len)
-        self.runner = ModelRunner(config, self.platform, loaded.model)
-        num_blocks = self.runner.profile_num_blocks()
-        capacity = (num_blocks - 1) * config.block_size
-        if capacity < config.max_model_len:
-            logger.warning("the KV cache holds %d tokens; max_model_len lowered from %d", capacity,
-                           config.max_model_len)
-            config.max_model_len = capacity
-        self.runner.allocate_kv_cache(num_blocks)
-        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.max_model_len, config.enable_chunked_prefill, config.scheduling_policy)
-        self.groups: dict[str, _Group] = {}
-        self.requests: dict[str, Request] = {}  # child id -> request
+        self.client = make_client(config, multiprocess)
+        info = self.client.info
+        resolved = info["config"]
+        for name in vars(resolved):  # the core resolved dtype, lengths and budgets
+            setattr(config, name, getattr(resolved, name))
+        self.model_source = info["model_source"]
+        self.hf_config = info["hf_config"]
+        self.tokenizer = info["tokenizer"]
+        self.vocab_size = info["vocab_size"]
+        self.eos_token_id = info["eos_token_id"]
+        self.platform_name = info["platform"]
+        self.attention_backend = info["attention"]
+        self.uses_graphs = info["graphs"]
+        self.groups: dict[str, _Group] = {}  # internal group id -> group
+        self.requests: dict[str, Request] = {}  # internal child id -> child
+        self._labels: dict[str, set[str]] = {}  # client label -> internal group ids
         self.stats = EngineStats()
         self._ids = itertools.count()
-        self._aborted: set[str] = set()
-        logger.info("%s on %s: %d KV blocks of %d tokens (%d tokens; %.1fx max_model_len %d)",
-                    self.model_source, self.platform.name, num_blocks - 1, config.block_size, capacity,
-                    capacity / config.max_model_len, config.max_model_len)
+        self._reported: set[str] = set()  # groups finished here (abort, stop string, error) to report
 
-    def _eos_id(self) -> Optional[int]:
-        eos = getattr(self.hf_config, "eos_token_id", None)
-        if isinstance(eos, list):
-            eos = eos[0] if eos else None
-        if eos is None and self.tokenizer is not None:
-            eos = self.tokenizer.eos_token_id
-        return eos
+    @property
+    def core(self):
+        """The in-process EngineCore (PAGEPORT_ENGINE_INPROC=1 / multiprocess=False), else None."""
+        return getattr(self.client, "core", None)
+
+    def core_stats(self):
+        """The core's counters, fresh (a round trip, ordered after everything sent before)."""
+        stats = self.client.call("stats")
+        return stats if isinstance(stats, CoreStats) else msgspec.convert(stats, CoreStats)
+
+    def reset_prefix_cache(self) -> bool:
+        return self.client.call("reset_prefix_cache")
+
+    def shutdown(self) -> None:
+        self.client.shutdown()
 
     # requests ------------------------------------------------------------------------------
     def tokenize(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
@@ -115,106 +117,137 @@ class LLMEngine:
                 raise ValueError(f"{name}={k} is more than max_logprobs={self.config.max_logprobs}")
         if params.logit_bias and not all(0 <= t < self.vocab_size for t in params.logit_bias):
             raise ValueError(f"logit_bias names a token id outside [0, {self.vocab_size})")
+        if params.seed is not None and not _INT64[0] <= params.seed <= _INT64[1]:
+            raise ValueError(f"seed must be in [{_INT64[0]}, {_INT64[1]}], got {params.seed}")
 
     def add_request(self, request_id: Optional[str], prompt: PromptType, params: SamplingParams,
                     priority: int = 0, arrival_time: Optional[float] = None,
-                    cache_salt: Optional[str] = None) -> str:
-        """Queue a request; raises ValueError (and queues nothing) when it is invalid."""
-        request_id = str(next(self._ids)) if request_id is None else request_id
-        if request_id in self.groups:
-            raise ValueError(f"request id {request_id!r} is already in use")
+                    cache_salt: Optional[str] = None, owner: Optional[str] = None) -> str:
+        """Queue a request; returns its internal id. Raises ValueError (and queues nothing) when it is
+        invalid. `request_id` is the client's label; `owner` groups requests that share a fair share of
+        the seats (default: this request alone)."""
         text, token_ids = self.tokenize(prompt)
         self._validate(token_ids, params)
+        gid = str(next(self._ids))
+        label = gid if request_id is None else str(request_id)
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        children = []
+        owner = gid if owner is None else f"o:{owner}"
+        children, core_reqs = [], []
         for i in range(params.n):
+            # children's seeds: seed + i within int64 (wrapping), so a valid seed never overflows
+            seed = None if params.seed is None else (params.seed + i - _INT64[0]) % (1 << 64) + _INT64[0]
             p = params if params.n == 1 else params.clone(
-                n=1, seed=None if params.seed is None else params.seed + i,
-                prompt_logprobs=params.prompt_logprobs if i == 0 else None)
-            child = Request(request_id if params.n == 1 else f"{request_id}#{i}", token_ids, p,
-                            self.eos_token_id, text, priority, arrival, cache_salt)
+                n=1, seed=seed, prompt_logprobs=params.prompt_logprobs if i == 0 else None)
+            cid = gid if params.n == 1 else f"{gid}.{i}"
+            child = Request(cid, token_ids, p, self.eos_token_id, text, priority, arrival, cache_salt, owner)
             child.index = i
             child.detokenizer = IncrementalDetokenizer(self.tokenizer if p.detokenize else None, p, token_ids)
-            if i > 0 and self.config.enable_prefix_caching:
-                child.gate = children[0]  # share the first child's prompt blocks
             children.append(child)
-        group = _Group(request_id, text, token_ids, children)
-        self.groups[request_id] = group
+            gate = children[0].request_id if i > 0 and self.config.enable_prefix_caching else None
+            core_reqs.append(CoreRequest(cid, token_ids, pickle.dumps(p), self.eos_token_id, arrival, priority,
+                                         cache_salt, owner, gate))
+        self.client.add(core_reqs)
+        group = _Group(gid, label, text, token_ids, children)
+        self.groups[gid] = group
+        self._labels.setdefault(label, set()).add(gid)
         for child in children:
             child.group = group
+            child.status = RequestStatus.WAITING
             self.requests[child.request_id] = child
-            self.scheduler.add(child)
-        return request_id
+        return gid
 
     def abort_request(self, request_ids) -> None:
+        """Abort by internal id, or by client label (every request that carries it)."""
         if isinstance(request_ids, str):
             request_ids = [request_ids]
+        gone = []
         for rid in request_ids:
-            group = self.groups.get(rid)
-            for child in (group.children if group else []):
-                if not child.is_finished:
-                    self._finish(child, RequestStatus.FINISHED_ABORTED)
-                    self._aborted.add(rid)
+            for gid in ([rid] if rid in self.groups else list(self._labels.get(rid, ()))):
+                for child in self.groups[gid].children:
+                    if not child.is_finished:
+                        self._finish(child, RequestStatus.FINISHED_ABORTED)
+                        gone.append(child.request_id)
+                self._reported.add(gid)
+        self.client.abort(gone)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return bool(self.groups)
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self.scheduler.waiting) + len(self.scheduler.running)
+        return len(self.groups)
 
     # the step ----------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        sched = self.scheduler.schedule()
-        touched: dict[str, _Group] = {}
-        for victim in sched.preempted:
-            logger.debug("preempted %s", victim.request_id)
-        if sched:
-            results = self.runner.execute(sched, self.kv)
+    def step(self, timeout: Optional[float] = None) -> list[RequestOutput]:
+        """Outputs of the requests the core advanced since the last call; waits for the core up to
+        `timeout` seconds (None: until it has something, unless something is ready here)."""
+        touched: dict[str, _Group] = {gid: self.groups[gid] for gid in self._reported if gid in self.groups}
+        self._reported.clear()
+        waiting = len(touched) < len(self.groups)  # requests with nothing to report yet: wait for the core
+        msg: CoreOutputs = self.client.get_outputs(timeout if waiting and not touched else 0)
+        if msg.outputs:
             now = time.monotonic()
-            for s, res in zip(sched.scheduled, results):
-                self._update(s.request, s.num_tokens, res, now)
-                touched[s.request.group.request_id] = s.request.group
-        for rid in self._aborted:  # aborted groups report once too
-            if rid in self.groups:
-                touched[rid] = self.groups[rid]
-        self._aborted.clear()
+            for o in msg.outputs:
+                child = self.requests.get(o.request_id)
+                if child is None or child.is_finished:
+                    continue
+                self._update(child, o, now)
+                touched[child.group.request_id] = child.group
+            for gid in self._reported:  # finished while updating (stop strings, errors)
+                if gid in self.groups:
+                    touched[gid] = self.groups[gid]
+            self._reported.clear()
         return [self._output(g) for g in touched.values()]
 
-    def _update(self, req: Request, num_tokens: int, res: StepResult, now: float) -> None:
-        req.num_computed_tokens += num_tokens
-        if res.prompt_logprobs:
-            req.prompt_logprobs.extend(res.prompt_logprobs)
-        if req.num_computed_tokens >= req.num_prompt_tokens and not req.prefill_done:
-            req.prefill_done = True
-            self.stats.prompt_tokens += req.num_prompt_tokens
-        if res.token_id is None or req.is_finished:
+    def _update(self, req: Request, o, now: float) -> None:
+        if o.num_cached_tokens >= 0:
+            req.num_cached_tokens = o.num_cached_tokens
+        if o.prompt_logprobs:
+            for d in o.prompt_logprobs:
+                for tid, lp in d.items():
+                    lp.decoded_token = req.detokenizer.decode_token(tid)
+            req.prompt_logprobs.extend(o.prompt_logprobs)
+        if o.error is not None:
+            req.group.error = o.error
+            self._finish(req, RequestStatus.FINISHED_ERROR)
             return
-        token = res.token_id
-        req.append_token(token)
-        self.stats.generation_tokens += 1
-        req.cumulative_logprob += res.logprob
-        if req.logprobs is not None:
-            for tid, lp in res.logprobs.items():
-                lp.decoded_token = req.detokenizer.decode_token(tid)
-            req.logprobs.append(res.logprobs)
+        if not o.new_token_ids:
+            return
         if req.first_token_time is None:
             req.first_token_time = now
         req.last_token_time = now
-        stop_str = req.detokenizer.update([token], req.num_output_tokens)
-        p = req.params
-        if stop_str is not None:
-            req.stop_reason = stop_str
-            self._finish(req, RequestStatus.FINISHED_STOPPED)
-        elif token in req.stop_token_ids and req.num_output_tokens >= p.min_tokens:
-            req.stop_reason = None if token == self.eos_token_id and token not in p.stop_token_ids else token
-            self._finish(req, RequestStatus.FINISHED_STOPPED)
-        elif (p.max_tokens is not None and req.num_output_tokens >= p.max_tokens) \
-                or req.num_tokens >= self.config.max_model_len:
-            self._finish(req, RequestStatus.FINISHED_LENGTH)
+        for k, token in enumerate(o.new_token_ids):
+            req.append_token(token)
+            self.stats.generation_tokens += 1
+            if o.logprobs is not None and req.logprobs is not None:
+                lps = o.logprobs[k]
+                req.cumulative_logprob += lps[token].logprob
+                for tid, lp in lps.items():
+                    lp.decoded_token = req.detokenizer.decode_token(tid)
+                req.logprobs.append(lps)
+            try:
+                stop_str = req.detokenizer.update([token], req.num_output_tokens)
+            except Exception as e:  # noqa: BLE001 - this request's text alone is broken
+                logger.exception("detokenizing request %s failed", req.request_id)
+                req.group.error = f"detokenization failed: {type(e).__name__}: {e}"
+                self._finish(req, RequestStatus.FINISHED_ERROR)
+                self.client.abort([req.request_id])
+                return
+            if stop_str is not None:
+                req.stop_reason = stop_str
+                self._finish(req, RequestStatus.FINISHED_STOPPED)
+                self.client.abort([req.request_id])  # the core goes on until told
+                return
+        if o.finish_reason is not None:
+            req.stop_reason = o.stop_reason
+            self._finish(req, RequestStatus.FINISHED_STOPPED if o.finish_reason == "stop"
+                         else RequestStatus.FINISHED_LENGTH if o.finish_reason == "length"
+                         else RequestStatus.FINISHED_ERROR)
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
-        self.scheduler.finish(req, status)
+        req.status = status
         self.stats.finished[status.value] = self.stats.finished.get(status.value, 0) + 1
+        if status in (RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR):
+            self._reported.add(req.group.request_id)
 
     def _output(self, g: _Group) -> RequestOutput:
         outs = []
@@ -232,13 +265,20 @@ class LLMEngine:
                 logprobs=logprobs, finish_reason=c.status.value if c.is_finished else None,
                 stop_reason=c.stop_reason))
         finished = all(c.is_finished for c in g.children)
+        if g.error is not None and not finished:  # one child failed: the request fails as a whole
+            gone = [c.request_id for c in g.children if not c.is_finished]
+            for c in g.children:
+                if not c.is_finished:
+                    self._finish(c, RequestStatus.FINISHED_ABORTED)
+            self.client.abort(gone)
+            finished = True
         first = g.children[0]  # it carries the prompt logprobs
-        out = RequestOutput(g.request_id, g.prompt, g.prompt_token_ids, outs, finished,
-                            prompt_logprobs=first.prompt_logprobs, num_cached_tokens=first.num_cached_tokens)
+        out = RequestOutput(g.label, g.prompt, g.prompt_token_ids, outs, finished,
+                            prompt_logprobs=first.prompt_logprobs, num_cached_tokens=first.num_cached_tokens,
+                            error=g.error, engine_request_id=g.request_id)
         if finished:
+            self.stats.prompt_tokens += len(g.prompt_token_ids)
             out.metrics = {"arrival_time": first.arrival_time,
-                           "first_scheduled_time": min((c.first_scheduled_time for c in g.children
-                                                        if c.first_scheduled_time), default=None),
                            "first_token_time": min((c.first_token_time for c in g.children
                                                     if c.first_token_time), default=None),
                            "last_token_time": max((c.last_token_time for c in g.children
@@ -247,4 +287,9 @@ class LLMEngine:
             for c in g.children:
                 self.requests.pop(c.request_id, None)
             self.groups.pop(g.request_id, None)
+            labels = self._labels.get(g.label)
+            if labels is not None:
+                labels.discard(g.request_id)
+                if not labels:
+                    del self._labels[g.label]
         return out

@@ -78,8 +78,8 @@ class LLM:
         out_tokens = 0
         while len(done) < len(ids) and self.engine.has_unfinished_requests():
             for out in self.engine.step():
-                if out.finished and out.request_id in wanted:
-                    done[out.request_id] = out
+                if out.finished and out.engine_request_id in wanted:
+                    done[out.engine_request_id] = out
                     out_tokens += sum(len(o.token_ids) for o in out.outputs)
                     bar.update(1)
                     bar.set_postfix_str(f"output {out_tokens / max(bar.format_dict['elapsed'], 1e-9):.1f} tok/s")

@@ -1,16 +1,29 @@
-"""Turns a scheduled step into model inputs, runs the model, samples."""
+"""Turns a scheduled step into model inputs, runs the model, samples.
+
+The inputs live in a persistent batch (`InputBatch`): every running request owns a row whose block table
+is kept across steps and only grows by the blocks it gained; a step gathers its rows with numpy, writes
+them into pinned host buffers (two sets, used in turn, so a step's copies never race the next step's
+preparation) and copies them to the device once, non-blocking. Rows are laid out for several query tokens
+per request (a chunk of a prompt now; proposed tokens later) and carry an adapter index (0 = none).
+
+`execute` returns a `StepOutput` whose sampled ids are still on the device: with asynchronous scheduling
+the engine core prepares and launches the next step first, feeding those ids to it on the device, and
+reads them on the host one step later.
+"""
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 
 from pageport.core.config import EngineConfig
 from pageport.core.kv_cache import KVCacheManager
 from pageport.core.outputs import Logprob
+from pageport.core.request import Request
 from pageport.core.sampler import Sampler, prompt_logprobs
 from pageport.core.scheduler import SchedulerOutput
 from pageport.platforms import AttentionMetadata, Platform
@@ -19,12 +32,75 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class StepResult:
-    request_id: str
-    token_id: Optional[int]  # None when this step only advanced a prompt chunk
-    logprob: float = 0.0
-    logprobs: Optional[dict[int, Logprob]] = None
-    prompt_logprobs: Optional[list[dict[int, Logprob]]] = None  # this chunk's positions
+class StepOutput:
+    """What one step sampled. `token_ids` stays on the device until `token_list()` reads it."""
+    requests: list[Request]  # the rows that sampled, in order
+    token_ids: torch.Tensor  # [len(requests)] int64, on the device
+    logprobs: list[Optional[dict[int, Logprob]]] = field(default_factory=list)
+    chosen_logprobs: list[float] = field(default_factory=list)
+    prompt_logprobs: dict[str, list[dict[int, Logprob]]] = field(default_factory=dict)  # request id -> chunk's
+    timing: Optional[tuple] = None  # device events around the step (profiling)
+    _host: Optional[torch.Tensor] = None
+    _event: Optional[object] = None
+    _list: Optional[list[int]] = None
+
+    def token_list(self) -> list[int]:
+        if self._list is None:
+            if self._event is not None:
+                self._event.synchronize()
+            self._list = (self._host if self._host is not None else self.token_ids).tolist()
+        return self._list
+
+
+class InputBatch:
+    """Rows that outlive a step: request id -> row, the row's block table and adapter index."""
+
+    def __init__(self, max_rows: int, max_blocks: int):
+        self.block_table = np.zeros((max_rows, max_blocks), dtype=np.int32)
+        self.num_blocks = np.zeros(max_rows, dtype=np.int32)
+        self.adapter_index = np.zeros(max_rows, dtype=np.int32)  # per-row adapter (0 = the base model)
+        self.row_of: dict[str, int] = {}
+        self._free = list(range(max_rows - 1, -1, -1))
+
+    def row(self, req: Request, blocks: list) -> int:
+        """The request's row, its block table brought up to date (blocks are only ever appended)."""
+        row = self.row_of.get(req.request_id)
+        if row is None:
+            row = self._free.pop()
+            self.row_of[req.request_id] = row
+            self.num_blocks[row] = 0
+        have, now = int(self.num_blocks[row]), len(blocks)
+        if now != have:
+            if now < have:  # the request was preempted and came back: rebuild
+                have = 0
+            self.block_table[row, have:now] = [b.block_id for b in blocks[have:now]]
+            self.num_blocks[row] = now
+        return row
+
+    def release(self, request_id: str) -> None:
+        row = self.row_of.pop(request_id, None)
+        if row is not None:
+            self._free.append(row)
+
+
+class _Staging:
+    """Host buffers for one step's inputs (pinned where the device copies from pinned memory)."""
+
+    def __init__(self, max_tokens: int, max_rows: int, max_blocks: int, pin: bool):
+        def buf(*shape, dtype):
+            return torch.zeros(shape, dtype=dtype, pin_memory=pin)
+        self.ids = buf(max_tokens, dtype=torch.long)
+        self.pos = buf(max_tokens, dtype=torch.long)
+        self.slots = buf(max_tokens, dtype=torch.long)
+        self.qsl = buf(max_rows + 1, dtype=torch.int32)
+        self.seq_lens = buf(max_rows, dtype=torch.int32)
+        self.table = buf(max_rows * max_blocks, dtype=torch.int32)
+        self.logit_rows = buf(max_rows, dtype=torch.long)
+        self.pend_dst = buf(max_rows, dtype=torch.long)
+        self.pend_src = buf(max_rows, dtype=torch.long)
+        self.sampled = buf(max_rows, dtype=torch.long)  # the step's sampled ids, copied back for the host
+        # numpy views, made once (each .numpy() call costs microseconds)
+        self.np = {k: v.numpy() for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
 
 
 class ModelRunner:
@@ -37,6 +113,14 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
         self.graphs = None  # the platform's GraphRunner, if it has one
+        self.max_blocks = -(-config.max_model_len // config.block_size) + 1
+        self.batch = InputBatch(config.max_num_seqs, self.max_blocks)
+        # the device copies from pinned host memory asynchronously; on the CPU a "copy" is the buffer itself
+        self.async_copies = self.device.type in ("cuda", "xpu")
+        pin = self.async_copies and torch.cuda.is_available() if self.device.type == "cuda" else False
+        n_tok = max(config.max_num_batched_tokens or 2048, config.max_num_seqs)
+        self._staging = [_Staging(n_tok, config.max_num_seqs, self.max_blocks, pin) for _ in range(2)]
+        self._step = 0
 
     # KV cache -------------------------------------------------------------------------
     def kv_block_bytes(self) -> int:
@@ -65,8 +149,8 @@ class ModelRunner:
                                                             m.num_kv_heads, m.head_size),
                               dtype=self.config.dtype, device=self.device)] * m.num_layers
         blocks = list(range(1, 2 + n // self.block_size))
-        md = self._metadata([n], [n], [blocks], [blocks[p // self.block_size] * self.block_size
-                                                 + p % self.block_size for p in range(n)])
+        md = self._metadata_from_lists([n], [n], [blocks], [blocks[p // self.block_size] * self.block_size
+                                                            + p % self.block_size for p in range(n)])
         hidden = m(torch.zeros(n, dtype=torch.long, device=self.device),
                    torch.arange(n, device=self.device), caches, md)
         m.compute_logits(hidden[-min(n, self.config.max_num_seqs):])
@@ -75,88 +159,148 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         m = self.model
         shape = m.attn_backend.kv_cache_shape(num_blocks, self.block_size, m.num_kv_heads, m.head_size)
-        self.kv_caches = [torch.zeros(shape, dtype=self.config.dtype, device=self.device)
-                          for _ in range(m.num_layers)]
+        self.kv_caches = [_zeros(shape, self.config.dtype, self.device) for _ in range(m.num_layers)]
         if not self.config.enforce_eager:
             self.graphs = self.platform.graph_runner(m, self.kv_caches, self.config)
             if self.graphs is not None:
                 self.graphs.capture()
 
     # one step ------------------------------------------------------------------------------
-    def _metadata(self, query_lens: list[int], seq_lens: list[int], block_rows: list[list[int]],
-                  slot_mapping: list[int]) -> AttentionMetadata:
+    def _metadata_from_lists(self, query_lens, seq_lens, block_rows, slot_mapping) -> AttentionMetadata:
+        """Metadata from Python lists (profiling only; steps use the persistent batch)."""
         dev = self.device
-        qsl = [0]
-        for n in query_lens:
-            qsl.append(qsl[-1] + n)
+        qsl = np.concatenate([[0], np.cumsum(query_lens)]).astype(np.int32)
         width = max(len(r) for r in block_rows)
         table = torch.zeros(len(block_rows), width, dtype=torch.int32)
         for i, row in enumerate(block_rows):
             table[i, :len(row)] = torch.tensor(row, dtype=torch.int32)
         return AttentionMetadata(
-            num_actual_tokens=qsl[-1],
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_table=table.to(dev),
+            num_actual_tokens=int(qsl[-1]), query_start_loc=torch.from_numpy(qsl).to(dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev), block_table=table.to(dev),
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=dev),
             max_query_len=max(query_lens), max_seq_len=max(seq_lens),
-            query_start_loc_cpu=qsl, seq_lens_cpu=list(seq_lens), block_size=self.block_size)
+            query_start_loc_cpu=qsl.tolist(), seq_lens_cpu=list(seq_lens), block_size=self.block_size)
+
+    def release(self, request_id: str) -> None:
+        """The request left the running set (finished or preempted): its row is free."""
+        self.batch.release(request_id)
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput, kv: KVCacheManager) -> list[StepResult]:
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_lens, seq_lens, block_rows = [], [], []
-        for s in sched.scheduled:
+    def execute(self, sched: SchedulerOutput, kv: KVCacheManager,
+                prev: Optional[StepOutput] = None) -> StepOutput:
+        """Prepare, launch and sample one step. `prev`: the step still in flight, whose sampled ids are the
+        inputs of the requests that have a pending token."""
+        bs, dev, batch = self.block_size, self.device, self.batch
+        st = self._staging[self._step % 2]
+        self._step += 1
+        scheduled = sched.scheduled
+        num_rows = len(scheduled)
+        rows = np.empty(num_rows, dtype=np.int64)
+        starts = np.empty(num_rows, dtype=np.int64)
+        qlens = np.empty(num_rows, dtype=np.int64)
+        npb = st.np
+        ids = npb["ids"]
+        pend_dst, pend_src = [], []
+        t = 0
+        for i, s in enumerate(scheduled):  # per request, never per token
             r = s.request
-            start, end = r.num_computed_tokens, r.num_computed_tokens + s.num_tokens
-            blocks = kv.block_ids(r)
-            input_ids.extend(r.token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
-            query_lens.append(s.num_tokens)
-            seq_lens.append(end)
-            block_rows.append(blocks)
-        md = self._metadata(query_lens, seq_lens, block_rows, slots)
-        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self.graphs.run(ids, pos, md) if self.graphs is not None else None
-        if hidden is None:
-            hidden = self.model(ids, pos, self.kv_caches, self.model.attn_backend.build_metadata(md))
+            rows[i] = batch.row(r, kv.req_blocks[r.request_id])
+            start, n = r.num_computed_tokens, s.num_tokens
+            starts[i], qlens[i] = start, n
+            known = len(r.token_ids)
+            if start + n <= known:
+                ids[t:t + n] = r.token_ids[start:start + n] if n > 1 else r.token_ids[start]
+            else:  # the last input is the token the step in flight sampled for it
+                if n > 1:
+                    ids[t:t + n - 1] = r.token_ids[start:start + n - 1]
+                pend_dst.append(t + n - 1)
+                pend_src.append(r.sample_index)  # its row in the step in flight
+            t += n
+        total = t
+        qsl = np.zeros(num_rows + 1, dtype=np.int64)
+        np.cumsum(qlens, out=qsl[1:])
+        seq_lens = starts + qlens
+        # positions and slots of every token, vectorised
+        tok_row = np.repeat(np.arange(num_rows), qlens)
+        pos = np.arange(total, dtype=np.int64) - qsl[tok_row] + starts[tok_row]
+        blk = batch.block_table[rows[tok_row], pos // bs]
+        npb["pos"][:total] = pos
+        npb["slots"][:total] = blk.astype(np.int64) * bs + pos % bs
+        npb["qsl"][:num_rows + 1] = qsl
+        npb["seq_lens"][:num_rows] = seq_lens
+        width = int(-(-seq_lens.max() // bs))
+        npb["table"][:num_rows * width].reshape(num_rows, width)[:] = batch.block_table[rows, :width]
+        table = st.table[:num_rows * width].view(num_rows, width)
 
-        results = [StepResult(s.request.request_id, None) for s in sched.scheduled]
-        sampling = [i for i, s in enumerate(sched.scheduled) if s.samples]
+        nb = self.async_copies
+        md = AttentionMetadata(
+            num_actual_tokens=total, query_start_loc=st.qsl[:num_rows + 1].to(dev, non_blocking=nb),
+            seq_lens=st.seq_lens[:num_rows].to(dev, non_blocking=nb), block_table=table.to(dev, non_blocking=nb),
+            slot_mapping=st.slots[:total].to(dev, non_blocking=nb),
+            max_query_len=int(qlens.max()), max_seq_len=int(seq_lens.max()),
+            query_start_loc_cpu=qsl.tolist(), seq_lens_cpu=seq_lens.tolist(), block_size=bs)
+        input_ids = st.ids[:total].to(dev, non_blocking=nb)
+        positions = st.pos[:total].to(dev, non_blocking=nb)
+        if pend_dst:  # feed the in-flight step's samples without a trip to the host
+            k = len(pend_dst)
+            npb["pend_dst"][:k] = pend_dst
+            npb["pend_src"][:k] = pend_src
+            input_ids[st.pend_dst[:k].to(dev, non_blocking=nb)] = \
+                prev.token_ids[st.pend_src[:k].to(dev, non_blocking=nb)]
+
+        hidden = self.graphs.run(input_ids, positions, md) if self.graphs is not None else None
+        if hidden is None:
+            hidden = self.model(input_ids, positions, self.kv_caches, self.model.attn_backend.build_metadata(md))
+
+        sampling = [i for i, s in enumerate(scheduled) if s.samples]
+        reqs = [scheduled[i].request for i in sampling]
         if sampling:
-            logits = self._logits(hidden, [md.query_start_loc_cpu[i + 1] - 1 for i in sampling])
-            out = self.sampler(logits, [sched.scheduled[i].request for i in sampling])
-            for k, i in enumerate(sampling):
-                results[i].token_id = out.token_ids[k]
-                results[i].logprob = out.chosen_logprobs[k]
-                results[i].logprobs = out.logprobs[k]
-        for i, s in enumerate(sched.scheduled):
+            k = len(sampling)
+            lr = npb["logit_rows"]
+            lr[:k] = qsl[np.asarray(sampling) + 1] - 1
+            logits = self._logits(hidden, st.logit_rows[:k].to(dev, non_blocking=nb), lr[:k].tolist())
+            sampled = self.sampler(logits, reqs)
+            out = StepOutput(reqs, sampled.token_ids, sampled.logprobs, sampled.chosen_logprobs)
+            for j, r in enumerate(reqs):
+                r.sample_index = j
+        else:
+            out = StepOutput([], torch.zeros(0, dtype=torch.long, device=dev))
+        if self.async_copies and sampling:
+            out._host = st.sampled[:len(reqs)]  # read one step later, before this staging set is reused
+            out._host.copy_(out.token_ids, non_blocking=True)
+            out._event = torch.Event(device=dev)
+            out._event.record()
+        for i, s in enumerate(scheduled):
             r = s.request
             if r.prompt_logprobs is not None and len(r.prompt_logprobs) < r.num_prompt_tokens:
-                results[i].prompt_logprobs = self._prompt_logprobs(hidden, md, i, s.request, s.num_tokens)
-        return results
+                out.prompt_logprobs[r.request_id] = self._prompt_logprobs(hidden, int(qsl[i]), r, s.num_tokens)
+        return out
 
-    def _logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    def _logits(self, hidden: torch.Tensor, rows_dev: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """float32 logits of these rows of `hidden`; a GraphRunner with `compute_logits` may produce them
         (e.g. the XLA runner, in compiled shape buckets, on the host) or return None to leave it here."""
         if self.graphs is not None and hasattr(self.graphs, "compute_logits"):
             logits = self.graphs.compute_logits(hidden, rows)
             if logits is not None:
                 return logits
-        return self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
+        return self.model.compute_logits(hidden[rows_dev])
 
-    def _prompt_logprobs(self, hidden, md, i, r, n) -> list[dict[int, Logprob]]:
+    def _prompt_logprobs(self, hidden, row0: int, r: Request, n: int) -> list[dict[int, Logprob]]:
         """Logprobs of prompt tokens p+1 given p, for the prompt positions in this chunk."""
         start = r.num_computed_tokens
         end = min(start + n, r.num_prompt_tokens - 1)
         if end <= start:
             return []
-        row0 = md.query_start_loc_cpu[i]
-        logits = self._logits(hidden, list(range(row0, row0 + end - start)))
+        rows = list(range(row0, row0 + end - start))
+        logits = self._logits(hidden, torch.tensor(rows, device=hidden.device), rows)
         nxt = torch.tensor(r.prompt_token_ids[start + 1:end + 1], device=logits.device)
         return prompt_logprobs(logits, nxt, r.params.prompt_logprobs)
+
+
+def _zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed cache. On the CPU through calloc (numpy): the OS hands out zero pages as they are first
+    touched, so a cache of several GiB costs nothing until it fills (torch.zeros writes every page)."""
+    if device.type == "cpu":
+        raw = np.zeros(math.prod(shape) * dtype.itemsize, dtype=np.uint8)
+        return torch.from_numpy(raw).view(dtype).view(shape)
+    return torch.zeros(shape, dtype=dtype, device=device)

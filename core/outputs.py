@@ -23,7 +23,7 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: Optional[float] = None
     logprobs: Optional[SampleLogprobs] = None
-    finish_reason: Optional[str] = None  # "stop" | "length" | "abort"
+    finish_reason: Optional[str] = None  # "stop" | "length" | "abort" | "error"
     stop_reason: Union[int, str, None] = None  # the stop string or token id that ended it
 
     def finished(self) -> bool:
@@ -40,3 +40,5 @@ class RequestOutput:
     prompt_logprobs: Optional[list[Optional[dict[int, Logprob]]]] = None
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
+    error: Optional[str] = None  # why the request failed (finish_reason "error"); other requests go on
+    engine_request_id: Optional[str] = None  # the engine's own id (request_id is the client's label)

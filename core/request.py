@@ -18,17 +18,20 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"  # a failure that belongs to this request alone
 
     @property
     def finished(self) -> bool:
-        return self.value in ("stop", "length", "abort")
+        return self.value in ("stop", "length", "abort", "error")
 
 
 class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  eos_token_id: Optional[int], prompt: Optional[str] = None, priority: int = 0,
-                 arrival_time: Optional[float] = None, cache_salt: Optional[str] = None):
-        self.request_id = request_id
+                 arrival_time: Optional[float] = None, cache_salt: Optional[str] = None,
+                 owner: Optional[str] = None):
+        self.request_id = request_id  # the engine's own id, never a client's
+        self.owner = owner if owner is not None else request_id  # fair scheduling shares seats among owners
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
         self.token_ids = list(prompt_token_ids)  # prompt + output, grows as tokens are sampled
@@ -40,7 +43,10 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: Any = None
 
-        self.num_computed_tokens = 0  # tokens whose KV is in the cache
+        self.num_computed_tokens = 0  # tokens whose KV is in the cache (or being written by a step in flight)
+        self.sync = False  # its sampling reads its whole history on the host (no step may be in flight)
+        self.num_pending = 0
+        self.sample_index = 0  # its row among the samples of the last step it sampled in  # tokens sampled on the device whose ids have not reached the host yet
         self.num_cached_tokens = 0  # of the prompt, found by prefix caching at first admission
         self.block_hashes: list[int] = []  # chained hashes of full blocks, filled by the KV manager
         self.num_preemptions = 0
@@ -85,6 +91,11 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_total_tokens(self) -> int:
+        """Known and pending tokens: what the scheduler plans with."""
+        return len(self.token_ids) + self.num_pending
 
     @property
     def is_finished(self) -> bool:

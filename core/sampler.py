@@ -29,7 +29,7 @@ _NEG_INF = float("-inf")
 
 @dataclass
 class SamplerOutput:
-    token_ids: list[int]  # one per request
+    token_ids: torch.Tensor  # [B] int64 on the logits' device: no host sync until someone reads them
     # per request: None unless params.logprobs is not None; then the chosen token plus the top-`logprobs`
     # tokens, each Logprob(logprob, rank) with rank 1 = most likely (decoded_token filled by the detokenizer)
     logprobs: list[Optional[dict[int, Logprob]]]
@@ -216,7 +216,7 @@ class Sampler:
         batch, vocab_size = logits.shape
         device = logits.device
         if batch == 0:
-            return SamplerOutput([], [], [])
+            return SamplerOutput(torch.zeros(0, dtype=torch.long, device=device), [], [])
         params = [r.params for r in requests]
 
         raw = logits.float()  # may be `logits` itself: never written to
@@ -224,7 +224,8 @@ class Sampler:
         # what this batch needs
         greedy = [p.greedy for p in params]
         need_bias = any(p.logit_bias for p in params)
-        min_tok = [r.stop_token_ids if (r.params.min_tokens and r.num_output_tokens < r.params.min_tokens)
+        min_tok = [r.stop_token_ids if (r.params.min_tokens
+                                        and r.num_output_tokens + r.num_pending < r.params.min_tokens)
                    else None for r in requests]
         need_min_tok = any(min_tok)
         need_pen = any(p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
@@ -256,7 +257,7 @@ class Sampler:
             for i, d, c in zip(lp_rows, dicts, lp.gather(1, ids.unsqueeze(1)).squeeze(1).tolist()):
                 logprobs[i], chosen[i] = d, c
 
-        return SamplerOutput(token_ids.tolist(), logprobs, chosen)
+        return SamplerOutput(token_ids, logprobs, chosen)
 
     # -------------------------------------------------------------------------------------------
     @staticmethod

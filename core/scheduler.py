@@ -4,10 +4,18 @@ Running requests go first, then waiting ones while the token budget, the sequenc
 and the KV blocks last. Long prompts are chunked. When blocks run out, the lowest-priority
 (FCFS: newest) running request is preempted by recompute: its blocks are freed and it is
 re-queued first; prefix caching usually brings most of them back.
+
+Seats are shared fairly among owners (a client request that fanned out into many sequences is one
+owner): waiting requests whose owner holds no seat are admitted first, and when every seat is taken
+while such a request waits, an owner holding more than half of the seats gives one up (preempted).
+
+With asynchronous scheduling a request may have a token in flight (`num_pending`): it is planned for
+as if known, and a request whose pending tokens already reach its length limit is not scheduled.
 """
 from __future__ import annotations
 
 import bisect
+import collections
 import time
 from dataclasses import dataclass, field
 from pageport.core.kv_cache import KVCacheManager
@@ -23,7 +31,7 @@ class ScheduledRequest:
     def samples(self) -> bool:
         """This step reaches the end of the known tokens, so its last logits give a new token."""
         r = self.request
-        return r.num_computed_tokens + self.num_tokens == r.num_tokens
+        return r.num_computed_tokens + self.num_tokens == r.num_total_tokens
 
 
 @dataclass
@@ -41,13 +49,15 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, enable_chunked_prefill: bool = True, policy: str = "fcfs"):
+                 max_model_len: int, enable_chunked_prefill: bool = True, policy: str = "fcfs",
+                 fair: bool = True):
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.chunked = enable_chunked_prefill
         self.policy = policy
+        self.fair = fair
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -102,14 +112,52 @@ class Scheduler:
         self.num_preemptions += 1
         self._requeue_first(req)
 
+    def _at_limit(self, req: Request) -> bool:
+        """Its pending tokens already end it (max_tokens or the context): wait for them to land."""
+        total = req.num_total_tokens
+        mt = req.params.max_tokens
+        return req.num_pending > 0 and (total >= self.max_model_len
+                                        or (mt is not None and total - req.num_prompt_tokens >= mt))
+
+    def _fair_share(self, out: SchedulerOutput) -> None:
+        """Every seat is taken and a request of a seatless owner waits: the owner holding the most seats
+        (more than half) gives up its newest one."""
+        seated = collections.Counter(r.owner for r in self.running)
+        if not any(seated[w.owner] == 0 and w.num_pending == 0 for w in self.waiting[:64]):
+            return
+        owner, held = seated.most_common(1)[0]
+        if held <= self.max_num_seqs // 2:
+            return
+        victim = next(r for r in reversed(self.running) if r.owner == owner)
+        self.running.remove(victim)
+        self._preempt(victim)
+        out.preempted.append(victim)
+
+    def _admission_order(self) -> list[int]:
+        """Indices into `waiting`: owners without a seat first (fair), each tier in queue order."""
+        if not self.fair or self.policy == "priority" or not self.running:
+            return list(range(len(self.waiting)))
+        seated = {r.owner for r in self.running}
+        first = [j for j, w in enumerate(self.waiting) if w.owner not in seated]
+        if len(first) == len(self.waiting):
+            return first
+        return first + [j for j, w in enumerate(self.waiting) if w.owner in seated]
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        if self.fair and len(self.running) >= self.max_num_seqs and self.waiting:
+            self._fair_share(out)
         budget = self.max_num_batched_tokens
+        short = False  # blocks ran out
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if self._at_limit(req):
+                i += 1
+                continue
+            n = min(req.num_total_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate_slots(req, n):
+                short = True
                 victim = self._preempt_victim(i)
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -119,24 +167,25 @@ class Scheduler:
                 out.scheduled.append(ScheduledRequest(req, n))
                 budget -= n
                 i += 1
-        if out.preempted:  # nothing new joins a step that had to preempt
+        if short:  # nothing new joins a step that had to preempt for blocks
             return out
 
         now = time.monotonic()
-        j = 0
-        while j < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+        admitted: list[int] = []
+        for j in self._admission_order():
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                break
             req = self.waiting[j]
-            if req.gate is not None and not (req.gate.prefill_done or req.gate.is_finished):
-                j += 1  # n > 1: wait until the first sibling's prompt blocks are cached
-                continue
+            if req.num_pending or (req.gate is not None and not (req.gate.prefill_done or req.gate.is_finished)):
+                continue  # its last token is still in flight / n > 1: wait for the first sibling's prompt blocks
             computed, num_hit = self.kv.get_computed_blocks(req)
-            n = req.num_tokens - num_hit
+            n = req.num_total_tokens - num_hit
             if not self.chunked and n > budget:
                 break
             n = min(n, budget)
             if not self.kv.allocate_slots(req, n, computed):
                 break
-            del self.waiting[j]
+            admitted.append(j)
             if req.num_preemptions == 0:
                 req.num_cached_tokens = num_hit
             req.num_computed_tokens = num_hit
@@ -146,4 +195,7 @@ class Scheduler:
             self.running.append(req)
             out.scheduled.append(ScheduledRequest(req, n))
             budget -= n
+        if admitted:
+            gone = set(admitted)
+            self.waiting = [w for j, w in enumerate(self.waiting) if j not in gone]
         return out

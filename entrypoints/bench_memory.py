@@ -276,7 +276,7 @@ def run_prefix_caching(config: EngineConfig, num_prompts: int, prefix_len: int, 
     for i in range(repeats):
         for mode in (("on", "off") if i % 2 == 0 else ("off", "on")):  # alternate: the machine drifts
             llm = engines[mode]
-            llm.engine.kv.reset_prefix_cache()  # every repeat starts cold: the first request computes the prefix
+            llm.engine.reset_prefix_cache()  # every repeat starts cold: the first request computes the prefix
             t = time.perf_counter()
             outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
             times[mode].append(time.perf_counter() - t)

@@ -57,10 +57,10 @@ class PageportBackend:
         from pageport import LLM, SamplingParams
         self.llm, self.SamplingParams = LLM(**vars(config)), SamplingParams
         self.info = {"dtype": str(self.llm.config.dtype).removeprefix("torch."), "quantization": config.quantization,
-                     "compile": config.compile, "attention": self.llm.engine.runner.model.attn_backend.name}
+                     "compile": config.compile, "attention": self.llm.engine.attention_backend}
 
     def __call__(self, prompts, output_len, ignore_eos=True) -> list[int]:
-        self.llm.engine.kv.reset_prefix_cache()  # a repeat measures the work again, not the cache
+        self.llm.engine.reset_prefix_cache()  # a repeat measures the work again, not the cache
         params = self.SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=ignore_eos)
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         return [len(o.outputs[0].token_ids) for o in outs]
@@ -205,10 +205,15 @@ def cmd_throughput(args) -> int:
         raise SystemExit(f"{args.backend}: {e}")
     for n in {1, min(4, len(prompts))}:  # warm-up (and compilation, which specialises on batch 1)
         backend(prompts[:n], 4, True)
+    profiling = args.profile_step and args.backend == "pageport"
+    if profiling:
+        backend.llm.engine.client.call("profile", True)
     t = time.perf_counter()
     lens = backend(prompts, args.output_len, args.ignore_eos)
     dt = time.perf_counter() - t
-    extra = backend.info
+    extra = dict(backend.info)
+    if profiling:
+        extra["step_profile"] = step_profile(backend.llm.engine, dt, args.max_num_seqs)
     n_in, n_out = sum(len(p) for p in prompts), sum(lens)
     result = {"backend": args.backend, "machine": machine(), "model": config.model or "default",
               "load_format": config.load_format, "num_prompts": len(prompts), "input_len": args.input_len,
@@ -221,6 +226,24 @@ def cmd_throughput(args) -> int:
           f"  [{args.backend} on {result['machine']}]")
     _write(args.output_json, result)
     return 0
+
+
+def step_profile(engine, wall: float, max_rows: int) -> dict:
+    """Where the engine core's steps spent the run: preparing and launching, waiting for the device, turning
+    samples into outputs; the device-busy share where the platform times steps (CUDA events)."""
+    prof = engine.client.call("profile", False)
+    steps = max(1, prof["steps"])
+    out = {"steps": prof["steps"], "wall_ms_per_step": 1e3 * wall / steps,
+           "launch_ms_per_step": 1e3 * prof["launch_s"] / steps, "wait_ms_per_step": 1e3 * prof["wait_s"] / steps,
+           "update_ms_per_step": 1e3 * prof["update_s"] / steps}
+    if prof.get("device_s") is not None:
+        out["device_ms_per_step"] = 1e3 * prof["device_s"] / steps
+        out["device_busy"] = prof["device_s"] / wall
+    replay = engine.client.call("replay_ms", min(256, max_rows))
+    if replay is not None:
+        out[f"graph_replay_ms_b{min(256, max_rows)}"] = replay
+    print("step profile: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()))
+    return out
 
 
 def cmd_latency(args) -> int:
@@ -281,6 +304,8 @@ def register(bench_sub) -> None:
     p = bench_sub.add_parser("throughput", help="offline throughput, pageport or a peer")
     p.add_argument("--backend", choices=list(BACKEND_CLASSES), default="pageport")
     p.add_argument("--hf-batch-size", type=int, default=64, help="static batch size of the hf backend")
+    p.add_argument("--profile-step", action="store_true",
+                   help="report where the engine core's steps spend their time, and the device-busy share")
     add_dataset_args(p)
     EngineConfig.add_cli_args(p, model_positional=False)
     p.set_defaults(func=cmd_throughput)

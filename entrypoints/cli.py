@@ -78,7 +78,7 @@ def cmd_chat(args) -> int:
         reply = []
         while engine.has_unfinished_requests():
             for out in engine.step():
-                if out.request_id == rid:
+                if out.engine_request_id == rid:
                     reply.append(out.outputs[0].text)
                     print(out.outputs[0].text, end="", flush=True)
         print()

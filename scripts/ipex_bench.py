@@ -59,7 +59,7 @@ def e2e_bench(dtype: str, batch: int, new_tokens: int, repeats: int) -> dict:
             dt = time.perf_counter() - t
             rates.append(sum(len(o.outputs[0].token_ids) for o in outs) / dt)
             tokens = [o.outputs[0].token_ids for o in outs]
-        res[mode] = {"backend": llm.engine.runner.model.attn_backend.name,
+        res[mode] = {"backend": llm.engine.attention_backend,
                      "output_tok_s": round(statistics.median(rates), 1), "all_tok_s": [round(r, 1) for r in rates],
                      "tokens": tokens}
         del llm

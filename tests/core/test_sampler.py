@@ -40,12 +40,12 @@ def test_greedy_is_argmax_and_chosen_logprob():
     reqs = [make_request(SamplingParams(temperature=0.0, logprobs=0 if i % 2 else None), rid=str(i))
             for i in range(4)]
     out = sampler(logits, reqs)
-    assert out.token_ids == logits.argmax(-1).tolist()
+    assert out.token_ids.tolist() == logits.argmax(-1).tolist()
     ref = torch.log_softmax(logits, -1)
-    for i, t in enumerate(out.token_ids):
+    for i, t in enumerate(out.token_ids.tolist()):
         assert out.chosen_logprobs[i] == (pytest.approx(ref[i, t].item(), abs=1e-5) if i % 2 else 0.0)
     assert out.logprobs[0] is None and out.logprobs[2] is None
-    assert list(out.logprobs[1]) == [out.token_ids[1]]
+    assert list(out.logprobs[1]) == [out.token_ids.tolist()[1]]
 
 
 def test_greedy_with_half_precision_logits():
@@ -53,9 +53,9 @@ def test_greedy_with_half_precision_logits():
     logits = torch.randn(3, 40).to(torch.bfloat16)
     reqs = [make_request(SamplingParams(temperature=0.0, logprobs=2), rid=str(i)) for i in range(3)]
     out = sampler(logits, reqs)
-    assert out.token_ids == logits.float().argmax(-1).tolist()
+    assert out.token_ids.tolist() == logits.float().argmax(-1).tolist()
     ref = torch.log_softmax(logits.float(), -1)
-    for i, t in enumerate(out.token_ids):
+    for i, t in enumerate(out.token_ids.tolist()):
         assert out.logprobs[i][t].logprob == pytest.approx(ref[i, t].item(), abs=1e-5)
 
 
@@ -72,7 +72,7 @@ def test_logprobs_ranks_and_values_from_raw_logits():
     assert out.logprobs[1] is None
     for i, k in ((0, 3), (2, 5)):
         d = out.logprobs[i]
-        chosen = out.token_ids[i]
+        chosen = out.token_ids.tolist()[i]
         order = ref[i].argsort(descending=True).tolist()
         expected_ids = set(order[:k]) | {chosen}
         assert set(d) == expected_ids
@@ -81,7 +81,7 @@ def test_logprobs_ranks_and_values_from_raw_logits():
             assert lp.rank == order.index(tok) + 1
             assert lp.decoded_token is None
         assert out.chosen_logprobs[i] == pytest.approx(ref[i, chosen].item(), abs=1e-5)
-    assert out.token_ids[0] == order_first(ref[0])
+    assert out.token_ids.tolist()[0] == order_first(ref[0])
 
 
 def order_first(row):
@@ -92,7 +92,7 @@ def test_logprobs_zero_gives_chosen_only_with_rank():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
     req = make_request(SamplingParams(temperature=0.0, logprobs=0, logit_bias={2: 10.0}))
     out = sampler(logits, [req])
-    assert out.token_ids == [2]  # the bias changes the choice...
+    assert out.token_ids.tolist() == [2]  # the bias changes the choice...
     d = out.logprobs[0]
     assert list(d) == [2]
     assert d[2].rank == 3  # ...but rank and value come from the raw logits
@@ -130,10 +130,10 @@ def run_steps(req: Request, batch_others: list[Request], position: int, steps: i
         logits = torch.cat([others[:position], own, others[position:]])
         reqs = batch_others[:position] + [req] + batch_others[position:]
         out = sampler(logits, reqs)
-        tok = out.token_ids[position]
+        tok = out.token_ids.tolist()[position]
         toks.append(tok)
         req.append_token(tok)
-        for r, t in zip(reqs, out.token_ids):
+        for r, t in zip(reqs, out.token_ids.tolist()):
             if r is not req:
                 r.append_token(t)
     return toks
@@ -164,7 +164,7 @@ def test_different_seeds_differ_and_generator_is_lazy():
 def test_unseeded_rows_are_independent():
     logits = torch.zeros(8, 1000)
     reqs = [make_request(SamplingParams(temperature=1.0), rid=str(i)) for i in range(8)]
-    toks = sampler(logits, reqs).token_ids
+    toks = sampler(logits, reqs).token_ids.tolist()
     assert len(set(toks)) > 4
 
 
@@ -174,7 +174,7 @@ def draw_many(probs, params: SamplingParams, rows=20000) -> torch.Tensor:
     logits = logits_from_probs(probs, rows)
     p = params.clone(seed=None)
     reqs = [make_request(p, rid=str(i)) for i in range(rows)]
-    toks = torch.tensor(sampler(logits, reqs).token_ids)
+    toks = torch.tensor(sampler(logits, reqs).token_ids.tolist())
     return torch.bincount(toks, minlength=len(probs)).float() / rows
 
 
@@ -294,7 +294,7 @@ def test_penalties_change_greedy_choice_in_sampler():
     reqs = [make_request(SamplingParams(temperature=0.0, frequency_penalty=1.0), output=(1, 1), rid="f"),
             make_request(SamplingParams(temperature=0.0), output=(1, 1), rid="plain"),
             make_request(SamplingParams(temperature=0.0, repetition_penalty=2.0), prompt=(1,), rid="rep")]
-    assert sampler(logits, reqs).token_ids == [2, 1, 2]  # 5-2=3 < 4; untouched; 5/2=2.5 < 4
+    assert sampler(logits, reqs).token_ids.tolist() == [2, 1, 2]  # 5-2=3 < 4; untouched; 5/2=2.5 < 4
 
 
 def test_logit_bias():
@@ -303,27 +303,27 @@ def test_logit_bias():
     assert out.tolist() == [[5.0, 1.0, 1.0], [0.0, 1.0, 2.0]]
     reqs = [make_request(SamplingParams(temperature=0.0, logit_bias={0: 2.5}), rid="a"),
             make_request(SamplingParams(temperature=0.0), rid="b")]
-    assert sampler(logits, reqs).token_ids == [0, 2]
+    assert sampler(logits, reqs).token_ids.tolist() == [0, 2]
     # a -inf bias bans a token even for random sampling
     banned = make_request(SamplingParams(temperature=1.0, logit_bias={2: float("-inf"), 1: float("-inf")}))
-    assert sampler(logits[:1], [banned]).token_ids == [0]
+    assert sampler(logits[:1], [banned]).token_ids.tolist() == [0]
 
 
 def test_min_tokens_blocks_eos_and_stop_ids():
     logits = torch.tensor([[9.0, 1.0, 8.0, 2.0]])  # EOS=0 best, stop id 2 next
     p = SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[2])
-    assert sampler(logits, [make_request(p, output=(3,))]).token_ids == [3]
-    assert sampler(logits, [make_request(p, output=(3, 3))]).token_ids == [3]
-    assert sampler(logits, [make_request(p, output=(3, 3, 3))]).token_ids == [0]  # min_tokens reached
+    assert sampler(logits, [make_request(p, output=(3,))]).token_ids.tolist() == [3]
+    assert sampler(logits, [make_request(p, output=(3, 3))]).token_ids.tolist() == [3]
+    assert sampler(logits, [make_request(p, output=(3, 3, 3))]).token_ids.tolist() == [0]  # min_tokens reached
     # random sampling cannot pick them either
     pr = SamplingParams(temperature=1.0, min_tokens=2, stop_token_ids=[2])
     rows = 200
     reqs = [make_request(pr, rid=str(i)) for i in range(rows)]
-    toks = sampler(logits.expand(rows, -1).contiguous(), reqs).token_ids
+    toks = sampler(logits.expand(rows, -1).contiguous(), reqs).token_ids.tolist()
     assert set(toks) <= {1, 3}
     # with ignore_eos, EOS is not a stop token and is not blocked
     pi = SamplingParams(temperature=0.0, min_tokens=3, ignore_eos=True)
-    assert sampler(logits, [make_request(pi)]).token_ids == [0]
+    assert sampler(logits, [make_request(pi)]).token_ids.tolist() == [0]
 
 
 def test_mixed_batch_greedy_rows_unaffected_by_random_steps():
@@ -337,11 +337,11 @@ def test_mixed_batch_greedy_rows_unaffected_by_random_steps():
     top = logits.argmax(-1)
     reqs = [make_request(pr, output=(int(top[4]),) if i == 4 else (), rid=str(i)) for i, pr in enumerate(params)]
     out = sampler(logits, reqs)
-    assert out.token_ids[0] == top[0] and out.token_ids[2] == top[2]
+    assert out.token_ids.tolist()[0] == top[0] and out.token_ids.tolist()[2] == top[2]
     pen = logits[4].clone()
     pen[top[4]] -= 2.0
-    assert out.token_ids[4] == int(pen.argmax())
-    assert out.token_ids[1] in logits[1].topk(3).indices.tolist()
+    assert out.token_ids.tolist()[4] == int(pen.argmax())
+    assert out.token_ids.tolist()[1] in logits[1].topk(3).indices.tolist()
     assert all(math.isfinite(x) for x in out.chosen_logprobs)
 
 

@@ -97,3 +97,39 @@ def test_gated_sibling_waits_for_the_first_prefill():
     out = run_step(sched)
     assert b in [s.request for s in out.scheduled]
     assert b.num_cached_tokens == 4  # the first full block came from a
+
+
+def owned(rid, owner, n=4):
+    r = Request(rid, list(range(n)), SamplingParams(max_tokens=100), None, owner=owner)
+    return r
+
+
+def test_a_seatless_owner_is_admitted_first_and_a_hog_gives_up_a_seat():
+    sched, kv = make(max_seqs=4, budget=64)
+    hog = [owned(f"h{i}", "big") for i in range(6)]
+    for r in hog:
+        sched.add(r)
+    run_step(sched)
+    assert [r.request_id for r in sched.running] == ["h0", "h1", "h2", "h3"]
+    small = owned("s", "small")
+    sched.add(small)
+    out = run_step(sched)
+    # every seat was taken and "big" held more than half: its newest running request went back to the queue,
+    # and the seatless owner's request took the seat ahead of big's older waiting ones
+    assert [r.request_id for r in out.preempted] == ["h3"]
+    assert small in sched.running and len(sched.running) == 4
+    assert [r.request_id for r in sched.waiting] == ["h3", "h4", "h5"]
+
+
+def test_a_request_whose_pending_tokens_reach_max_tokens_is_not_scheduled():
+    sched, _ = make()
+    r = Request("r", [1, 2, 3], SamplingParams(max_tokens=2), None)
+    sched.add(r)
+    out = sched.schedule()  # prefill: samples the first token
+    r.num_computed_tokens += out.scheduled[0].num_tokens
+    r.num_pending = 1
+    out = sched.schedule()  # decodes the pending token (its second and last)
+    assert [s.num_tokens for s in out.scheduled] == [1] and out.scheduled[0].samples
+    r.num_computed_tokens += 1
+    r.num_pending = 2  # both in flight: nothing more to compute
+    assert not sched.schedule().scheduled

@@ -7,8 +7,8 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12)
 
 
 def all_blocks_free(llm):
-    pool = llm.engine.kv.pool
-    return pool.num_free == pool.num_usable
+    stats = llm.engine.core_stats()
+    return stats.kv_free_blocks == stats.kv_usable_blocks
 
 
 def test_prefix_cache_hits_and_output_equals_caching_off(llm):
@@ -16,10 +16,10 @@ def test_prefix_cache_hits_and_output_equals_caching_off(llm):
     prefix = "You are a helpful assistant. " * 12
     prompts = [prefix + "Say hello.", prefix + "Say goodbye."]
     first = llm.generate(prompts[0], GREEDY)[0]
-    hits_before = llm.engine.kv.stats.hits
+    hits_before = llm.engine.core_stats().prefix_cache_hits
     second = llm.generate(prompts[1], GREEDY)[0]
     assert second.num_cached_tokens >= 64
-    assert llm.engine.kv.stats.hits - hits_before == second.num_cached_tokens
+    assert llm.engine.core_stats().prefix_cache_hits - hits_before == second.num_cached_tokens
     off = LLM(dtype="float32", max_model_len=1024, enable_prefix_caching=False)
     ref = off.generate(prompts, GREEDY)
     assert [first.outputs[0].token_ids, second.outputs[0].token_ids] == [r.outputs[0].token_ids for r in ref]
@@ -27,15 +27,17 @@ def test_prefix_cache_hits_and_output_equals_caching_off(llm):
     assert all_blocks_free(llm) and all_blocks_free(off)
 
 
-def test_n_children_share_the_prompt_blocks(llm):
-    engine = llm.engine
+def test_n_children_share_the_prompt_blocks():
+    from pageport.core.config import EngineConfig
+    from pageport.core.engine import LLMEngine
+    engine = LLMEngine(EngineConfig(dtype="float32", max_model_len=1024), multiprocess=False)  # to see its blocks
     prompt = "Count from one to ten: " * 6
-    engine.add_request("fan", prompt, SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=6))
+    gid = engine.add_request("fan", prompt, SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=6))
     shared_seen = False
     outs = []
     while engine.has_unfinished_requests():
         outs += engine.step()
-        ids = [engine.kv.req_blocks.get(f"fan#{i}") for i in range(4)]
+        ids = [engine.core.kv.req_blocks.get(f"{gid}.{i}") for i in range(4)]
         if all(ids):
             first = ids[0][0]
             shared_seen |= all(b[0] is first for b in ids) and first.ref_cnt >= 4
@@ -43,7 +45,8 @@ def test_n_children_share_the_prompt_blocks(llm):
     final = [o for o in outs if o.finished][0]
     assert len(final.outputs) == 4 and [o.index for o in final.outputs] == [0, 1, 2, 3]
     assert len({tuple(o.token_ids) for o in final.outputs}) > 1  # different seeds, different samples
-    assert all_blocks_free(llm)
+    pool = engine.core.kv.pool
+    assert pool.num_free == pool.num_usable
 
 
 def test_seeded_sampling_reproduces(llm):

@@ -62,7 +62,7 @@ class FakeAsyncEngine:
         self.dead_error = error
 
     async def add_request(self, prompt, params, request_id=None, *, priority=0, arrival_time=None,
-                          cache_salt=None) -> FakeStream:
+                          cache_salt=None, owner=None) -> FakeStream:
         if self.dead_error is not None:
             raise EngineDeadError(f"the engine is dead: {self.dead_error!r}")
         ids = prompt["prompt_token_ids"]

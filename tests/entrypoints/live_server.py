@@ -42,11 +42,20 @@ class ServerThread:
         self.thread.join(10)
 
 
-def wait_idle(engine, timeout: float = 10.0) -> bool:
-    """Until the engine has no requests and every KV block is back in the pool."""
+def all_blocks_free(engine) -> bool:
+    """Every KV block is back in the pool, as the engine core last reported."""
+    stats = engine.client.last_stats
+    return stats is not None and stats.kv_free_blocks == stats.kv_usable_blocks
+
+
+def wait_idle(engine, timeout: float = 10.0, drain: bool = False) -> bool:
+    """Until the engine has no requests and every KV block is back in the pool. `drain`: read the core's news
+    here (only when no AsyncLLMEngine thread runs this engine)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not engine.has_unfinished_requests() and engine.kv.pool.num_free == engine.kv.pool.num_usable:
+        if drain:
+            engine.step(timeout=0.02)
+        if not engine.has_unfinished_requests() and all_blocks_free(engine):
             return True
         time.sleep(0.02)
     return False

@@ -10,7 +10,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from live_server import MAX_MODEL_LEN, MODEL, wait_idle
+from live_server import MAX_MODEL_LEN, MODEL, all_blocks_free, wait_idle
 
 PROMPT = "The capital of France is"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -296,7 +296,7 @@ def test_disconnect_mid_stream_aborts(server):
     assert wait_idle(engine, 20), "the request was not aborted / its blocks were not returned"
     assert time.monotonic() - t0 < 20
     assert engine.stats.finished.get("abort", 0) == aborted + 1
-    assert engine.kv.pool.num_free == engine.kv.pool.num_usable
+    assert all_blocks_free(engine)
 
 
 def test_disconnect_non_streaming_aborts(server):
@@ -308,7 +308,7 @@ def test_disconnect_non_streaming_aborts(server):
             "model": MODEL, "messages": CHAT, "max_tokens": 400, "ignore_eos": True, "n": 2})
     assert wait_idle(engine, 20)
     assert engine.stats.finished.get("abort", 0) == aborted + 2  # both completions of n=2
-    assert engine.kv.pool.num_free == engine.kv.pool.num_usable
+    assert all_blocks_free(engine)
 
 
 def test_64_concurrent_streams(server):

@@ -58,7 +58,7 @@ def test_greedy_tokens_equal_torch_path(monkeypatch):
     for mode in ("torch", "ipex"):
         monkeypatch.setenv("PAGEPORT_CPU_ATTENTION", mode)
         llm = LLM(dtype="float32", max_model_len=512, device="cpu")
-        assert llm.engine.runner.model.attn_backend.name == ("ipex-paged" if mode == "ipex" else "torch-sdpa")
+        assert llm.engine.attention_backend == ("ipex-paged" if mode == "ipex" else "torch-sdpa")
         outs[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
         del llm
     assert outs["ipex"] == outs["torch"]

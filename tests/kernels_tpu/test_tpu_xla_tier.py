@@ -101,11 +101,11 @@ def engines():
     xla = LLM(device="xla", **ENGINE)
     t1 = time.perf_counter()
     cpu = LLM(device="cpu", **ENGINE)
-    graphs = xla.engine.runner.graphs
+    graphs = xla.engine.core.runner.graphs
     _record("engine", {"config": {k: v for k, v in ENGINE.items()}, "xla_startup_s": round(t1 - t0, 1),
                        "capture_s": round(graphs.capture_seconds, 1), "token_buckets": graphs.token_buckets,
                        "logits_buckets": graphs.row_buckets, "compilations_in_capture": graphs.compiles_in_capture,
-                       "kv_cache_shape": list(xla.engine.runner.kv_caches[0].shape)})
+                       "kv_cache_shape": list(xla.engine.core.runner.kv_caches[0].shape)})
     return xla, cpu
 
 
@@ -135,7 +135,7 @@ def test_no_compilation_after_warmup(engines):
     import torch_xla.debug.metrics as met
 
     xla, cpu = engines
-    graphs = xla.engine.runner.graphs
+    graphs = xla.engine.core.runner.graphs
     start = graphs.compiles_at_capture
     assert start is not None and compile_count() == start
     # capture compiled one program per token bucket and per logits bucket (+ one materializing the weights)
@@ -187,7 +187,7 @@ llm = LLM(sys.argv[1], load_format="dummy", device="xla", dtype="float32", max_m
           max_num_batched_tokens=32, kv_cache_memory_bytes=16 << 20)
 out = llm.generate([[1, 5, 9, 3]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
 names = ("PersistentCacheHit", "PersistentCacheMiss", "PersistentCacheDeserializeFailure", "UncachedCompile")
-print(json.dumps({"ids": list(out[0].outputs[0].token_ids), "graphs": llm.engine.runner.graphs.compiles_in_capture,
+print(json.dumps({"ids": list(out[0].outputs[0].token_ids), "graphs": llm.engine.core.runner.graphs.compiles_in_capture,
                   **{n: met.counter_value(n) or 0 for n in names}}))
 """
 

@@ -1,0 +1,187 @@
+"""The front end's end of the link to the engine core.
+
+`MPClient` (the default) starts the core in a process of its own and talks to it over two ZMQ sockets
+(inputs PUSH -> core, outputs core -> PULL); `InprocClient` (`PAGEPORT_ENGINE_INPROC=1`, for debugging)
+drives an `EngineCore` in this process. Both answer the same calls.
+
+If the core process dies, the next call raises `EngineDeadError`; the process is never left behind (it
+exits when its parent does, and `shutdown` terminates it).
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from typing import Any, Optional
+
+import msgspec
+
+from pageport.core.config import EngineConfig
+from pageport.core.engine_core import (AbortRequests, AddRequests, CoreOutputs, CoreRequest, EngineCore,
+                                       Shutdown, Utility)
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine core is gone; every request in flight failed with this."""
+
+
+def make_client(config: EngineConfig, multiprocess: Optional[bool] = None):
+    if multiprocess is None:
+        multiprocess = os.environ.get("PAGEPORT_ENGINE_INPROC", "0") in ("", "0", "false")
+    return MPClient(config) if multiprocess else InprocClient(config)
+
+
+class InprocClient:
+    multiprocess = False
+
+    def __init__(self, config: EngineConfig):
+        self.core = EngineCore(config)
+        self.info = self.core.info()
+        self.last_stats = self.core.stats()
+
+    def add(self, requests: list[CoreRequest]) -> None:
+        for r in requests:
+            self.core.add_request(r)
+
+    def abort(self, request_ids: list[str]) -> None:
+        self.core.abort(request_ids)
+
+    def get_outputs(self, timeout: Optional[float] = None) -> CoreOutputs:
+        outputs = self.core.step() if self.core.has_work() else []
+        self.last_stats = self.core.stats()
+        return CoreOutputs(outputs, self.last_stats)
+
+    def call(self, name: str, *args) -> Any:
+        return getattr(self.core, name)(*args)
+
+    def is_alive(self) -> bool:
+        return True
+
+    def shutdown(self) -> None:
+        pass
+
+
+class MPClient:
+    multiprocess = True
+
+    def __init__(self, config: EngineConfig):
+        import zmq
+
+        self._dir = tempfile.mkdtemp(prefix="pageport-")
+        in_addr, out_addr = f"ipc://{self._dir}/input", f"ipc://{self._dir}/output"
+        self._ctx = zmq.Context()
+        self._input = self._ctx.socket(zmq.PUSH)
+        self._input.setsockopt(zmq.LINGER, 0)
+        self._input.bind(in_addr)
+        self._output = self._ctx.socket(zmq.PULL)
+        self._output.setsockopt(zmq.LINGER, 0)
+        self._output.bind(out_addr)
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(CoreOutputs)
+        self._calls = itertools.count()
+        self._backlog: collections.deque = collections.deque()  # outputs that arrived during a utility call
+        self._dead: Optional[str] = None
+        self.last_stats = None
+
+        # a fresh interpreter: fork is unsafe once OpenMP ran here, and multiprocessing's spawn would re-run
+        # an unguarded __main__ script
+        self.proc = subprocess.Popen([sys.executable, "-c", "from pageport.core.engine_core import main; main()"],
+                                     stdin=subprocess.PIPE)
+        level = logging.getLogger("pageport").getEffectiveLevel()
+        self.proc.stdin.write(pickle.dumps((config, in_addr, out_addr, os.getpid(), level)))
+        self.proc.stdin.close()
+        self._finalizer = weakref.finalize(self, _stop, self.proc, self._input, self._ctx, self._dir)
+        msg = self._recv(None, starting=True)
+        status, *rest = pickle.loads(msg.ready)
+        if status != "ok":
+            self.shutdown()
+            error, tb = rest
+            logger.error("the engine core failed to start:\n%s", tb)
+            raise RuntimeError(f"the engine core failed to start: {error}")
+        self.info = rest[0]
+
+    # transport -------------------------------------------------------------------------------------------
+    def _send(self, msg) -> None:
+        self._check()
+        self._input.send(self._encoder.encode(msg), copy=False)
+
+    def _check(self) -> None:
+        if self._dead is None and self.proc.poll() is not None:
+            self._dead = f"the engine core process exited (code {self.proc.returncode})"
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
+
+    def _recv(self, timeout: Optional[float], starting: bool = False) -> Optional[CoreOutputs]:
+        """The next message; None after `timeout` seconds (None: wait for ever, watching the process)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = 100 if deadline is None else max(0, min(100, int((deadline - time.monotonic()) * 1000)))
+            if self._output.poll(wait):
+                return self._decoder.decode(self._output.recv(copy=False).buffer)
+            if self.proc.poll() is not None:
+                self._check()
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+
+    # calls ---------------------------------------------------------------------------------------------------
+    def add(self, requests: list[CoreRequest]) -> None:
+        self._send(AddRequests(requests))
+
+    def abort(self, request_ids: list[str]) -> None:
+        if request_ids and self.is_alive():
+            self._send(AbortRequests(list(request_ids)))
+
+    def get_outputs(self, timeout: Optional[float] = None) -> CoreOutputs:
+        """The core's next outputs (an empty CoreOutputs after `timeout` seconds without any)."""
+        msg = self._backlog.popleft() if self._backlog else self._recv(timeout)
+        if msg is None:
+            return CoreOutputs()
+        if msg.stats is not None:
+            self.last_stats = msg.stats
+        return msg
+
+    def call(self, name: str, *args) -> Any:
+        """Run a core utility (in order with the requests sent before it) and wait for its answer."""
+        call_id = next(self._calls)
+        self._send(Utility(call_id, name, list(args)))
+        while True:
+            msg = self._recv(None)
+            if msg.call_id == call_id:
+                if msg.stats is not None:
+                    self.last_stats = msg.stats
+                return msg.result
+            self._backlog.append(msg)
+
+    def is_alive(self) -> bool:
+        return self._dead is None and self.proc.poll() is None
+
+    def shutdown(self) -> None:
+        self._finalizer()
+
+
+def _stop(proc: subprocess.Popen, input_sock, ctx, tmpdir) -> None:
+    try:
+        if proc.poll() is None:
+            try:
+                input_sock.send(msgspec.msgpack.encode(Shutdown()), flags=1)  # NOBLOCK
+                proc.wait(5)
+            except Exception:  # noqa: BLE001
+                proc.terminate()
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(1)
+    finally:
+        ctx.destroy(linger=0)
+        shutil.rmtree(tmpdir, ignore_errors=True)

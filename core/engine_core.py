@@ -1,0 +1,427 @@
+"""The engine core: scheduler, KV-cache manager, model runner and sampler, driven step by step.
+
+It knows token ids only (no tokenizer, no text) and runs in a process of its own (`run_engine_core`):
+front ends send `AddRequests` / `AbortRequests` / `Utility` messages over a ZMQ PUSH socket and read
+`CoreOutputs` from a PULL socket (msgpack through msgspec; `core.client` is the other end). Two IO threads
+move the messages, so the step loop never waits on a client.
+
+Asynchronous scheduling: the core launches step N+1 before it reads step N's sampled ids, which stay on
+the device and feed step N+1 there; their ids reach the host (and the front end) one step later. A request
+whose pending token reaches its length limit is not scheduled again; one that sampled a stop token gets
+one more step, whose token is dropped. Requests whose sampling reads their whole history on the host
+(penalties) make their steps synchronous.
+
+A failure that belongs to one request (its seed, its parameters) fails that request alone with an error
+output; an exception out of a step is an engine fault and ends the process.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import queue
+import signal
+import threading
+import time
+import traceback
+from typing import Any, Optional, Union
+
+import msgspec
+import torch
+
+from pageport.core.config import EngineConfig
+from pageport.core.kv_cache import KVCacheManager
+from pageport.core.model_runner import ModelRunner, StepOutput
+from pageport.core.outputs import Logprob
+from pageport.core.request import Request, RequestStatus
+from pageport.core.sampling_params import SamplingParams
+from pageport.core.scheduler import Scheduler
+from pageport.platforms import resolve_platform
+
+logger = logging.getLogger(__name__)
+
+
+# messages ---------------------------------------------------------------------------------------------
+class CoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    request_id: str  # the front end's internal id, unique
+    prompt_token_ids: list[int]
+    params: bytes  # pickled SamplingParams
+    eos_token_id: Optional[int] = None
+    arrival_time: float = 0.0
+    priority: int = 0
+    cache_salt: Optional[str] = None
+    owner: Optional[str] = None  # requests of one owner share its fair share of seats
+    gate: Optional[str] = None  # n > 1: a sibling whose prompt blocks this one waits for
+
+
+class AddRequests(msgspec.Struct, tag="add", array_like=True, gc=False):
+    requests: list[CoreRequest]
+
+
+class AbortRequests(msgspec.Struct, tag="abort", array_like=True, gc=False):
+    request_ids: list[str]
+
+
+class Utility(msgspec.Struct, tag="call", array_like=True, gc=False):
+    call_id: int
+    name: str  # a method of EngineCore listed in UTILITIES
+    args: list = []
+
+
+class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
+    pass
+
+
+CoreInput = Union[AddRequests, AbortRequests, Utility, Shutdown]
+
+
+class CoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    request_id: str
+    new_token_ids: list[int] = []
+    finish_reason: Optional[str] = None  # "stop" | "length" | "error"
+    stop_reason: Optional[int] = None  # the stop token id
+    logprobs: Optional[list[dict[int, Logprob]]] = None  # one per new token
+    prompt_logprobs: Optional[list[dict[int, Logprob]]] = None  # this step's chunk of the prompt
+    num_cached_tokens: int = -1  # sent once, with the request's first output
+    error: Optional[str] = None
+
+
+class CoreStats(msgspec.Struct, array_like=True, gc=False):
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    kv_free_blocks: int = 0
+    kv_usable_blocks: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    num_steps: int = 0
+    # where the steps' time went (seconds, summed): preparing and launching, waiting for the device,
+    # turning samples into outputs
+    time_launch: float = 0.0
+    time_wait: float = 0.0
+    time_update: float = 0.0
+    time_device: float = 0.0  # device time between a step's first launch and its sample (when profiling)
+
+
+class CoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    outputs: list[CoreOutput] = []
+    stats: Optional[CoreStats] = None
+    call_id: int = -1  # a Utility's answer
+    result: Any = None
+    ready: Optional[bytes] = None  # the first message: pickled core info, or a start-up error
+
+
+UTILITIES = ("stats", "reset_prefix_cache", "profile", "replay_ms", "ping")
+
+
+# the core -------------------------------------------------------------------------------------------------
+class EngineCore:
+    def __init__(self, config: EngineConfig):
+        t0 = time.perf_counter()
+        self.config = config
+        self.platform = resolve_platform(config.device)
+        config.resolve_dtype(self.platform.supported_dtypes)
+        self.platform.check_config(config)
+        self.platform.seed(config.seed)
+
+        from pageport.models import load_model
+        loaded = load_model(config, self.platform)
+        t_load = time.perf_counter()
+        self.loaded = loaded
+        if config.max_num_batched_tokens is None:
+            config.max_num_batched_tokens = 2048 if config.enable_chunked_prefill else max(
+                2048, config.max_model_len)
+        self.runner = ModelRunner(config, self.platform, loaded.model)
+        num_blocks = self.runner.profile_num_blocks()
+        t_profile = time.perf_counter()
+        capacity = (num_blocks - 1) * config.block_size
+        if capacity < config.max_model_len:
+            logger.warning("the KV cache holds %d tokens; max_model_len lowered from %d", capacity,
+                           config.max_model_len)
+            config.max_model_len = capacity
+        self.runner.allocate_kv_cache(num_blocks)
+        t_kv = time.perf_counter()
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.max_model_len, config.enable_chunked_prefill, config.scheduling_policy)
+        self.requests: dict[str, Request] = {}
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else self.runner.async_copies)
+        self._inflight: Optional[StepOutput] = None
+        self._early: list[CoreOutput] = []  # failures found when a request was added
+        self._num_sync = 0  # running requests whose sampling needs their whole history on the host
+        self._timing = False  # device events around every step (the step profile)
+        self.counters = CoreStats()
+        logger.info("%s on %s: %d KV blocks of %d tokens (%d tokens; %.1fx max_model_len %d); async "
+                    "scheduling %s", loaded.source, self.platform.name, num_blocks - 1, config.block_size,
+                    capacity, capacity / config.max_model_len, config.max_model_len,
+                    "on" if self.async_scheduling else "off")
+        logger.info("start-up: load %.2f s, profile %.2f s, KV cache + graphs %.2f s", t_load - t0,
+                    t_profile - t_load, t_kv - t_profile)
+
+    def info(self) -> dict:
+        """What a front end needs to know about the model and the resolved configuration."""
+        hf = self.loaded.hf_config
+        eos = getattr(hf, "eos_token_id", None)
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+        if eos is None and self.loaded.tokenizer is not None:
+            eos = self.loaded.tokenizer.eos_token_id
+        return {"config": self.config, "tokenizer": self.loaded.tokenizer, "hf_config": hf,
+                "model_source": self.loaded.source, "vocab_size": hf.vocab_size, "eos_token_id": eos,
+                "platform": self.platform.name, "attention": self.runner.model.attn_backend.name,
+                "graphs": self.runner.graphs is not None}
+
+    # requests ---------------------------------------------------------------------------------------
+    def add_request(self, r: CoreRequest) -> None:
+        try:
+            params: SamplingParams = pickle.loads(r.params)
+            if params.seed is not None:
+                torch.Generator().manual_seed(params.seed)  # the range torch accepts, checked before any step
+            req = Request(r.request_id, r.prompt_token_ids, params, r.eos_token_id, None, r.priority,
+                          r.arrival_time or time.monotonic(), r.cache_salt, r.owner)
+        except Exception as e:  # noqa: BLE001 - this request's own fault
+            self._early.append(CoreOutput(r.request_id, finish_reason="error", error=f"{type(e).__name__}: {e}"))
+            return
+        if r.request_id in self.requests:
+            self._early.append(CoreOutput(r.request_id, finish_reason="error", error="duplicate request id"))
+            return
+        if r.gate is not None:
+            req.gate = self.requests.get(r.gate)
+        req.sync = _needs_history(params)
+        self._num_sync += req.sync
+        self.requests[r.request_id] = req
+        self.scheduler.add(req)
+
+    def abort(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is not None and not req.is_finished:
+                self._finish(req, RequestStatus.FINISHED_ABORTED)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_unfinished() or self._inflight is not None or bool(self._early)
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        self.scheduler.finish(req, status)
+        self.runner.release(req.request_id)
+        self.requests.pop(req.request_id, None)
+        self._num_sync -= req.sync
+
+    # the step ------------------------------------------------------------------------------------------
+    def step(self) -> list[CoreOutput]:
+        outputs, self._early = self._early, []
+        c = self.counters
+        t0 = time.perf_counter()
+        if self._inflight is not None and (self._num_sync or not self.async_scheduling):
+            outputs += self._process(self._inflight)  # these steps need every earlier token on the host
+            self._inflight = None
+        sched = self.scheduler.schedule()
+        for victim in sched.preempted:
+            self.runner.release(victim.request_id)
+        launched = None
+        if sched:
+            ev = None
+            if self._timing:
+                ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                ev[0].record()
+            launched = self.runner.execute(sched, self.kv, self._inflight)
+            if ev is not None:
+                ev[1].record()
+                launched.timing = ev
+            for s in sched.scheduled:
+                r = s.request
+                if s.samples:
+                    r.num_pending += 1
+                r.num_computed_tokens += s.num_tokens
+                if not r.prefill_done and r.num_computed_tokens >= r.num_prompt_tokens:
+                    r.prefill_done = True
+                    c.prompt_tokens += r.num_prompt_tokens
+            c.num_steps += 1
+        t1 = time.perf_counter()
+        c.time_launch += t1 - t0
+        prev, self._inflight = self._inflight, launched
+        if prev is not None:
+            outputs += self._process(prev)
+        if not self.async_scheduling and self._inflight is not None:
+            outputs += self._process(self._inflight)
+            self._inflight = None
+        return outputs
+
+    def _process(self, out: StepOutput) -> list[CoreOutput]:
+        """Turn a finished step's samples into outputs; finish the requests they end."""
+        t0 = time.perf_counter()
+        tokens = out.token_list()
+        t1 = time.perf_counter()
+        c = self.counters
+        if out.timing is not None:
+            out.timing[1].synchronize()
+            c.time_device += out.timing[0].elapsed_time(out.timing[1]) / 1000
+        outputs = []
+        max_len = self.config.max_model_len
+        for j, req in enumerate(out.requests):
+            req.num_pending -= 1
+            if req.is_finished:
+                continue  # ended while this step was in flight: its token is dropped
+            tok = tokens[j]
+            req.append_token(tok)
+            c.generation_tokens += 1
+            o = CoreOutput(req.request_id, [tok])
+            if req.logprobs is not None:
+                o.logprobs = [out.logprobs[j]]
+            if req.num_output_tokens == 1:
+                o.num_cached_tokens = req.num_cached_tokens
+            p = req.params
+            if tok in req.stop_token_ids and req.num_output_tokens >= p.min_tokens:
+                o.finish_reason = "stop"
+                o.stop_reason = None if tok == req.eos_token_id and tok not in p.stop_token_ids else tok
+                self._finish(req, RequestStatus.FINISHED_STOPPED)
+            elif (p.max_tokens is not None and req.num_output_tokens >= p.max_tokens) or req.num_tokens >= max_len:
+                o.finish_reason = "length"
+                self._finish(req, RequestStatus.FINISHED_LENGTH)
+            outputs.append(o)
+        for rid, chunk in out.prompt_logprobs.items():
+            outputs.append(CoreOutput(rid, prompt_logprobs=chunk))
+        c.time_wait += t1 - t0
+        c.time_update += time.perf_counter() - t1
+        return outputs
+
+    # utilities ------------------------------------------------------------------------------------------
+    def stats(self) -> CoreStats:
+        s, sched, kv = self.counters, self.scheduler, self.kv
+        s.num_running, s.num_waiting = len(sched.running), len(sched.waiting)
+        s.kv_cache_usage, s.kv_free_blocks, s.kv_usable_blocks = kv.usage(), kv.pool.num_free, kv.pool.num_usable
+        s.prefix_cache_queries, s.prefix_cache_hits = kv.stats.queries, kv.stats.hits
+        s.num_preemptions = sched.num_preemptions
+        return s
+
+    def reset_prefix_cache(self) -> bool:
+        self.kv.reset_prefix_cache()
+        return True
+
+    def profile(self, start: bool = False) -> dict:
+        """The step-time counters since the last call, then zeroed; `start`: time every step on the device
+        from now on (CUDA events; a benchmark brackets its run with profile(True) ... profile())."""
+        c = self.counters
+        out = {"steps": c.num_steps, "launch_s": c.time_launch, "wait_s": c.time_wait, "update_s": c.time_update,
+               "device_s": c.time_device if self._timing else None}
+        c.num_steps, c.time_launch, c.time_wait, c.time_update, c.time_device = 0, 0.0, 0.0, 0.0, 0.0
+        self._timing = start and self.platform.device.type == "cuda"
+        return out
+
+    def replay_ms(self, batch: int, iters: int = 50) -> Optional[float]:
+        """Median-free mean time of replaying the captured decode graph of `batch` rows alone (None: none)."""
+        graphs = getattr(self.runner.graphs, "graphs", None)
+        if not graphs or batch not in graphs:
+            return None
+        g = graphs[batch]
+        for _ in range(5):
+            g.replay()
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0.record()
+        for _ in range(iters):
+            g.replay()
+        t1.record()
+        t1.synchronize()
+        return t0.elapsed_time(t1) / iters
+
+    def ping(self) -> str:
+        return "pong"
+
+
+def _needs_history(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
+# the process ------------------------------------------------------------------------------------------------
+def main() -> None:
+    """`python -c "from pageport.core.engine_core import main; main()"`, its arguments pickled on stdin."""
+    import sys
+    config, input_addr, output_addr, parent_pid, level = pickle.loads(sys.stdin.buffer.read())
+    logging.basicConfig(format="%(levelname)s %(asctime)s [engine core] %(name)s: %(message)s")
+    logging.getLogger("pageport").setLevel(level)
+    run_engine_core(config, input_addr, output_addr, parent_pid)
+
+
+def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, parent_pid: int) -> None:
+    """Entry point of the engine-core process."""
+    import zmq
+
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front end decides; Ctrl-C reaches both processes
+    ctx = zmq.Context()
+    out_sock = ctx.socket(zmq.PUSH)
+    out_sock.setsockopt(zmq.LINGER, 1000)
+    out_sock.connect(output_addr)
+    encoder = msgspec.msgpack.Encoder()
+    try:
+        core = EngineCore(config)
+        out_sock.send(encoder.encode(CoreOutputs(ready=pickle.dumps(("ok", core.info())))))
+    except BaseException as e:  # noqa: BLE001 - reported to the front end, which raises it
+        out_sock.send(encoder.encode(CoreOutputs(ready=pickle.dumps(("error", f"{type(e).__name__}: {e}",
+                                                                     traceback.format_exc())))))
+        out_sock.close()
+        return
+
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+    outbox: queue.SimpleQueue = queue.SimpleQueue()
+
+    def read() -> None:
+        sock = ctx.socket(zmq.PULL)
+        sock.connect(input_addr)
+        decoder = msgspec.msgpack.Decoder(CoreInput)
+        while True:
+            if sock.poll(1000):
+                inbox.put(decoder.decode(sock.recv(copy=False).buffer))
+            elif os.getppid() != parent_pid:  # the front end is gone: so is the core
+                inbox.put(Shutdown())
+                return
+
+    def write() -> None:
+        while True:
+            msg = outbox.get()
+            if msg is None:
+                return
+            out_sock.send(encoder.encode(msg), copy=False)
+
+    threading.Thread(target=read, name="core-input", daemon=True).start()
+    writer = threading.Thread(target=write, name="core-output", daemon=True)
+    writer.start()
+    try:
+        _loop(core, inbox, outbox)
+    except BaseException:  # noqa: BLE001 - an engine fault: the front end sees the process end
+        logger.exception("the engine core died")
+        os._exit(1)
+    outbox.put(None)
+    writer.join(5)
+    out_sock.close()
+    os._exit(0)
+
+
+def _loop(core: EngineCore, inbox: queue.SimpleQueue, outbox: queue.SimpleQueue) -> None:
+    while True:
+        msgs = [] if core.has_work() else [inbox.get()]  # idle: sleep until there is something to do
+        while True:
+            try:
+                msgs.append(inbox.get_nowait())
+            except queue.Empty:
+                break
+        aborted = False
+        for msg in msgs:
+            if isinstance(msg, AddRequests):
+                for r in msg.requests:
+                    core.add_request(r)
+            elif isinstance(msg, AbortRequests):
+                core.abort(msg.request_ids)
+                aborted = True
+            elif isinstance(msg, Utility):
+                result = getattr(core, msg.name)(*msg.args) if msg.name in UTILITIES else None
+                outbox.put(CoreOutputs(stats=core.stats(), call_id=msg.call_id, result=result))
+            elif isinstance(msg, Shutdown):
+                return
+        outputs = core.step() if core.has_work() else []
+        if outputs or aborted:  # after an abort the front end hears of the blocks that came back
+            outbox.put(CoreOutputs(outputs, core.stats()))
