@@ -278,3 +278,18 @@ def test_bad_words(default_tokenizer):
     after = bw.banned(tok.encode("It is", add_special_tokens=False) + spaced[:-1])
     assert spaced[-1] in after  # the word's last token, right after the rest of it
     assert spaced[-1] not in bw.banned(tok.encode("It is", add_special_tokens=False))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_apply_bitmask_on_cuda_matches_the_cpu(dtype):
+    gen = torch.Generator().manual_seed(2)
+    mask = torch.randint(-2 ** 31, 2 ** 31 - 1, (64, bitmask_width(VOCAB)), generator=gen,
+                         dtype=torch.int64).to(torch.int32)
+    mask[::3] = -1  # free rows among the constrained ones
+    logits = torch.randn(64, VOCAB, generator=gen).to(dtype)
+    on_gpu = logits.cuda()
+    apply_bitmask(logits, mask)  # the CPU result is checked bit by bit above
+    apply_bitmask(on_gpu, mask)  # the mask copied over by apply_bitmask itself
+    assert torch.equal(on_gpu.cpu(), logits)
