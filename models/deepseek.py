@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from pageport.models.layers import (ColumnParallelLinear, ParallelLMHead, ReplicatedLinear, RMSNorm,
-                                    RotaryEmbedding, RowParallelLinear, VocabParallelEmbedding, default_dtype,
-                                    get_tensor_parallel, rope_parameters, _divide)
+                                    RotaryEmbedding, RowParallelLinear, VocabParallelEmbedding, _divide, _param,
+                                    default_dtype, default_weight_loader, get_tensor_parallel, rope_parameters)
 from pageport.models.llama import LlamaForCausalLM, LlamaMLP
 from pageport.models.moe import FusedMoE
 from pageport.platforms import AttentionBackend, Platform
@@ -48,6 +48,21 @@ def _deinterleave(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
 
 
+class AbsorbedProjection(nn.Module):
+    """kv_b_proj's weight [heads * (nope + v), kv_lora_rank], this rank's heads: never applied as a linear, only
+    folded into the query and the output. Not a linear layer, so quantization methods leave it dense."""
+
+    def __init__(self, input_size: int, output_size: int):
+        super().__init__()
+        self.tp_rank, self.tp_size = get_tensor_parallel()
+        self.weight = _param(_divide(output_size, self.tp_size, "kv_b_proj rows"), input_size,
+                             loader=self.weight_loader)
+
+    def weight_loader(self, param: nn.Parameter, w: torch.Tensor, shard_id=None) -> None:
+        rows = param.shape[0]
+        default_weight_loader(param, w.narrow(0, self.tp_rank * rows, rows) if self.tp_size > 1 else w)
+
+
 class MLAAttention(nn.Module):
     def __init__(self, config, ops, rotary: RotaryEmbedding, attn: AttentionBackend):
         super().__init__()
@@ -66,7 +81,7 @@ class MLAAttention(nn.Module):
             self.q_proj = ColumnParallelLinear(h, total * (self.nope + self.rope))
         self.kv_a_proj_with_mqa = ReplicatedLinear(h, self.lora + self.rope, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.lora, _LATENT_NORM_EPS, ops)
-        self.kv_b_proj = ColumnParallelLinear(self.lora, total * (self.nope + self.v_dim))
+        self.kv_b_proj = AbsorbedProjection(self.lora, total * (self.nope + self.v_dim))
         self.o_proj = RowParallelLinear(total * self.v_dim, h, bias=bias)
         self.interleaved = config.model_type == "deepseek_v2" or bool(getattr(config, "rope_interleave", False))
         self.rotary_emb, self.attn = rotary, attn
