@@ -41,7 +41,7 @@ class EngineConfig:
     quantization: Optional[str] = _opt(None, "quantized linears: the checkpoint's format is detected from its "
                                              "config (compressed-tensors, fp8, awq, gptq; naming it must agree); "
                                              "on a dense checkpoint fp8 | w8a8 | w4a16 quantize while loading; "
-                                             "gguf: a GGUF file's Q4_0/Q4_1 linears stay 4-bit (W4A16); "
+                                             "gguf: a GGUF file's Q4_0/Q4_1/Q8_0 linears stay quantized; "
                                              "int4 | int8: the CPU's weight-only matmuls for small batches",
                                        choices=("compressed-tensors", "fp8", "awq", "gptq", "w8a8", "w4a16",
                                                 "gguf", "int4", "int8"))

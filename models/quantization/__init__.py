@@ -5,7 +5,7 @@ must then agree with a quantized checkpoint), or quantizes a dense checkpoint wh
 - checkpoint formats: compressed-tensors, fp8 (Hugging Face's, incl. block scales), awq, gptq
 - in the run: fp8 (FP8 W8A8: per-channel weights, dynamic per-token activations), w8a8 (the same in int8),
   w4a16 (symmetric int4, group 128)
-- gguf: a GGUF file's Q4_0 / Q4_1 linears kept 4-bit with their own codes (W4A16, group 32)
+- gguf: a GGUF file's Q4_0 / Q4_1 / Q8_0 linears kept quantized with their own codes (W4A16 / W8A16, group 32)
 (`int4` / `int8` are the CPU's weight-only speed mode, `pageport.kernels_cpu.quant`, applied after loading.)
 
 Loading: the model is built inside `layers.quantized_linears()` (dense weights left on "meta"), then
@@ -33,7 +33,7 @@ QUANTIZATIONS = tuple(dict.fromkeys((*CHECKPOINT_FORMATS, *ONLINE, GGUF, *RUNTIM
 
 def _supported() -> str:
     return (f"checkpoint formats {', '.join(CHECKPOINT_FORMATS)}; in-run quantization "
-            f"{', '.join(ONLINE)}; gguf (a GGUF file's 4-bit linears); CPU weight-only {', '.join(RUNTIME)}")
+            f"{', '.join(ONLINE)}; gguf (a GGUF file's Q4_0 / Q4_1 / Q8_0 linears); CPU weight-only {', '.join(RUNTIME)}")
 
 
 def _hf_quant_config(hf_config) -> Optional[dict]:

@@ -268,6 +268,27 @@ def test_gguf_q4_linears_stay_4bit_with_the_files_codes(cpu_platform):
     torch.testing.assert_close(_logits(quant, ids), _logits(dense, ids), atol=1e-3, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_codes_come_back_exactly(kind):
+    # blocks made by the gguf package's own quantizers (llama.cpp's reference); the weight-only form of the codes
+    # recovered from their dequantized values gives back those values (float32 rounding)
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    from pageport.models.quantization.gguf import recover_codes
+    from pageport.platforms.quant_ops import dequantize_wn, pack_codes
+
+    w = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32)
+    w[3, :32] = 0.25  # a constant block
+    qtype = GGMLQuantizationType[kind]
+    deq = torch.from_numpy(dequantize(quantize(w, qtype), qtype).copy())
+    codes, scale, zero = recover_codes(deq, kind)
+    bits = 8 if kind == "Q8_0" else 4
+    back = dequantize_wn(pack_codes(codes, bits), scale, zero, 32, bits)
+    assert (back - deq).abs().max() <= 1e-6 * deq.abs().max()
+
+
 def test_gguf_quantization_needs_a_gguf_file(tmp_path, cpu_platform):
     dense_llama().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="--quantization gguf needs a .gguf model"):
