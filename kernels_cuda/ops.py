@@ -57,6 +57,12 @@ class TritonOps(Ops):
         from pageport.kernels_cuda.quant_gemm import scaled_linear
         return scaled_linear(x, weight, weight_scale, input_scale, block, bias)
 
+    def scaled_prepare(self, weight, weight_scale):
+        if not weight.is_cuda:
+            return super().scaled_prepare(weight, weight_scale)
+        from pageport.kernels_cuda.quant_gemm import scaled_prepare
+        return scaled_prepare(weight, weight_scale)
+
     def wna16_prepare(self, qweight, scales, zeros, group_size, bits=4):
         if not self.runs_triton(qweight):
             return super().wna16_prepare(qweight, scales, zeros, group_size, bits)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pageport.platforms.quant_ops import FP8_MAX, INT8_MAX
+from pageport.platforms.quant_ops import fp8_e4m3fn_to_fnuz, qmax
 
 
 @triton.jit
@@ -59,7 +59,7 @@ def quantize_activations(x: torch.Tensor, dtype: torch.dtype, group_size: Option
     s = torch.empty(m, n_groups, dtype=torch.float32, device=x.device)
     block = min(triton.next_power_of_2(group), 1024)
     _act_quant_kernel[(m, n_groups)](x, q, s, k, group, x.stride(0), q.stride(0), n_groups,
-                                     QMAX=INT8_MAX if dtype == torch.int8 else FP8_MAX,
+                                     QMAX=qmax(dtype),
                                      IS_INT=dtype == torch.int8, BLOCK=block)
     return (q.to(dtype) if cast_after else q), s
 
@@ -103,6 +103,21 @@ def block_fp8_linear(x, weight, weight_scale, block, bias=None):
     return out if bias is None else out + bias
 
 
+def native_fp8(device: torch.device) -> torch.dtype:
+    """The e4m3 flavour the GPU's fp8 instructions take: MI300 (gfx942, ROCm) float8_e4m3fnuz, else e4m3fn."""
+    if torch.version.hip and "gfx942" in getattr(torch.cuda.get_device_properties(device), "gcnArchName", ""):
+        return torch.float8_e4m3fnuz
+    return torch.float8_e4m3fn
+
+
+def scaled_prepare(weight, weight_scale):
+    """Checkpoints hold e4m3fn; on MI300 the weights are re-expressed in e4m3fnuz once (activations follow the
+    weight's dtype)."""
+    if weight.dtype == torch.float8_e4m3fn and weight.is_cuda and native_fp8(weight.device) != weight.dtype:
+        return fp8_e4m3fn_to_fnuz(weight, weight_scale)
+    return weight, weight_scale
+
+
 def scaled_linear(x, weight, weight_scale, input_scale=None, block=None, bias=None):
     """`Ops.scaled_linear` on CUDA tensors (or CPU ones under the Triton interpreter)."""
     shape = x.shape
@@ -111,8 +126,8 @@ def scaled_linear(x, weight, weight_scale, input_scale=None, block=None, bias=No
         y = block_fp8_linear(x2, weight, weight_scale, block, bias)
         return y.reshape(*shape[:-1], -1)
     if input_scale is not None:
-        xq = (x2.float() / input_scale).clamp(-FP8_MAX if weight.dtype != torch.int8 else -INT8_MAX,
-                                              FP8_MAX if weight.dtype != torch.int8 else INT8_MAX)
+        top = qmax(weight.dtype)
+        xq = (x2.float() / input_scale).clamp(-top, top)
         xq = xq.round().to(torch.int8) if weight.dtype == torch.int8 else xq.to(weight.dtype)
         xs = input_scale.float().reshape(1, 1).expand(x2.shape[0], 1).contiguous()
     else:

@@ -19,29 +19,38 @@ FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 INT8_MAX = 127.0
 
 
-def _qmax(dtype: torch.dtype) -> float:
-    return INT8_MAX if dtype == torch.int8 else FP8_MAX
+def qmax(dtype: torch.dtype) -> float:
+    """The largest code: int8 127 (symmetric), fp8 the format's largest finite value (e4m3fn 448, e4m3fnuz 240)."""
+    return INT8_MAX if dtype == torch.int8 else float(torch.finfo(dtype).max)
+
+
+def fp8_e4m3fn_to_fnuz(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same values in MI300's float8_e4m3fnuz: its exponent bias is one more, so the same bits mean half the
+    value and the scale doubles; the bits of -0 are NaN there and become +0."""
+    bits = weight.view(torch.int8).clone()
+    bits[bits == -128] = 0
+    return bits.view(torch.float8_e4m3fnuz), scale * 2
 
 
 def quantize_activations(x: torch.Tensor, dtype: torch.dtype, input_scale: Optional[torch.Tensor] = None,
                          group_size: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (codes of `dtype`, float32 scales): [1] for a static scale, [M, 1] per token, or
-    [M, K / group_size] per token and group. x ~ codes * scale; scale = max|x| / qmax (int8: qmax 127,
-    round to nearest; fp8 e4m3: 448, torch's cast)."""
-    qmax = _qmax(dtype)
+    [M, K / group_size] per token and group. x ~ codes * scale; scale = max|x| / qmax(dtype) (int8: 127, round to
+    nearest; fp8: the format's largest value, torch's cast)."""
+    top = qmax(dtype)
     xf = x.float()
     if input_scale is not None:
         scale = input_scale.float().reshape(1)
         q = xf / scale
     elif group_size is not None:
         g = xf.unflatten(-1, (-1, group_size))
-        scale = (g.abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-10)
+        scale = (g.abs().amax(-1, keepdim=True) / top).clamp_min(1e-10)
         q = (g / scale).flatten(-2)
         scale = scale.squeeze(-1)
     else:
-        scale = (xf.abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-10)
+        scale = (xf.abs().amax(-1, keepdim=True) / top).clamp_min(1e-10)
         q = xf / scale
-    q = q.clamp(-qmax, qmax)
+    q = q.clamp(-top, top)
     return (q.round().to(torch.int8) if dtype == torch.int8 else q.to(dtype)), scale
 
 
@@ -97,6 +106,10 @@ class QuantOps:
         if bias is not None:
             y = y + bias.float()
         return y.to(x.dtype).reshape(*shape[:-1], -1)
+
+    def scaled_prepare(self, weight: torch.Tensor, weight_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A W8A8 weight and its float32 scales in the form this platform's `scaled_linear` takes (as they are)."""
+        return weight, weight_scale
 
     def wna16_prepare(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
                       group_size: int, bits: int = 4) -> dict:

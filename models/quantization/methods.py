@@ -12,7 +12,7 @@ import torch
 
 from pageport.models.quantization.base import (LinearMethod, dense_weight, drop_param, num_shards, per_channel,
                                                 quant_param, set_tensor)
-from pageport.platforms.quant_ops import FP8_MAX, INT8_MAX, pack_codes
+from pageport.platforms.quant_ops import pack_codes, qmax
 
 
 @dataclass(frozen=True)
@@ -57,10 +57,15 @@ class W8A8LinearMethod(LinearMethod):
         elif s.weight_strategy == "tensor":
             scale = per_channel(layer, scale)
         drop_param(layer, s.scale_name)
-        set_tensor(layer, "weight_scale", scale.float().contiguous())
+        weight, scale = self.ops.scaled_prepare(layer.weight.data, scale.float().contiguous())
         if s.static_input:
-            set_tensor(layer, "w8a8_input_scale", layer.input_scale.data.float().amax().reshape(1))
+            input_scale = layer.input_scale.data.float().amax().reshape(1)
+            if weight.dtype != layer.weight.dtype:  # e4m3fnuz (MI300): codes mean half, scales double
+                input_scale = input_scale * 2
+            set_tensor(layer, "w8a8_input_scale", input_scale)
             drop_param(layer, "input_scale")
+        set_tensor(layer, "weight", weight)
+        set_tensor(layer, "weight_scale", scale)
 
     def apply(self, layer, x, bias):
         return self.ops.scaled_linear(x, layer.weight, layer.weight_scale,
@@ -71,19 +76,19 @@ def quantize_weight_w8a8(w: torch.Tensor, dtype: torch.dtype,
                          block: Optional[tuple[int, int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest symmetric quantization of a dense weight [N, K]: (codes, float32 scales [N] or the
     block grid). Used to quantize a dense checkpoint in the run (`--quantization fp8 | w8a8`)."""
-    qmax = INT8_MAX if dtype == torch.int8 else FP8_MAX
+    top = qmax(dtype)
     wf = w.float()
     if block is None:
-        scale = (wf.abs().amax(1) / qmax).clamp_min(1e-12)
+        scale = (wf.abs().amax(1) / top).clamp_min(1e-12)
         q = wf / scale[:, None]
     else:
         bn, bk = block
         n, k = wf.shape
         pad = torch.nn.functional.pad(wf, (0, -k % bk, 0, -n % bn))
         g = pad.unflatten(0, (-1, bn)).unflatten(2, (-1, bk))  # [Nb, bn, Kb, bk]
-        scale = (g.abs().amax((1, 3)) / qmax).clamp_min(1e-12)
+        scale = (g.abs().amax((1, 3)) / top).clamp_min(1e-12)
         q = (g / scale[:, None, :, None]).flatten(2).flatten(0, 1)[:n, :k]
-    q = q.clamp(-qmax, qmax)
+    q = q.clamp(-top, top)
     return (q.round().to(torch.int8) if dtype == torch.int8 else q.to(dtype)), scale
 
 
@@ -95,7 +100,7 @@ class OnlineW8A8LinearMethod(W8A8LinearMethod):
 
     def process_weights(self, layer) -> None:
         q, scale = quantize_weight_w8a8(layer.weight.data, self.scheme.weight_dtype, self.scheme.block)
-        drop_param(layer, "weight")
+        q, scale = self.ops.scaled_prepare(q, scale)
         set_tensor(layer, "weight", q)
         set_tensor(layer, "weight_scale", scale)
 

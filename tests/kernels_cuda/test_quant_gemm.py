@@ -129,3 +129,22 @@ def test_gpu_bf16_at_8b_shapes(m, n, k):
     prepared = wna16_prepare(pack_codes(codes), scale.to(torch.bfloat16), None, 128, 4)
     wd = (codes.double() - 8) * scale.to(torch.bfloat16).double().repeat_interleave(128, 1)
     _close(wna16_linear(x, prepared), x.double() @ wd.t(), 1e-2)
+
+
+def test_fp8_weights_re_expressed_for_mi300():
+    # MI300 computes in float8_e4m3fnuz: the checkpoint's e4m3fn weights are re-expressed once (same bits, scale
+    # doubled; -0 becomes +0) and the activations follow the weight's dtype (largest value 240)
+    from pageport.platforms.quant_ops import fp8_e4m3fn_to_fnuz
+
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(64, 128, generator=g) * 0.05
+    wq, ws = quantize_weight_w8a8(w, FP8)
+    wq.view(torch.int8)[0, 0] = -128  # -0.0 in e4m3fn
+    fq, fs = fp8_e4m3fn_to_fnuz(wq, ws)
+    assert fq.dtype == torch.float8_e4m3fnuz and fq.float()[0, 0] == 0
+    torch.testing.assert_close(fq.float() * fs[:, None], wq.float() * ws[:, None], rtol=0, atol=0)
+    x = torch.randn(5, 128, generator=g)
+    xq, xs = quantize_activations(x, torch.float8_e4m3fnuz)
+    assert xq.float().abs().max() == 240
+    y = scaled_linear(x, fq, fs)
+    _close(y, (xq.double() @ fq.double().t()) * xs.double() * fs.double(), 1e-4)
