@@ -61,6 +61,15 @@ def _steer(case, positive: bool) -> None:
         body.setdefault("max_tokens", 4)
     if positive and "model" in body:
         body["model"] = MODEL
+    if positive:  # output constraints and token rules are refused (400) until the engine core applies them
+        for key in _ENGINE_APPLIED:
+            body.pop(key, None)
+        if body.get("tool_choice") != "none":  # auto needs --enable-auto-tool-choice; required / named a grammar
+            body.pop("tools", None), body.pop("tool_choice", None)
+
+
+_ENGINE_APPLIED = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                   "guided_grammar", "structural_tag", "bad_words", "allowed_token_ids")
 
 
 @pytest.fixture(scope="module")
