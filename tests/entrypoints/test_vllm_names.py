@@ -220,3 +220,11 @@ def test_engine_features_are_checked():
         engine = Inner()
 
     assert engine_features(Outer()) == {"bad_words"} and engine_features(object()) == frozenset()
+
+
+def test_llm_logits_processors_are_refused_until_the_engine_applies_them():
+    from pageport import LLM
+
+    # (once the engine lists "logits_processors" in sampling_features, this becomes a test that they run)
+    with pytest.raises(ValueError, match="logits_processors are not applied by this engine yet"):
+        LLM(logits_processors=[object])  # refused before any model loads
