@@ -106,8 +106,8 @@ class MPClient:
         if status != "ok":
             self.shutdown()
             error, tb = rest
-            logger.error("the engine core failed to start:\n%s", tb)
-            raise RuntimeError(f"the engine core failed to start: {error}")
+            logger.debug("the engine core failed to start:\n%s", tb)
+            raise pickle.loads(error)  # the same exception as in-process (a bad option is a ValueError)
         self.info = rest[0]
 
     # transport -------------------------------------------------------------------------------------------

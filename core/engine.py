@@ -50,6 +50,9 @@ class EngineStats:
 
 
 class LLMEngine:
+    # what the engine core applies beyond the basic sampling options (sampling_params.ENGINE_FEATURES)
+    sampling_features = frozenset({"structured_outputs"})
+
     def __init__(self, config: EngineConfig, multiprocess: Optional[bool] = None):
         self.config = config
         self.client = make_client(config, multiprocess)
@@ -201,6 +204,8 @@ class LLMEngine:
     def _update(self, req: Request, o, now: float) -> None:
         if o.num_cached_tokens >= 0:
             req.num_cached_tokens = o.num_cached_tokens
+        if o.first_scheduled_time >= 0:
+            req.first_scheduled_time = o.first_scheduled_time
         if o.prompt_logprobs:
             for d in o.prompt_logprobs:
                 for tid, lp in d.items():
@@ -279,6 +284,8 @@ class LLMEngine:
         if finished:
             self.stats.prompt_tokens += len(g.prompt_token_ids)
             out.metrics = {"arrival_time": first.arrival_time,
+                           "first_scheduled_time": min((c.first_scheduled_time for c in g.children
+                                                        if c.first_scheduled_time), default=None),
                            "first_token_time": min((c.first_token_time for c in g.children
                                                     if c.first_token_time), default=None),
                            "last_token_time": max((c.last_token_time for c in g.children

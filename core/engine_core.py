@@ -83,6 +83,7 @@ class CoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     logprobs: Optional[list[dict[int, Logprob]]] = None  # one per new token
     prompt_logprobs: Optional[list[dict[int, Logprob]]] = None  # this step's chunk of the prompt
     num_cached_tokens: int = -1  # sent once, with the request's first output
+    first_scheduled_time: float = -1.0  # likewise (time.monotonic, the same clock in every process)
     error: Optional[str] = None
 
 
@@ -154,6 +155,8 @@ class EngineCore:
         self._early: list[CoreOutput] = []  # failures found when a request was added
         self._num_sync = 0  # running requests whose sampling needs their whole history on the host
         self._timing = False  # device events around every step (the step profile)
+        self._grammars = None  # the StructuredOutputManager, made with the first constrained request
+        self._compiling: list[Request] = []  # constrained requests whose grammar is not compiled yet
         self.counters = CoreStats()
         logger.info("%s on %s: %d KV blocks of %d tokens (%d tokens; %.1fx max_model_len %d); async "
                     "scheduling %s", loaded.source, self.platform.name, num_blocks - 1, config.block_size,
@@ -194,7 +197,49 @@ class EngineCore:
         req.sync = _needs_history(params)
         self._num_sync += req.sync
         self.requests[r.request_id] = req
+        if params.structured_outputs is not None:
+            self.grammars.add_request(r.request_id, params.structured_outputs)
+            req.grammar = True
+            self._compiling.append(req)  # the scheduler sees it once its grammar is compiled
+            return
         self.scheduler.add(req)
+
+    @property
+    def grammars(self):
+        if self._grammars is None:
+            from pageport.core.structured_output import StructuredOutputManager
+            self._grammars = StructuredOutputManager(self.loaded.tokenizer, self.loaded.hf_config.vocab_size,
+                                                     getattr(self.config, "structured_outputs_backend", "xgrammar"))
+            self.runner.logits_hook = self._constrain
+        return self._grammars
+
+    def _constrain(self, logits: torch.Tensor, requests: list[Request]) -> None:
+        """Mask each constrained row's logits to the tokens its grammar allows next."""
+        if not any(r.grammar for r in requests):
+            return
+        from pageport.core.structured_output import apply_bitmask
+        mask = self._grammars.bitmask([r.request_id if r.grammar else None for r in requests])
+        if mask is not None:
+            apply_bitmask(logits, mask.to(logits.device, non_blocking=True))
+
+    def _admit_compiled(self) -> list[CoreOutput]:
+        failed, still = [], []
+        for req in self._compiling:
+            if req.is_finished:
+                continue
+            error = self._grammars.error(req.request_id)
+            if error is not None:
+                failed.append(CoreOutput(req.request_id, finish_reason="error", error=error))
+                self._finish(req, RequestStatus.FINISHED_ERROR)
+            elif self._grammars.is_ready(req.request_id):
+                if not req.sync:  # each step's mask needs the token before it on the host
+                    req.sync = True
+                    self._num_sync += 1
+                self.scheduler.add(req)
+            else:
+                still.append(req)
+        self._compiling = still
+        return failed
 
     def abort(self, request_ids: list[str]) -> None:
         for rid in request_ids:
@@ -203,17 +248,24 @@ class EngineCore:
                 self._finish(req, RequestStatus.FINISHED_ABORTED)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_unfinished() or self._inflight is not None or bool(self._early)
+        return (self.scheduler.has_unfinished() or self._inflight is not None or bool(self._early)
+                or bool(self._compiling))
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         self.scheduler.finish(req, status)
         self.runner.release(req.request_id)
         self.requests.pop(req.request_id, None)
         self._num_sync -= req.sync
+        if req.grammar:
+            self._grammars.remove(req.request_id)
 
     # the step ------------------------------------------------------------------------------------------
     def step(self) -> list[CoreOutput]:
         outputs, self._early = self._early, []
+        if self._compiling:
+            outputs += self._admit_compiled()
+            if self._compiling and not self.scheduler.has_unfinished() and self._inflight is None:
+                time.sleep(0.001)  # only grammars compiling: do not spin
         c = self.counters
         t0 = time.perf_counter()
         if self._inflight is not None and (self._num_sync or not self.async_scheduling):
@@ -260,7 +312,8 @@ class EngineCore:
         if out.timing is not None:
             out.timing[1].synchronize()
             c.time_device += out.timing[0].elapsed_time(out.timing[1]) / 1000
-        outputs = []
+        # prompt logprobs first: the request may finish with this step's token
+        outputs = [CoreOutput(rid, prompt_logprobs=chunk) for rid, chunk in out.prompt_logprobs.items()]
         max_len = self.config.max_model_len
         for j, req in enumerate(out.requests):
             req.num_pending -= 1
@@ -274,8 +327,15 @@ class EngineCore:
                 o.logprobs = [out.logprobs[j]]
             if req.num_output_tokens == 1:
                 o.num_cached_tokens = req.num_cached_tokens
+                o.first_scheduled_time = req.first_scheduled_time or -1.0
             p = req.params
-            if tok in req.stop_token_ids and req.num_output_tokens >= p.min_tokens:
+            if req.grammar and not (self._grammars.accept(req.request_id, [tok])
+                                    and not self._grammars.is_terminated(req.request_id)):
+                # the grammar is complete (or, never expected, refused the token): the output ends here
+                o.finish_reason = "stop"
+                o.stop_reason = None if tok == req.eos_token_id else tok
+                self._finish(req, RequestStatus.FINISHED_STOPPED)
+            elif tok in req.stop_token_ids and req.num_output_tokens >= p.min_tokens:
                 o.finish_reason = "stop"
                 o.stop_reason = None if tok == req.eos_token_id and tok not in p.stop_token_ids else tok
                 self._finish(req, RequestStatus.FINISHED_STOPPED)
@@ -283,8 +343,6 @@ class EngineCore:
                 o.finish_reason = "length"
                 self._finish(req, RequestStatus.FINISHED_LENGTH)
             outputs.append(o)
-        for rid, chunk in out.prompt_logprobs.items():
-            outputs.append(CoreOutput(rid, prompt_logprobs=chunk))
         c.time_wait += t1 - t0
         c.time_update += time.perf_counter() - t1
         return outputs
@@ -360,9 +418,12 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, par
     try:
         core = EngineCore(config)
         out_sock.send(encoder.encode(CoreOutputs(ready=pickle.dumps(("ok", core.info())))))
-    except BaseException as e:  # noqa: BLE001 - reported to the front end, which raises it
-        out_sock.send(encoder.encode(CoreOutputs(ready=pickle.dumps(("error", f"{type(e).__name__}: {e}",
-                                                                     traceback.format_exc())))))
+    except BaseException as e:  # noqa: BLE001 - reported to the front end, which raises it again
+        try:
+            error = pickle.dumps(e)
+        except Exception:  # noqa: BLE001 - an exception that does not pickle: its text
+            error = pickle.dumps(RuntimeError(f"{type(e).__name__}: {e}"))
+        out_sock.send(encoder.encode(CoreOutputs(ready=pickle.dumps(("error", error, traceback.format_exc())))))
         out_sock.close()
         return
 

@@ -113,6 +113,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
         self.graphs = None  # the platform's GraphRunner, if it has one
+        self.logits_hook = None  # (logits, requests) -> None, in place, before sampling
         self.max_blocks = -(-config.max_model_len // config.block_size) + 1
         self.batch = InputBatch(config.max_num_seqs, self.max_blocks)
         # the device copies from pinned host memory asynchronously; on the CPU a "copy" is the buffer itself
@@ -126,7 +127,7 @@ class ModelRunner:
     def kv_block_bytes(self) -> int:
         m = self.model
         shape = m.attn_backend.kv_cache_shape(1, self.block_size, m.num_kv_heads, m.head_size)
-        return math.prod(shape) * self.config.dtype.itemsize * m.num_layers
+        return math.prod(shape) * self.config.kv_cache_torch_dtype().itemsize * m.num_layers
 
     def profile_num_blocks(self) -> int:
         """Blocks that fit the platform's KV budget after a worst-case forward pass."""
@@ -147,7 +148,7 @@ class ModelRunner:
         m = self.model
         caches = [torch.zeros(m.attn_backend.kv_cache_shape(2 + n // self.block_size, self.block_size,
                                                             m.num_kv_heads, m.head_size),
-                              dtype=self.config.dtype, device=self.device)] * m.num_layers
+                              dtype=self.config.kv_cache_torch_dtype(), device=self.device)] * m.num_layers
         blocks = list(range(1, 2 + n // self.block_size))
         md = self._metadata_from_lists([n], [n], [blocks], [blocks[p // self.block_size] * self.block_size
                                                             + p % self.block_size for p in range(n)])
@@ -159,7 +160,7 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         m = self.model
         shape = m.attn_backend.kv_cache_shape(num_blocks, self.block_size, m.num_kv_heads, m.head_size)
-        self.kv_caches = [_zeros(shape, self.config.dtype, self.device) for _ in range(m.num_layers)]
+        self.kv_caches = [_zeros(shape, self.config.kv_cache_torch_dtype(), self.device) for _ in range(m.num_layers)]
         if not self.config.enforce_eager:
             self.graphs = self.platform.graph_runner(m, self.kv_caches, self.config)
             if self.graphs is not None:
@@ -195,35 +196,44 @@ class ModelRunner:
         self._step += 1
         scheduled = sched.scheduled
         num_rows = len(scheduled)
-        rows = np.empty(num_rows, dtype=np.int64)
-        starts = np.empty(num_rows, dtype=np.int64)
-        qlens = np.empty(num_rows, dtype=np.int64)
         npb = st.np
-        ids = npb["ids"]
+        rows_l, starts_l, qlens_l, ids_l = [], [], [], []
         pend_dst, pend_src = [], []
         t = 0
-        for i, s in enumerate(scheduled):  # per request, never per token
+        row_of, req_blocks = batch.row, kv.req_blocks
+        for s in scheduled:  # per request, never per token
             r = s.request
-            rows[i] = batch.row(r, kv.req_blocks[r.request_id])
+            rows_l.append(row_of(r, req_blocks[r.request_id]))
             start, n = r.num_computed_tokens, s.num_tokens
-            starts[i], qlens[i] = start, n
-            known = len(r.token_ids)
-            if start + n <= known:
-                ids[t:t + n] = r.token_ids[start:start + n] if n > 1 else r.token_ids[start]
+            starts_l.append(start)
+            qlens_l.append(n)
+            if start + n <= len(r.token_ids):
+                if n == 1:
+                    ids_l.append(r.token_ids[start])
+                else:
+                    ids_l += r.token_ids[start:start + n]
             else:  # the last input is the token the step in flight sampled for it
                 if n > 1:
-                    ids[t:t + n - 1] = r.token_ids[start:start + n - 1]
+                    ids_l += r.token_ids[start:start + n - 1]
+                ids_l.append(0)
                 pend_dst.append(t + n - 1)
                 pend_src.append(r.sample_index)  # its row in the step in flight
             t += n
+        rows = np.array(rows_l, dtype=np.int64)
+        starts = np.array(starts_l, dtype=np.int64)
+        qlens = np.array(qlens_l, dtype=np.int64)
+        npb["ids"][:t] = ids_l
         total = t
         qsl = np.zeros(num_rows + 1, dtype=np.int64)
         np.cumsum(qlens, out=qsl[1:])
         seq_lens = starts + qlens
         # positions and slots of every token, vectorised
-        tok_row = np.repeat(np.arange(num_rows), qlens)
-        pos = np.arange(total, dtype=np.int64) - qsl[tok_row] + starts[tok_row]
-        blk = batch.block_table[rows[tok_row], pos // bs]
+        if total == num_rows:  # one token a row (decode)
+            pos, tok_rows = starts, rows
+        else:
+            tok_row = np.repeat(np.arange(num_rows), qlens)
+            pos, tok_rows = np.arange(total, dtype=np.int64) - qsl[tok_row] + starts[tok_row], rows[tok_row]
+        blk = batch.block_table[tok_rows, pos // bs]
         npb["pos"][:total] = pos
         npb["slots"][:total] = blk.astype(np.int64) * bs + pos % bs
         npb["qsl"][:num_rows + 1] = qsl
@@ -259,6 +269,8 @@ class ModelRunner:
             lr = npb["logit_rows"]
             lr[:k] = qsl[np.asarray(sampling) + 1] - 1
             logits = self._logits(hidden, st.logit_rows[:k].to(dev, non_blocking=nb), lr[:k].tolist())
+            if self.logits_hook is not None:
+                self.logits_hook(logits, reqs)  # e.g. grammar masks
             sampled = self.sampler(logits, reqs)
             out = StepOutput(reqs, sampled.token_ids, sampled.logprobs, sampled.chosen_logprobs)
             for j, r in enumerate(reqs):

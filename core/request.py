@@ -22,7 +22,11 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self.value in ("stop", "length", "abort", "error")
+        return self in _FINISHED
+
+
+_FINISHED = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
+                       RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR})
 
 
 class Request:
@@ -45,6 +49,7 @@ class Request:
 
         self.num_computed_tokens = 0  # tokens whose KV is in the cache (or being written by a step in flight)
         self.sync = False  # its sampling reads its whole history on the host (no step may be in flight)
+        self.grammar = False  # constrained by a grammar (structured outputs)
         self.num_pending = 0
         self.sample_index = 0  # its row among the samples of the last step it sampled in  # tokens sampled on the device whose ids have not reached the host yet
         self.num_cached_tokens = 0  # of the prompt, found by prefix caching at first admission
@@ -99,7 +104,7 @@ class Request:
 
     @property
     def is_finished(self) -> bool:
-        return self.status.finished
+        return self.status in _FINISHED
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)

@@ -22,16 +22,14 @@ from pageport.core.kv_cache import KVCacheManager
 from pageport.core.request import Request, RequestStatus
 
 
-@dataclass
 class ScheduledRequest:
-    request: Request
-    num_tokens: int  # tokens computed this step, starting at request.num_computed_tokens
+    __slots__ = ("request", "num_tokens", "samples")
 
-    @property
-    def samples(self) -> bool:
-        """This step reaches the end of the known tokens, so its last logits give a new token."""
-        r = self.request
-        return r.num_computed_tokens + self.num_tokens == r.num_total_tokens
+    def __init__(self, request: Request, num_tokens: int):
+        self.request = request
+        self.num_tokens = num_tokens  # tokens computed this step, starting at request.num_computed_tokens
+        # this step reaches the end of the known (and pending) tokens, so its last logits give a new token
+        self.samples = request.num_computed_tokens + num_tokens == request.num_total_tokens
 
 
 @dataclass
@@ -172,7 +170,7 @@ class Scheduler:
 
         now = time.monotonic()
         admitted: list[int] = []
-        for j in self._admission_order():
+        for j in (self._admission_order() if budget > 0 and len(self.running) < self.max_num_seqs else ()):
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
             req = self.waiting[j]

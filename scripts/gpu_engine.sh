@@ -2,12 +2,12 @@
 # The engine-machine run on one CUDA GPU: offline throughput with the step profile (asynchronous scheduling on
 # and off), Transformers `generate` b256 on the same weights, batch-1 latency, the 8B shape, and `pageport bench
 # serve` at concurrency 256 against offline on the same checkpoint. Every figure lands in OUT/engine_*.json.
-# Usage: bash scripts/gpu_engine.sh OUT_DIR [part...]   parts: tests small big serve (default: all)
+# Usage: bash scripts/gpu_engine.sh OUT_DIR [part...]   parts: tests small steps big serve (default: all)
 # Wheels the image lacks (fastapi, uvicorn, pyzmq, msgspec, ...) go in .whl/; a tokenizer folder in .gpu/tok
 # (the default model's, saved with save_pretrained) makes the serve checkpoint.
 set -uo pipefail
 OUT=${1:?out dir}; shift
-PARTS=${*:-tests small big serve}
+PARTS=${*:-tests small steps big serve}
 mkdir -p "$OUT" /tmp/pp
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -37,13 +37,21 @@ TP="--dtype bfloat16 --input-len 1024 --output-len 128"
 for part in $PARTS; do case $part in
 tests)
   timeout 400 python3 -m pytest -q -m gpu tests/e2e/test_gpu.py -p no:cacheprovider 2>&1 | tail -8 ;;
-small)
+small|small-async)
   ckpt llama-3.2-1b /tmp/llama1b
   bench tp_1b_async throughput --model /tmp/llama1b $TP --num-prompts 1000 --profile-step --async-scheduling
-  bench tp_1b_sync throughput --model /tmp/llama1b $TP --num-prompts 1000 --profile-step --no-async-scheduling
-  bench tp_1b_hf_b256 throughput --model /tmp/llama1b $TP --backend hf --hf-batch-size 256 --num-prompts 256
+  if [ $part = small ]; then
+    bench tp_1b_sync throughput --model /tmp/llama1b $TP --num-prompts 1000 --profile-step --no-async-scheduling
+    bench tp_1b_hf_b256 throughput --model /tmp/llama1b $TP --backend hf --hf-batch-size 256 --num-prompts 256
+  fi
   bench lat_1b_bs1 latency --model /tmp/llama1b --dtype bfloat16 --batch-size 1 --input-len 128 --output-len 128 \
     --num-iters 5 --num-iters-warmup 2 ;;
+steps)  # decode-only steps of 256 rows and of 1 row, with the step profile
+  ckpt llama-3.2-1b /tmp/llama1b
+  bench decode_1b_b256 throughput --model /tmp/llama1b --dtype bfloat16 --input-len 128 --output-len 512 \
+    --num-prompts 256 --profile-step
+  bench decode_1b_b1 throughput --model /tmp/llama1b --dtype bfloat16 --input-len 128 --output-len 256 \
+    --num-prompts 1 --profile-step ;;
 big)
   ckpt llama-3.1-8b /tmp/llama8b
   bench tp_8b throughput --model /tmp/llama8b $TP --num-prompts 1000 --profile-step

@@ -474,7 +474,10 @@ def serve(engine: AsyncLLMEngine, args) -> int:
 def run_server(args) -> int:
     from pageport.core.config import EngineConfig
 
-    engine = AsyncLLMEngine.from_config(EngineConfig.from_cli_args(args))
+    from pageport.entrypoints.serve import structured_outputs_backend
+    config = EngineConfig.from_cli_args(args)
+    config.structured_outputs_backend = structured_outputs_backend(args)  # the core's grammars use it too
+    engine = AsyncLLMEngine.from_config(config)
     try:
         return serve(engine, args)
     finally:

@@ -41,9 +41,11 @@ def test_lengths_and_stops_are_exact(async_llm):
     first = base.token_ids.index(tok)
     out = llm.generate(prompts[0], SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[tok]))[0].outputs[0]
     assert out.token_ids == base.token_ids[:first + 1] and out.finish_reason == "stop"
+    m = first + 2
     out = llm.generate(prompts[0], SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[tok],
-                                                  min_tokens=first + 2))[0].outputs[0]
-    assert len(out.token_ids) >= first + 2 and out.token_ids[:first + 1] == base.token_ids[:first + 1]
+                                                  min_tokens=m))[0].outputs[0]
+    assert len(out.token_ids) >= m and tok not in out.token_ids[:m]  # no stop before min_tokens
+    assert (out.finish_reason == "stop") == (out.token_ids[-1] == tok) and tok not in out.token_ids[:-1]
     stop_at = base.text[4:7]
     out = llm.generate(prompts[0], SamplingParams(temperature=0, max_tokens=20, stop=[stop_at]))[0].outputs[0]
     assert out.text == base.text[:base.text.index(stop_at)] and out.finish_reason == "stop"

@@ -19,6 +19,22 @@ def checkpoint(tmp_path_factory):
     return path, model.cuda().eval()
 
 
+
+@pytest.fixture(autouse=True)
+def _shutdown_engines(monkeypatch):
+    """Each LLM's engine core is a process holding its share of the GPU: end them with the test."""
+    from pageport.core import llm as llm_module
+    made = []
+    real_init = llm_module.LLM.__init__
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        made.append(self)
+    monkeypatch.setattr(llm_module.LLM, "__init__", init)
+    yield
+    for x in made:
+        x.engine.shutdown()
+
 def prompts(n, lo=20, hi=300, seed=1):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(100, 31000, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
