@@ -100,7 +100,7 @@ class MPClient:
         level = logging.getLogger("pageport").getEffectiveLevel()
         self.proc.stdin.write(pickle.dumps((config, in_addr, out_addr, os.getpid(), level)))
         self.proc.stdin.close()
-        self._finalizer = weakref.finalize(self, _stop, self.proc, self._input, self._ctx, self._dir)
+        self._finalizer = weakref.finalize(self, _stop, self.proc, self._input, self._output, self._ctx, self._dir)
         msg = self._recv(None, starting=True)
         status, *rest = pickle.loads(msg.ready)
         if status != "ok":
@@ -169,7 +169,7 @@ class MPClient:
         self._finalizer()
 
 
-def _stop(proc: subprocess.Popen, input_sock, ctx, tmpdir) -> None:
+def _stop(proc: subprocess.Popen, input_sock, output_sock, ctx, tmpdir) -> None:
     try:
         if proc.poll() is None:
             try:
@@ -183,5 +183,8 @@ def _stop(proc: subprocess.Popen, input_sock, ctx, tmpdir) -> None:
                     proc.kill()
                     proc.wait(1)
     finally:
-        ctx.destroy(linger=0)
+        # close our own sockets, then end the context: destroy() can block when run from the garbage collector
+        input_sock.close(linger=0)
+        output_sock.close(linger=0)
+        ctx.term()
         shutil.rmtree(tmpdir, ignore_errors=True)

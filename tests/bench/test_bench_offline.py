@@ -29,7 +29,7 @@ def test_pageport_backend_runs_each_repeat_without_the_prefix_cache():
     prompts = [[100 + i for i in range(40)], [200 + i for i in range(40)]]
     assert backend(prompts, 3) == [3, 3]
     assert backend(prompts, 3) == [3, 3]
-    assert backend.llm.engine.kv.stats.hits == 0  # the second call found nothing cached
+    assert backend.llm.engine.core_stats().prefix_cache_hits == 0  # the second call found nothing cached
 
 
 def test_llama_cpp_backend_says_how_to_install_it(monkeypatch, capsys):

@@ -25,7 +25,7 @@ class FakeEngine:
         self.threads: set = set()
         self.fail = False
 
-    def add_request(self, rid, prompt, params, priority=0, arrival_time=None, cache_salt=None):
+    def add_request(self, rid, prompt, params, priority=0, arrival_time=None, cache_salt=None, owner=None):
         self.threads.add(threading.current_thread().name)
         ids = prompt["prompt_token_ids"] if isinstance(prompt, dict) else prompt
         if not ids:
@@ -33,6 +33,7 @@ class FakeEngine:
         if rid in self.live:
             raise ValueError("duplicate id")
         self.live[rid] = [0, params.max_tokens, False]
+        return rid  # the engine's id (here the label itself: this fake refuses duplicates)
 
     def abort_request(self, ids):
         for rid in [ids] if isinstance(ids, str) else ids:
@@ -43,7 +44,7 @@ class FakeEngine:
     def has_unfinished_requests(self):
         return bool(self.live)
 
-    def step(self):
+    def step(self, timeout=None):
         self.threads.add(threading.current_thread().name)
         if self.fail:
             raise RuntimeError("boom")
@@ -58,7 +59,7 @@ class FakeEngine:
                 c = CompletionOutput(0, "t", [st[0]], finish_reason="length" if done else None)
             finished = c.finish_reason is not None
             outs.append(RequestOutput(rid, None, [1], [c], finished,
-                                      metrics={"arrival_time": 0.0} if finished else {}))
+                                      metrics={"arrival_time": 0.0} if finished else {}, engine_request_id=rid))
             if finished:
                 del self.live[rid]
         return outs
