@@ -160,8 +160,10 @@ def test_no_tokenizer():
 
 
 def test_detokenize_false(tok, prompt_ids):
-    d = IncrementalDetokenizer(tok, SamplingParams(detokenize=False, stop=["Hello"]), prompt_ids)
+    d = IncrementalDetokenizer(tok, SamplingParams(detokenize=False), prompt_ids)
     assert d.update(enc(tok, "Hello"), 1) is None and d.output_text == ""
+    with pytest.raises(ValueError, match="needs detokenize=True"):  # as vLLM: stop strings are matched in text
+        SamplingParams(detokenize=False, stop=["Hello"])
 
 
 class SlowTokenizer:
