@@ -101,7 +101,7 @@ class MPClient:
         self.proc.stdin.write(pickle.dumps((config, in_addr, out_addr, os.getpid(), level)))
         self.proc.stdin.close()
         self._finalizer = weakref.finalize(self, _stop, self.proc, self._input, self._output, self._ctx, self._dir)
-        msg = self._recv(None, starting=True)
+        msg = self._recv(None)
         status, *rest = pickle.loads(msg.ready)
         if status != "ok":
             self.shutdown()
@@ -121,7 +121,7 @@ class MPClient:
         if self._dead is not None:
             raise EngineDeadError(self._dead)
 
-    def _recv(self, timeout: Optional[float], starting: bool = False) -> Optional[CoreOutputs]:
+    def _recv(self, timeout: Optional[float]) -> Optional[CoreOutputs]:
         """The next message; None after `timeout` seconds (None: wait for ever, watching the process)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:

@@ -115,7 +115,7 @@ class CoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False)
     ready: Optional[bytes] = None  # the first message: pickled core info, or a start-up error
 
 
-UTILITIES = ("stats", "reset_prefix_cache", "profile", "replay_ms", "ping")
+UTILITIES = ("stats", "reset_prefix_cache", "profile", "replay_ms")
 
 
 # the core -------------------------------------------------------------------------------------------------
@@ -198,7 +198,14 @@ class EngineCore:
         self._num_sync += req.sync
         self.requests[r.request_id] = req
         if params.structured_outputs is not None:
-            self.grammars.add_request(r.request_id, params.structured_outputs)
+            try:
+                self.grammars.add_request(r.request_id, params.structured_outputs)
+            except Exception as e:  # noqa: BLE001 - this request's grammar: it fails alone
+                self.requests.pop(r.request_id)
+                self._num_sync -= req.sync
+                self._early.append(CoreOutput(r.request_id, finish_reason="error",
+                                              error=f"structured outputs: {type(e).__name__}: {e}"))
+                return
             req.grammar = True
             self._compiling.append(req)  # the scheduler sees it once its grammar is compiled
             return
@@ -385,9 +392,6 @@ class EngineCore:
         t1.record()
         t1.synchronize()
         return t0.elapsed_time(t1) / iters
-
-    def ping(self) -> str:
-        return "pong"
 
 
 def _needs_history(p: SamplingParams) -> bool:

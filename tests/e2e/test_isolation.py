@@ -142,3 +142,25 @@ def test_killed_core_fails_pending_requests_clearly():
         engine.add_request("b", "x", GREEDY)
     engine.shutdown()
     assert not engine.client.is_alive()
+
+
+def test_a_grammar_the_core_cannot_register_fails_that_request_alone(monkeypatch):
+    """The grammar manager raising for one request (here: forced) ends that request with an error output; the
+    request beside it and the core go on."""
+    from pageport import LLM
+    from pageport.core.sampling_params import StructuredOutputsParams
+    monkeypatch.setenv("PAGEPORT_ENGINE_INPROC", "1")  # to make the manager fail inside the core
+    llm = LLM(dtype="float32", max_model_len=256)
+    engine = llm.engine
+
+    def broken(*_):
+        raise RuntimeError("grammar backend failure")
+    engine.core.grammars.add_request = broken
+    bad = engine.add_request("bad", "Hi", SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(
+        choice=["yes", "no"])))
+    good = engine.add_request("good", "Hello there", GREEDY)
+    outs = {o.engine_request_id: o for o in run(engine)}
+    assert outs[bad].outputs[0].finish_reason == "error" and "grammar backend failure" in outs[bad].error
+    assert outs[good].outputs[0].finish_reason in ("length", "stop")
+    pool = engine.core.kv.pool
+    assert pool.num_free == pool.num_usable
