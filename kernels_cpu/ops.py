@@ -63,13 +63,14 @@ class CpuOps(Ops):
         return y.reshape(*shape[:-1], -1)
 
     def wna16_prepare(self, qweight, scales, zeros, group_size, bits=4):
-        from pageport.kernels_cpu.quant import int4pack_from_codes
+        from pageport.kernels_cpu.quant import int4pack_from_codes, int8pack_supported
         from pageport.platforms.quant_ops import unpack_codes
         w = super().wna16_prepare(qweight, scales, zeros, group_size, bits)
         codes = unpack_codes(qweight, bits)
         if bits == 4:
             return {**w, **int4pack_from_codes(codes, scales, zeros, group_size)}
-        if zeros is None and group_size == codes.shape[1] and scales.dtype == torch.bfloat16:
+        if (zeros is None and group_size == codes.shape[1] and scales.dtype == torch.bfloat16
+                and int8pack_supported(codes.shape[1])):
             # symmetric per-channel 8-bit: torch's weight-only int8 kernel (bf16 activations)
             return {**w, "int8pack": (codes - 128).to(torch.int8), "int8pack_scale": scales.reshape(-1).contiguous()}
         return w

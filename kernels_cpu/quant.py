@@ -14,7 +14,10 @@ llama.cpp's Q4_1. Quantizing the dequantized weights of a Q4_1 GGUF (the default
 4-bit codes exactly (each group's min and max are codes 0 and 15), so the int4 path computes with the
 file's own quantized weights; only the per-group scale and min are rounded to bf16 (the dense bf16 path
 rounds every weight to bf16 instead). Layers whose shapes the kernel does not take stay dense.
-int8: symmetric per output channel (scale = max|w| / 127).
+int8: symmetric per output channel (scale = max|w| / 127). torch's int8 kernel is only used where the input size
+is a multiple of 16: on this AVX-512 machine (torch 2.13) other input sizes read out of bounds, segfaulting from 2
+rows on and returning garbage at 1 row (probed in subprocesses for inputs 1..72, rows 1..64), so those layers stay
+dense.
 """
 from __future__ import annotations
 
@@ -43,6 +46,11 @@ def quantize_int4(w: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, 
 def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, group_size: int = 32) -> torch.Tensor:
     n, k = q.shape
     return (q.reshape(n, k // group_size, group_size).float() * scale[..., None] + lo[..., None]).reshape(n, k)
+
+
+def int8pack_supported(in_features: int) -> bool:
+    """Whether `aten._weight_int8pack_mm` computes correctly for this input size (see the module docstring)."""
+    return in_features % 16 == 0
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,6 +125,8 @@ class WeightOnlyLinearMethod:
                 torch.ops.aten._weight_int4pack_mm_for_cpu(w[:1], bufs["qweight"], self.group_size,
                                                            bufs["qscale"])  # the kernel takes this shape
             else:
+                if not int8pack_supported(w.shape[1]):  # the kernel would crash or be wrong: stay dense
+                    return False
                 bufs["qweight"], scale = quantize_int8(w)
                 bufs["qscale"] = scale.to(torch.bfloat16)
                 torch.ops.aten._weight_int8pack_mm(w[:1], bufs["qweight"], bufs["qscale"])
