@@ -94,6 +94,8 @@ class RequestStream:
             w.set_result(None)
 
     def _record(self, out: RequestOutput, t: float) -> None:
+        if not isinstance(out, RequestOutput):
+            return  # a pooling output: no tokens, no inter-token latencies
         for c in out.outputs:
             if not c.token_ids:
                 continue
@@ -266,6 +268,13 @@ class AsyncLLMEngine:
         finally:
             if not stream.finished:
                 stream.abort()
+
+    async def encode(self, prompt, pooling_params, request_id: Optional[str] = None, *, priority: int = 0,
+                     arrival_time: Optional[float] = None) -> AsyncIterator:
+        """A pooling request (vLLM's AsyncLLM.encode): yields its one PoolingRequestOutput."""
+        async for out in self.generate(prompt, pooling_params, request_id, priority=priority,
+                                       arrival_time=arrival_time):
+            yield out
 
     def abort(self, request_id: str) -> None:
         """Abort every request carrying this client id (thread-safe, never blocks, no-op once they finished

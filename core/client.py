@@ -45,7 +45,8 @@ class InprocClient:
     multiprocess = False
 
     def __init__(self, config: EngineConfig):
-        self.core = EngineCore(config)
+        from pageport.core.pooling_core import make_engine_core  # generation or pooling, by the model
+        self.core = make_engine_core(config)
         self.info = self.core.info()
         self.last_stats = self.core.stats()
 

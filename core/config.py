@@ -58,6 +58,18 @@ class EngineConfig:
     scheduling_policy: str = _opt("fcfs", "fcfs | priority", choices=("fcfs", "priority"))
     max_logprobs: int = _opt(20, "most logprobs a request may ask for")
     trust_remote_code: bool = _opt(False, "allow custom code from the model directory")
+    # pooling models (embeddings, classification, scoring): core/pooling.py
+    runner: str = _opt("auto", "generate | pooling (embeddings, classification, scores); auto: pooling for encoder "
+                               "architectures (BERT, RoBERTa, XLM-R) and --convert embed|classify|reward",
+                       choices=("auto", "generate", "pooling"))
+    convert: str = _opt("auto", "what a pooling model outputs: embed | classify | reward (auto: the architecture's "
+                                "own; a decoder becomes an embedder)",
+                        choices=("auto", "none", "embed", "classify", "reward"))
+    task: Optional[str] = _opt(None, "older spelling of --runner/--convert: embed (= --runner pooling --convert "
+                                     "embed), classify, score, reward, generate")
+    pooler_config: Optional[str] = _opt(None, "JSON overriding the pooler: {\"pooling_type\": \"MEAN|CLS|LAST|ALL\", "
+                                              "\"normalize\": bool, \"is_matryoshka\": bool, "
+                                              "\"matryoshka_dimensions\": [..]}")
 
     def __post_init__(self):
         if self.block_size < 1 or self.max_num_seqs < 1:
@@ -68,6 +80,16 @@ class EngineConfig:
             raise ValueError(f"unknown kv_cache_dtype {self.kv_cache_dtype!r}; choose auto, {', '.join(_KV_DTYPES)}")
         if self.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 is not supported yet")
+        if self.task is not None:
+            from pageport.core.pooling import TASK_ALIASES
+            if self.task not in TASK_ALIASES:
+                raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASK_ALIASES)}")
+            self.runner = "generate" if self.task == "generate" else "pooling"
+            if self.task != "generate" and self.convert == "auto":
+                self.convert = TASK_ALIASES[self.task]
+            self.task = None  # said once, in runner/convert
+        if self.runner == "generate" and self.convert not in ("auto", "none"):
+            raise ValueError(f"convert={self.convert!r} makes a pooling model: use runner='pooling' (or 'auto')")
 
     def resolve_dtype(self, supported: tuple[torch.dtype, ...]) -> None:
         """Turn `dtype` into a torch.dtype; auto takes the platform's first supported dtype."""

@@ -20,6 +20,8 @@ from pageport.core.config import EngineConfig
 from pageport.core.detokenizer import IncrementalDetokenizer
 from pageport.core.engine_core import CoreOutputs, CoreRequest, CoreStats
 from pageport.core.outputs import CompletionOutput, RequestOutput
+from pageport.core.pooling import PoolingParams, tensor_from_bytes
+from pageport.core.pooling_engine import add_pooling_request, pooling_output
 from pageport.core.request import Request, RequestStatus
 from pageport.core.sampling_params import SamplingParams
 
@@ -129,6 +131,8 @@ class LLMEngine:
         """Queue a request; returns its internal id. Raises ValueError (and queues nothing) when it is
         invalid. `request_id` is the client's label; `owner` groups requests that share a fair share of
         the seats (default: this request alone)."""
+        if isinstance(params, PoolingParams) or self.config.runner == "pooling":  # a vector, not tokens
+            return add_pooling_request(self, request_id, prompt, params, priority, arrival_time, owner)
         text, token_ids = self.tokenize(prompt)
         self._validate(token_ids, params)
         gid = str(next(self._ids))
@@ -206,6 +210,11 @@ class LLMEngine:
             req.num_cached_tokens = o.num_cached_tokens
         if o.first_scheduled_time >= 0:
             req.first_scheduled_time = o.first_scheduled_time
+        if o.pooled is not None:  # a pooling request's output: it is finished
+            req.pooled = tensor_from_bytes(o.pooled, o.pooled_shape)
+            req.first_token_time = req.last_token_time = now
+            self._finish(req, RequestStatus.FINISHED_STOPPED)
+            return
         if o.prompt_logprobs:
             for d in o.prompt_logprobs:
                 for tid, lp in d.items():
@@ -281,6 +290,8 @@ class LLMEngine:
         out = RequestOutput(g.label, g.prompt, g.prompt_token_ids, outs, finished,
                             prompt_logprobs=first.prompt_logprobs, num_cached_tokens=first.num_cached_tokens,
                             error=g.error, engine_request_id=g.request_id)
+        if hasattr(first, "pooling_params"):
+            out = pooling_output(out, first)
         if finished:
             self.stats.prompt_tokens += len(g.prompt_token_ids)
             out.metrics = {"arrival_time": first.arrival_time,

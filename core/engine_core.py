@@ -85,6 +85,8 @@ class CoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     num_cached_tokens: int = -1  # sent once, with the request's first output
     first_scheduled_time: float = -1.0  # likewise (time.monotonic, the same clock in every process)
     error: Optional[str] = None
+    pooled: Optional[bytes] = None  # a pooling request's output (float32, C order; core/pooling_core.py)
+    pooled_shape: list[int] = []
 
 
 class CoreStats(msgspec.Struct, array_like=True, gc=False):
@@ -420,7 +422,8 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, par
     out_sock.connect(output_addr)
     encoder = msgspec.msgpack.Encoder()
     try:
-        core = EngineCore(config)
+        from pageport.core.pooling_core import make_engine_core  # generation or pooling, by the model
+        core = make_engine_core(config)
         out_sock.send(encoder.encode(CoreOutputs(ready=pickle.dumps(("ok", core.info())))))
     except BaseException as e:  # noqa: BLE001 - reported to the front end, which raises it again
         try:

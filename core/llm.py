@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from pageport.core.config import EngineConfig
 from pageport.core.engine import LLMEngine, PromptType
 from pageport.core.outputs import RequestOutput
+from pageport.core.pooling_engine import PoolingAPI
 from pageport.core.sampling_params import SamplingParams
 
 Conversation = list[dict[str, Any]]
@@ -41,7 +42,7 @@ class BeamSearchOutput:
     sequences: list[BeamSearchSequence] = field(default_factory=list)
 
 
-class LLM:
+class LLM(PoolingAPI):  # embed / classify / score / encode / reward: core/pooling_engine.py
     def __init__(self, model: Optional[str] = None, **kwargs):
         self.config = EngineConfig(model=model, **kwargs)
         self.engine = LLMEngine(self.config)

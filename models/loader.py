@@ -35,9 +35,10 @@ class LoadedModel:
     load_time_s: float = 0.0
 
 
-def load_model(config, platform) -> LoadedModel:
+def load_model(config, platform, adapt=None) -> LoadedModel:
     """Build the model for `config` (an EngineConfig whose dtype is already a torch.dtype) on
-    `platform.device`. Fills config.max_model_len from the model when it is None."""
+    `platform.device`. Fills config.max_model_len from the model when it is None. `adapt(model_cls, hf_config)`
+    may swap the architecture's class (the pooling runner turns a decoder into an embedder or classifier)."""
     t0 = time.perf_counter()
     path, fmt = _resolve_format(resolve_model_path(config.model), config.load_format)
     trust = bool(getattr(config, "trust_remote_code", False))
@@ -64,6 +65,8 @@ def load_model(config, platform) -> LoadedModel:
     _set_architecture(hf_config)
     _check_max_model_len(config, hf_config)
     model_cls = get_model_class(hf_config.architectures)
+    if adapt is not None:
+        model_cls = adapt(model_cls, hf_config)
     quantization = getattr(config, "quantization", None)
     if quantization == "gguf" and path.suffix == ".gguf":
         quant_config = gguf_config(gg.tensors)

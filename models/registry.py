@@ -21,6 +21,18 @@ _BUILTIN: dict[str, str] = {
     "Gemma3ForCausalLM": "pageport.models.gemma:GemmaForCausalLM",
     "DeepseekV2ForCausalLM": "pageport.models.deepseek:DeepseekForCausalLM",
     "DeepseekV3ForCausalLM": "pageport.models.deepseek:DeepseekForCausalLM",
+    # encoders, for the pooling runner
+    "BertModel": "pageport.models.bert:BertModel",
+    "BertForSequenceClassification": "pageport.models.bert:BertForSequenceClassification",
+    "RobertaModel": "pageport.models.bert:RobertaModel",
+    "RobertaForSequenceClassification": "pageport.models.bert:RobertaForSequenceClassification",
+    "XLMRobertaModel": "pageport.models.bert:RobertaModel",
+    "XLMRobertaForSequenceClassification": "pageport.models.bert:RobertaForSequenceClassification",
+    # decoders with a classification head (`score`): the Llama family under --runner pooling
+    "LlamaForSequenceClassification": "pageport.models.llama:LlamaForCausalLM",
+    "MistralForSequenceClassification": "pageport.models.llama:LlamaForCausalLM",
+    "Qwen2ForSequenceClassification": "pageport.models.llama:LlamaForCausalLM",
+    "Qwen3ForSequenceClassification": "pageport.models.llama:LlamaForCausalLM",
 }
 
 

@@ -24,6 +24,16 @@ _EXPORTS = {
     "CompletionOutput": "pageport.core.outputs",
     "BeamSearchParams": "pageport.core.llm",
     "EngineConfig": "pageport.core.config",
+    # pooling models
+    "PoolingParams": "pageport.core.pooling",
+    "PoolingOutput": "pageport.core.pooling",
+    "PoolingRequestOutput": "pageport.core.pooling",
+    "EmbeddingOutput": "pageport.core.pooling",
+    "EmbeddingRequestOutput": "pageport.core.pooling",
+    "ClassificationOutput": "pageport.core.pooling",
+    "ClassificationRequestOutput": "pageport.core.pooling",
+    "ScoringOutput": "pageport.core.pooling",
+    "ScoringRequestOutput": "pageport.core.pooling",
 }
 
 __all__ = [*_EXPORTS, "__version__"]
