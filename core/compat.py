@@ -25,11 +25,8 @@ class LLM(_LLM):
 
     def __init__(self, model: Optional[str] = None, *, download_dir: Optional[str] = None,
                  revision: Optional[str] = None, tokenizer_mode: str = "auto", generation_config: str = "auto",
-                 override_generation_config: Optional[dict] = None, logits_processors=None, **kwargs):
+                 override_generation_config: Optional[dict] = None, **kwargs):
         check_tokenizer_mode(tokenizer_mode)
-        if logits_processors and "logits_processors" not in engine_features(_LLMEngine):
-            raise ValueError("logits_processors are not applied by this engine yet (core/logits_processors.py has "
-                             "the interface); leave them out")
         unknown = [k for k in kwargs if k not in _CONFIG_FIELDS]
         if unknown:
             raise TypeError(f"LLM got an unknown option {unknown[0]!r}{closest(unknown[0], sorted(_CONFIG_FIELDS))}")

@@ -56,7 +56,10 @@ class EngineConfig:
     num_threads: Optional[int] = _opt(None, "CPU threads (default: OMP_NUM_THREADS or all cores)")
     tensor_parallel_size: int = _opt(1, "devices to shard the model over")
     scheduling_policy: str = _opt("fcfs", "fcfs | priority", choices=("fcfs", "priority"))
-    max_logprobs: int = _opt(20, "most logprobs a request may ask for")
+    max_logprobs: int = _opt(20, "most logprobs a request may ask for (-1: no limit, needed for logprobs=-1)")
+    logits_processors: Optional[list] = _opt(None, "custom logits-processor classes (vLLM's LogitsProcessor "
+                                                   "interface) as module:Class; configured per request through "
+                                                   "SamplingParams.extra_args", nargs="+")
     trust_remote_code: bool = _opt(False, "allow custom code from the model directory")
     # pooling models (embeddings, classification, scoring): core/pooling.py
     runner: str = _opt("auto", "generate | pooling (embeddings, classification, scores); auto: pooling for encoder "
@@ -80,6 +83,9 @@ class EngineConfig:
             raise ValueError(f"unknown kv_cache_dtype {self.kv_cache_dtype!r}; choose auto, {', '.join(_KV_DTYPES)}")
         if self.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 is not supported yet")
+        if self.logits_processors:  # checked here, and turned into names the engine core's process can load
+            from pageport.core.logits_processors import processor_refs
+            self.logits_processors = processor_refs(self.logits_processors)
         if self.task is not None:
             from pageport.core.pooling import TASK_ALIASES
             if self.task not in TASK_ALIASES:

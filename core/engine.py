@@ -23,7 +23,7 @@ from pageport.core.outputs import CompletionOutput, RequestOutput
 from pageport.core.pooling import PoolingParams, tensor_from_bytes
 from pageport.core.pooling_engine import add_pooling_request, pooling_output
 from pageport.core.request import Request, RequestStatus
-from pageport.core.sampling_params import SamplingParams
+from pageport.core.sampling_params import SamplingParams, prepare_request
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ class EngineStats:
 
 class LLMEngine:
     # what the engine core applies beyond the basic sampling options (sampling_params.ENGINE_FEATURES)
-    sampling_features = frozenset({"structured_outputs"})
+    sampling_features = frozenset({"structured_outputs", "bad_words", "allowed_token_ids", "logits_processors",
+                                   "logprobs_all", "truncate_prompt_tokens"})
 
     def __init__(self, config: EngineConfig, multiprocess: Optional[bool] = None):
         self.config = config
@@ -70,6 +71,9 @@ class LLMEngine:
         self.platform_name = info["platform"]
         self.attention_backend = info["attention"]
         self.uses_graphs = info["graphs"]
+        # the custom logits processors' classes: their validate_params checks each request in add_request
+        from pageport.core.logits_processors import processor_classes
+        self.logits_processor_classes = processor_classes(config.logits_processors)
         self.groups: dict[str, _Group] = {}  # internal group id -> group
         self.requests: dict[str, Request] = {}  # internal child id -> child
         self._labels: dict[str, set[str]] = {}  # client label -> internal group ids
@@ -118,7 +122,7 @@ class LLMEngine:
                              f"{self.config.max_model_len} (at least one token must remain for the output)")
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(params, name)
-            if k is not None and k > self.config.max_logprobs:
+            if k is not None and k != -1 and 0 <= self.config.max_logprobs < k:  # -1: prepare_request
                 raise ValueError(f"{name}={k} is more than max_logprobs={self.config.max_logprobs}")
         if params.logit_bias and not all(0 <= t < self.vocab_size for t in params.logit_bias):
             raise ValueError(f"logit_bias names a token id outside [0, {self.vocab_size})")
@@ -134,6 +138,7 @@ class LLMEngine:
         if isinstance(params, PoolingParams) or self.config.runner == "pooling":  # a vector, not tokens
             return add_pooling_request(self, request_id, prompt, params, priority, arrival_time, owner)
         text, token_ids = self.tokenize(prompt)
+        token_ids = prepare_request(params, token_ids, self)  # bad words, allowed tokens, truncation...
         self._validate(token_ids, params)
         gid = str(next(self._ids))
         label = gid if request_id is None else str(request_id)

@@ -31,6 +31,8 @@ import torch
 
 from pageport.core.config import EngineConfig
 from pageport.core.kv_cache import KVCacheManager
+from pageport.core.logits_processors import build_logits_processors
+from pageport.core.logits_processors import needs_host_state as _needs_host_tokens  # bad words, processors
 from pageport.core.model_runner import ModelRunner, StepOutput
 from pageport.core.outputs import Logprob
 from pageport.core.request import Request, RequestStatus
@@ -138,6 +140,8 @@ class EngineCore:
             config.max_num_batched_tokens = 2048 if config.enable_chunked_prefill else max(
                 2048, config.max_model_len)
         self.runner = ModelRunner(config, self.platform, loaded.model)
+        # custom logits processors (LLM(logits_processors=[...])): the sampler drives them every step
+        self.runner.sampler.logits_processors = build_logits_processors(config, self.platform.device)
         num_blocks = self.runner.profile_num_blocks()
         t_profile = time.perf_counter()
         capacity = (num_blocks - 1) * config.block_size
@@ -197,6 +201,7 @@ class EngineCore:
         if r.gate is not None:
             req.gate = self.requests.get(r.gate)
         req.sync = _needs_history(params)
+        req.sync = req.sync or _needs_host_tokens(params, self.runner.sampler.logits_processors is not None)
         self._num_sync += req.sync
         self.requests[r.request_id] = req
         if params.structured_outputs is not None:

@@ -4,13 +4,22 @@ at a row, removed, moved) through `update_state(BatchUpdate)` and transforms the
 
 `LogitsProcessors` is the engine's side: given each step's requests in row order, it works out the BatchUpdate
 (removals, then additions into the freed rows, then moves as swaps or one-way moves) and runs every processor.
+
+Custom processors are classes given when the engine is made, `LLM(logits_processors=[Cls, "module:Cls"])`
+(`--logits-processors` on the CLI), as in vLLM v1: the engine core runs in a process of its own, so classes
+travel by name (`ProcessorRef`) and each engine core makes its own instances. A class from a script's
+`__main__`, or from a module the core cannot import by name, is loaded there from its file.
 """
 from __future__ import annotations
 
 import enum
+import hashlib
+import importlib
+import importlib.util
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -63,9 +72,38 @@ class LogitsProcessors:
         self.processors = [cls(config, device or torch.device("cpu"), is_pin_memory) for cls in classes]
         self.rows: list[Optional[str]] = []  # request id per row, as the processors know it
 
+        self._outputs: dict[str, list[int]] = {}  # request id -> its output ids, the list processors hold
+
     def validate(self, params: SamplingParams) -> None:
         for p in self.processors:
             type(p).validate_params(params)
+
+    def step_requests(self, requests: Sequence) -> None:
+        """`step` from the engine's Request objects (row order). Each request's output ids are one list that
+        grows as it generates, handed to the processors when it joins the batch (vLLM's live reference)."""
+        outs = self._outputs
+        ids = [r.request_id for r in requests]
+        params, prompts = {}, {}
+        present = set(self.rows)
+        for r in requests:
+            rid = r.request_id
+            lst = outs.get(rid)
+            if lst is None or rid not in present:
+                lst = outs[rid] = list(r.token_ids[r.num_prompt_tokens:])
+                params[rid], prompts[rid] = r.params, r.prompt_token_ids
+            else:
+                have = r.num_prompt_tokens + len(lst)
+                if len(r.token_ids) > have:
+                    lst.extend(r.token_ids[have:])
+        self.step(ids, params, prompts, outs)
+        if len(outs) > len(ids):  # requests gone from the batch: their lists are made again if they return
+            keep = set(ids)
+            for rid in [k for k in outs if k not in keep]:
+                del outs[rid]
+
+    def active(self, all_greedy: bool) -> bool:
+        """Whether `apply` would run any processor (greedy batches skip argmax-invariant ones)."""
+        return any(not (all_greedy and p.is_argmax_invariant()) for p in self.processors)
 
     def step(self, req_ids: Sequence[str], params: dict, prompt_ids: dict, output_ids: dict) -> None:
         """Tell the processors about this step's batch: `req_ids` in row order; the dicts (by request id) give a
@@ -74,9 +112,10 @@ class LogitsProcessors:
         for p in self.processors:
             p.update_state(update)
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+    def apply(self, logits: torch.Tensor, all_greedy: bool = False) -> torch.Tensor:
         for p in self.processors:
-            logits = p.apply(logits)
+            if not (all_greedy and p.is_argmax_invariant()):  # cannot change an argmax: greedy rows skip it
+                logits = p.apply(logits)
         return logits
 
     def _diff(self, new: list[str], params, prompt_ids, output_ids) -> Optional[BatchUpdate]:
@@ -109,3 +148,121 @@ class LogitsProcessors:
                 rows[target], rows[at] = r, rows[target]
         self.rows = rows[:len(new)]
         return update
+
+
+# loading the classes ------------------------------------------------------------------------------------------
+_METHODS = ("apply", "is_argmax_invariant", "update_state")
+
+
+@dataclass(frozen=True)
+class ProcessorRef:
+    """A processor class by name: `module` + `qualname`, and the module's file for a core that cannot import
+    the module by name (a script's __main__, a test module on the front end's sys.path only)."""
+    module: str
+    qualname: str
+    file: Optional[str] = None
+
+    def __str__(self) -> str:
+        return f"{self.module}:{self.qualname}"
+
+    def load(self) -> type:
+        mod = None
+        if self.module != "__main__":
+            try:
+                mod = importlib.import_module(self.module)
+            except ImportError:
+                if self.file is None:
+                    raise
+        if mod is None:
+            mod = _module_from_file(self.file, self.module)
+        obj: Any = mod
+        for part in self.qualname.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+
+def _module_from_file(path: Optional[str], name: str):
+    if path is None:
+        raise ImportError(f"cannot import {name!r}")
+    # a private name: the file's `if __name__ == "__main__":` block does not run (as multiprocessing's spawn)
+    alias = f"_pageport_lp_{hashlib.sha1(path.encode()).hexdigest()[:12]}"
+    mod = sys.modules.get(alias)
+    if mod is None:
+        spec = importlib.util.spec_from_file_location(alias, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load {path}")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[alias] = mod
+        try:
+            spec.loader.exec_module(mod)
+        except BaseException:
+            sys.modules.pop(alias, None)
+            raise
+    return mod
+
+
+def processor_ref(entry) -> ProcessorRef:
+    """A class, "module:Class", "module.Class" or a ProcessorRef -> a ProcessorRef whose class loads here.
+    ValueError naming logits_processors when it does not, or is not a logits processor."""
+    if isinstance(entry, ProcessorRef):
+        ref = entry
+    elif isinstance(entry, type):
+        mod = sys.modules.get(entry.__module__)
+        ref = ProcessorRef(entry.__module__, entry.__qualname__, getattr(mod, "__file__", None))
+    elif isinstance(entry, str) and entry.strip():
+        text = entry.strip()
+        if ":" in text:
+            module, _, qualname = text.rpartition(":")
+        else:
+            module, _, qualname = text.rpartition(".")
+        if not module or not qualname:
+            raise ValueError(f"logits_processors: {entry!r} is not 'module:Class' or 'module.Class'")
+        ref = ProcessorRef(module, qualname)
+    else:
+        raise ValueError(f"logits_processors entries must be LogitsProcessor classes or 'module:Class' names, "
+                         f"got {entry!r}")
+    try:
+        cls = ref.load()
+    except Exception as e:  # noqa: BLE001 - reported as this option's fault
+        raise ValueError(f"logits_processors: cannot load {str(ref)!r}: {type(e).__name__}: {e}") from None
+    check_processor_class(cls, str(ref))
+    return ref
+
+
+def check_processor_class(cls, name: str) -> None:
+    if not isinstance(cls, type) or any(not callable(getattr(cls, m, None)) for m in _METHODS):
+        raise ValueError(f"logits_processors: {name} is not a logits processor class (vLLM's interface: "
+                         f"{', '.join(_METHODS)}; subclass pageport.core.logits_processors.LogitsProcessor)")
+    if "<locals>" in getattr(cls, "__qualname__", ""):
+        raise ValueError(f"logits_processors: {name} is defined inside a function; the engine core loads "
+                         "classes by name, so define it at module level")
+
+
+def processor_refs(entries) -> Optional[list[ProcessorRef]]:
+    """EngineConfig.logits_processors, checked and made transportable (None when there are none)."""
+    if not entries:
+        return None
+    if isinstance(entries, (str, type)):
+        entries = [entries]
+    return [processor_ref(e) for e in entries]
+
+
+def processor_classes(refs) -> list[type]:
+    return [r.load() for r in (refs or ())]
+
+
+def build_logits_processors(config, device) -> Optional[LogitsProcessors]:
+    """The engine core's LogitsProcessors for `config.logits_processors` (None without any)."""
+    refs = getattr(config, "logits_processors", None)
+    if not refs:
+        return None
+    pin = device.type == "cuda" and torch.cuda.is_available()
+    return LogitsProcessors(processor_classes(refs), config, device, pin)
+
+
+def needs_host_state(params: SamplingParams, has_processors: bool) -> bool:
+    """A request whose every step must see its output ids up to date on the host (no step of it in flight):
+    a bad word of several tokens is matched against the last ones; custom processors read them, for the
+    requests that configure them (extra_args)."""
+    from pageport.core.structured_output.token_masks import needs_history
+    return (has_processors and bool(params.extra_args)) or needs_history(params)

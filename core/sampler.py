@@ -1,7 +1,8 @@
 """Batched sampling on the logits' device.
 
 Order (as in vLLM): logprobs from the raw logits in float32 (log_softmax) before any processing; then
-logit bias; min_tokens (stop tokens masked); penalties (repetition over prompt + output, frequency,
+allowed_token_ids and bad_words (`structured_output.token_masks`); the engine's custom logits processors
+(`Sampler.logits_processors`, vLLM's batch-level interface); logit bias; min_tokens (stop tokens masked); penalties (repetition over prompt + output, frequency,
 presence); temperature; min_p; top-k; top-p; then the draw: argmax for greedy requests
 (temperature < 1e-5), otherwise argmax(probs / Exponential(1) noise), which needs no host sync. Requests
 with a seed draw their noise from their own ``torch.Generator`` (``request.generator``, created lazily on
@@ -23,6 +24,7 @@ import torch
 
 from pageport.core.outputs import Logprob
 from pageport.core.request import Request
+from pageport.core.structured_output.token_masks import apply_token_rules, has_token_rules
 
 _NEG_INF = float("-inf")
 
@@ -181,6 +183,7 @@ def _logprob_dicts(logprobs: torch.Tensor, token_ids: torch.Tensor, ks: Sequence
     (rank = number of tokens at least as likely, as in vLLM) and the row's top-k (rank = position)."""
     token_lp = logprobs.gather(1, token_ids.unsqueeze(1))
     ranks = (logprobs >= token_lp).sum(dim=-1)
+    ks = [logprobs.shape[-1] if k < 0 else k for k in ks]  # -1: the whole vocabulary
     max_k = max(ks, default=0)
     if max_k > 0:
         top_lp, top_ids = logprobs.topk(min(max_k, logprobs.shape[-1]), dim=-1)
@@ -211,6 +214,10 @@ def prompt_logprobs(logits: torch.Tensor, next_token_ids: torch.Tensor, k: int) 
 class Sampler:
     """``Sampler()(logits [B, V], requests)``: row i of the logits belongs to requests[i]."""
 
+    # the engine's custom processors (core.logits_processors.LogitsProcessors), set by the engine core; they
+    # are told every sampling step's batch, in row order
+    logits_processors = None
+
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         assert logits.dim() == 2 and logits.shape[0] == len(requests), (logits.shape, len(requests))
         batch, vocab_size = logits.shape
@@ -230,11 +237,22 @@ class Sampler:
         need_min_tok = any(min_tok)
         need_pen = any(p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
                        for p in params)
+        need_rules = any(has_token_rules(p) for p in params)
+        procs = self.logits_processors
+        if procs is not None:
+            procs.step_requests(requests)  # every step: processors follow the batch even when not applied
+            need_procs = procs.active(all(greedy))
+        else:
+            need_procs = False
 
-        if all(greedy) and not (need_bias or need_min_tok or need_pen):
+        if all(greedy) and not (need_bias or need_min_tok or need_pen or need_rules or need_procs):
             token_ids = raw.argmax(dim=-1)  # fast path
         else:
             work = raw.clone()
+            if need_rules:
+                apply_token_rules(work, requests)
+            if need_procs:
+                work = procs.apply(work, all(greedy))
             if need_bias:
                 work = apply_logit_bias(work, [p.logit_bias for p in params])
             if need_min_tok:

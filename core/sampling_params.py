@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Union
 
 _GREEDY_EPS = 1e-5
@@ -103,9 +103,13 @@ class SamplingParams:
     detokenize: bool = True
     truncate_prompt_tokens: Optional[int] = None  # keep only the prompt's last k tokens; -1: max_model_len
     structured_outputs: Optional[StructuredOutputsParams] = None
+    # per-request callables are refused, as in vLLM v1: processors are classes given to the engine
+    # (LLM(logits_processors=[...])) and configured per request through extra_args
     logits_processors: Optional[list[Any]] = None
     extra_args: Optional[dict[str, Any]] = None  # free-form, for plugins and custom logits processors
     output_kind: Union[RequestOutputKind, str] = RequestOutputKind.CUMULATIVE
+    # bad_words as token sequences, filled by the engine's front end from its tokenizer (vLLM's name)
+    _bad_words_token_ids: Optional[list[list[int]]] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -175,6 +179,10 @@ class SamplingParams:
             bad("structured_outputs", "must be a StructuredOutputsParams")
         if self.extra_args is not None and not isinstance(self.extra_args, dict):
             bad("extra_args", "must be a dict")
+        if self.logits_processors:
+            bad("logits_processors", "takes no per-request callables (as in vLLM v1, they cannot cross into the "
+                                     "engine core's process): give LogitsProcessor classes to "
+                                     "LLM(logits_processors=[...]) and configure them per request through extra_args")
         if self.stop and not self.detokenize:
             bad("stop", "needs detokenize=True (stop strings are matched in the text)")
 
@@ -216,3 +224,43 @@ def check_engine_features(params: SamplingParams, supported: frozenset) -> None:
     if missing:
         what = "logprobs=-1 (the whole vocabulary)" if missing[0] == "logprobs_all" else missing[0]
         raise ValueError(f"{what} is not applied by this engine yet; leave it out")
+
+
+def prepare_request(params: SamplingParams, prompt_token_ids: list[int], engine) -> list[int]:
+    """The front end's part of the options the engine core applies, before a request is sent: logprobs=-1
+    against max_logprobs, allowed_token_ids against the vocabulary, bad_words tokenized (vLLM's rule), the
+    engine's logits processors' `validate_params`, and truncate_prompt_tokens (the prompt's last k tokens are
+    kept). Returns the prompt token ids to run. ValueError naming the field for a value the engine cannot take."""
+    config = engine.config
+    vocab = engine.vocab_size
+    cap = getattr(config, "max_logprobs", 20)
+    for name in ("logprobs", "prompt_logprobs"):
+        if getattr(params, name) == -1 and 0 <= cap < vocab:
+            raise ValueError(f"{name}=-1 asks for the whole vocabulary ({vocab} tokens), more than max_logprobs="
+                             f"{cap}; start the engine with max_logprobs=-1 (no limit), as in vLLM")
+    if params.allowed_token_ids:
+        out = next((t for t in params.allowed_token_ids if not 0 <= t < vocab), None)
+        if out is not None:
+            raise ValueError(f"allowed_token_ids: token id {out} is out of the vocabulary [0, {vocab})")
+    if params.bad_words:
+        if engine.tokenizer is None:
+            raise ValueError("bad_words needs the model's tokenizer; this model has none")
+        from pageport.core.structured_output.token_masks import bad_words_token_ids
+        ids = bad_words_token_ids(engine.tokenizer, params.bad_words)
+        out = next((t for s in ids for t in s if not 0 <= t < vocab), None)
+        if out is not None:
+            raise ValueError(f"bad_words: a word tokenizes to id {out}, outside the vocabulary [0, {vocab})")
+        params._bad_words_token_ids = ids
+    for cls in getattr(engine, "logits_processor_classes", ()):
+        check = getattr(cls, "validate_params", None)
+        if check is not None:
+            check(params)
+    k = params.truncate_prompt_tokens
+    if k is not None:
+        if k == -1:
+            k = config.max_model_len
+        elif k > config.max_model_len:
+            raise ValueError(f"truncate_prompt_tokens={k} is more than max_model_len={config.max_model_len}")
+        if len(prompt_token_ids) > k:
+            prompt_token_ids = prompt_token_ids[-k:]
+    return prompt_token_ids

@@ -35,7 +35,7 @@ UNSUPPORTED = [
     ("--mm-processor-kwargs", (), True), ("--hf-overrides", (), True), ("--rope-scaling", (), True),
     ("--kv-transfer-config", (), True), ("--compilation-config", ("-O",), True),
     ("--max-seq-len-to-capture", (), True), ("--task", (), True), ("--runner", (), True),
-    ("--code-revision", (), True), ("--enable-sleep-mode", (), False), ("--logits-processors", (), "+"),
+    ("--code-revision", (), True), ("--enable-sleep-mode", (), False),
     ("--tool-parser-plugin", (), True), ("--chat-template-content-format", (), True),
     ("--response-role", (), True), ("--return-tokens-as-token-ids", (), False),
     ("--enable-prompt-tokens-details", (), False), ("--enable-force-include-usage", (), False),

@@ -222,9 +222,13 @@ def test_engine_features_are_checked():
     assert engine_features(Outer()) == {"bad_words"} and engine_features(object()) == frozenset()
 
 
-def test_llm_logits_processors_are_refused_until_the_engine_applies_them():
+def test_llm_logits_processors_are_checked_before_loading():
     from pageport import LLM
 
-    # (once the engine lists "logits_processors" in sampling_features, this becomes a test that they run)
-    with pytest.raises(ValueError, match="logits_processors are not applied by this engine yet"):
-        LLM(logits_processors=[object])  # refused before any model loads
+    # they run in tests/e2e/test_sampling_extras.py; what is not a processor class is refused before any model loads
+    with pytest.raises(ValueError, match="logits_processors: builtins:object is not a logits processor class"):
+        LLM(logits_processors=[object])
+    with pytest.raises(ValueError, match="logits_processors: cannot load 'no_such_module:Cls'"):
+        LLM(logits_processors=["no_such_module:Cls"])
+    with pytest.raises(ValueError, match="SamplingParams.logits_processors takes no per-request callables"):
+        SamplingParams(logits_processors=[lambda ids, logits: logits])  # vLLM v1 refuses them too
