@@ -51,6 +51,8 @@ class BertEmbeddings(nn.Module):
 
     def forward(self, input_ids, positions, token_type_ids):
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions + self.position_offset)
+        if self.token_type_embeddings.num_embeddings == 1:  # RoBERTa: one segment type, whatever the tokenizer says
+            token_type_ids = torch.zeros_like(token_type_ids)
         x = x + self.token_type_embeddings(token_type_ids)
         return self.LayerNorm(x)
 
