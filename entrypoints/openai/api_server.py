@@ -36,6 +36,7 @@ from pageport.entrypoints.openai.protocol import (ChatCompletionRequest, ChatCom
                                                    ErrorResponse, ModelList, TokenizeRequest, TokenizeResponse,
                                                    VersionResponse)
 from pageport.entrypoints.openai.limits import ServerLimits
+from pageport.entrypoints.openai.pooling import refuse_generation, register_pooling_routes
 from pageport.entrypoints.openai.responses import ResponsesRequest
 from pageport.entrypoints.openai.serving import OpenAIServing, ServingOptions, engine_dead_error
 
@@ -301,6 +302,7 @@ def build_app(engine: AsyncLLMEngine, served_model_names: Optional[list[str]] = 
 
     async def _respond(raw: Request, make, body):
         _alive()
+        refuse_generation(engine)  # a pooling model: only the pooling routes
         arrival = time.monotonic()
         if body.stream:
             gen = await make(body, arrival)
@@ -352,6 +354,8 @@ def build_app(engine: AsyncLLMEngine, served_model_names: Optional[list[str]] = 
         tok = serving._need_tokenizer()
         return {"prompt": await serving.in_tokenizer_thread(tok.decode, body.tokens)}
 
+    # /v1/embeddings, /pooling, /classify, /score, /rerank (entrypoints/openai/pooling.py)
+    app.state.pooling = register_pooling_routes(app, serving, _alive, _unless_disconnected, _POST_ERRORS)
     return app
 
 
