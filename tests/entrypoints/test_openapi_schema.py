@@ -35,7 +35,10 @@ def test_openapi_and_docs_are_served(schema_server):
     assert ops == {("/v1/completions", "post"), ("/v1/chat/completions", "post"), ("/v1/models", "get"),
                    ("/health", "get"), ("/version", "get"), ("/metrics", "get"), ("/tokenize", "post"),
                    ("/v1/responses", "post"),
-                   ("/detokenize", "post")}
+                   ("/detokenize", "post"),
+                   # the pooling routes (a 400 on this generation model)
+                   ("/v1/embeddings", "post"), ("/pooling", "post"), ("/classify", "post"), ("/score", "post"),
+                   ("/v1/score", "post"), ("/rerank", "post"), ("/v1/rerank", "post"), ("/v2/rerank", "post")}
     completions = spec["paths"]["/v1/completions"]["post"]
     assert set(completions["responses"]) == {"200", "400", "401", "404", "408", "413", "503"}  # no FastAPI 422
     assert set(completions["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
