@@ -27,7 +27,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: MoE configs completed from the file's expert metadata
 _TENSORS_FILE = "gguf_tensors.json"
 
 # llama.cpp tensor names -> Hugging Face names (Llama-family layout)
@@ -35,7 +35,13 @@ _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output
 _BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
           "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
           "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-          "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+          "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+          # MoE (Mixtral under arch "llama", qwen2moe, qwen3moe): the router, all experts of a layer stacked in one
+          # tensor [experts, rows, cols] (split per expert when read), Qwen2-MoE's shared expert and its gate
+          "ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.experts.gate_proj", "ffn_up_exps": "mlp.experts.up_proj",
+          "ffn_down_exps": "mlp.experts.down_proj", "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+          "ffn_up_shexp": "mlp.shared_expert.up_proj", "ffn_down_shexp": "mlp.shared_expert.down_proj",
+          "ffn_gate_inp_shexp": "mlp.shared_expert_gate"}
 # Gemma 2/3: four norms a layer; llama.cpp's ffn_norm is the pre-feedforward norm there
 _GEMMA_BLOCK = {**_BLOCK, "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
                 "post_ffw_norm": "post_feedforward_layernorm"}
@@ -103,8 +109,15 @@ class GGUFModel:
                 w = unpermute_rope(w, n_kv)
             elif self.arch in _GEMMA_ARCHS and name.endswith("norm.weight"):
                 w = w - 1.0
+            elif name.endswith("shared_expert_gate.weight"):
+                w = w.reshape(1, -1)  # llama.cpp keeps it 1-D ([hidden]); the model's is a [1, hidden] linear
             if not w.flags.writeable or not w.flags.c_contiguous:
                 w = np.array(w, dtype=np.float32, order="C")
+            if t.name.endswith("_exps.weight"):  # [experts, rows, cols] -> one tensor per expert
+                prefix, _, part = name.removesuffix(".weight").rpartition(".")
+                for e in range(w.shape[0]):
+                    yield f"{prefix}.{e}.{part}.weight", torch.from_numpy(w[e])
+                continue
             yield name, torch.from_numpy(w)
 
 
@@ -127,7 +140,8 @@ def _cache_dir(path: Path) -> Optional[Path]:
     return root / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-def _read_table(path: Path) -> tuple[str, list[TensorInfo]]:
+def _read_table(path: Path) -> tuple[str, list[TensorInfo], dict]:
+    """(architecture, tensor table, the MoE metadata `{arch}.expert_*` that transformers' config leaves out)."""
     from gguf import GGUFReader
 
     reader = GGUFReader(path)
@@ -135,7 +149,31 @@ def _read_table(path: Path) -> tuple[str, list[TensorInfo]]:
     arch = field.contents() if field is not None else "llama"
     tensors = [TensorInfo(t.name, int(t.tensor_type), t.data.dtype.str, list(t.data.shape), int(t.data_offset),
                           int(t.n_bytes)) for t in reader.tensors]
-    return arch, tensors
+    moe = {k.removeprefix(f"{arch}."): f.contents() for k, f in reader.fields.items()
+           if k.startswith(f"{arch}.expert_")}
+    return arch, tensors, moe
+
+
+def _moe_config(arch: str, moe: dict, hf_config):
+    """Complete transformers' config of a MoE GGUF from the file's expert metadata. transformers reads a Mixtral
+    file (llama.cpp writes it as arch "llama" with an expert count) as a dense Llama, and for qwen2moe / qwen3moe
+    it takes the expert and shared-expert sizes from its config defaults instead of the file."""
+    if not moe.get("expert_count"):
+        return hf_config
+    if arch == "llama":
+        from transformers import MixtralConfig
+
+        d = {k: v for k, v in hf_config.to_dict().items()
+             if k not in ("model_type", "architectures", "transformers_version")}
+        d.update(num_local_experts=moe["expert_count"], num_experts_per_tok=moe["expert_used_count"])
+        cfg = MixtralConfig(**d)
+        cfg.architectures = ["MixtralForCausalLM"]
+        return cfg
+    if "expert_feed_forward_length" in moe:
+        hf_config.moe_intermediate_size = moe["expert_feed_forward_length"]
+    if "expert_shared_feed_forward_length" in moe:
+        hf_config.shared_expert_intermediate_size = moe["expert_shared_feed_forward_length"]
+    return hf_config
 
 
 def open_gguf(path: Path, tokenizer: bool = True, trust_remote_code: bool = False) -> GGUFModel:
@@ -158,9 +196,9 @@ def open_gguf(path: Path, tokenizer: bool = True, trust_remote_code: bool = Fals
             logger.warning("ignoring the GGUF cache at %s: %s", cache, e)
             shutil.rmtree(cache, ignore_errors=True)
 
-    arch, tensors = _read_table(path)
+    arch, tensors, moe = _read_table(path)
     kw = dict(gguf_file=path.name, trust_remote_code=trust_remote_code)
-    hf_config = AutoConfig.from_pretrained(path.parent, **kw)
+    hf_config = _moe_config(arch, moe, AutoConfig.from_pretrained(path.parent, **kw))
     tok = None
     if tokenizer or cache is not None:  # the cache entry holds the tokenizer too, whether asked for now or not
         try:
