@@ -2,6 +2,12 @@
 real weights (CPU): KL(bf16 || quantized) of the next-token distributions over held-out text, and top-1 agreement.
 Writes benchmarks/results/quant_accuracy_cpu.json.
 
+The in-run schemes are what llm-compressor's calibration-free recipes produce (FP8_DYNAMIC; W8A8 without its
+SmoothQuant step): per-channel weights, dynamic per-token activations, lm_head / embeddings left dense. Its W8A8
+int8 recipe also smooths activations first (SmoothQuantModifier, smoothing_strength 0.8: q/k/v <- input_layernorm,
+gate/up <- post_attention_layernorm); `*+smoothquant` applies that transform to the dense model with activation
+maxima from CALIB (a text disjoint from the held-out TEXT), then the same in-run quantization and kernels.
+
     python benchmarks/quant_accuracy.py [--out PATH]
 """
 from __future__ import annotations
@@ -28,6 +34,62 @@ TEXT = (
     "the air is fixed into sugars. To sort a list efficiently, merge sort divides it into halves, sorts each half "
     "recursively and then merges the two sorted halves in linear time, giving n log n comparisons in the worst case."
 )
+
+# calibration text for SmoothQuant's activation maxima (never the held-out TEXT)
+CALIB = (
+    "The old railway station had been closed for twenty years before the town council decided to turn it into a "
+    "library. Volunteers scraped the paint from the iron pillars, repaired the glass roof and built shelves along "
+    "the platforms where passengers once waited. Children now read under the departure boards, which still show "
+    "the last trains that left. A recipe for bread needs only flour, water, salt and yeast. Mix them, knead the "
+    "dough for ten minutes, let it rise until it doubles, shape it, let it rise again and bake it in a hot oven "
+    "until the crust is brown and the loaf sounds hollow when tapped. The French Revolution began in 1789 with the "
+    "storming of the Bastille and ended a decade later when Napoleon seized power. It abolished feudal privileges, "
+    "proclaimed the rights of man and reshaped the map of Europe. In Python, a dictionary maps keys to values; "
+    "looking up a key takes constant time on average because the keys are stored in a hash table. "
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))\n"
+    "User: What is the tallest mountain in Africa?\nAssistant: Mount Kilimanjaro in Tanzania, at about 5,895 metres. "
+    "Glaciers carve valleys as they move, grinding rock beneath them and leaving moraines of gravel and boulders "
+    "when they retreat. Volcanoes form where magma rises through the crust, at the edges of tectonic plates or over "
+    "hot spots such as the one beneath Hawaii. The stock market fell sharply on Monday after the central bank raised "
+    "interest rates by half a percentage point, its largest increase in two decades."
+)
+
+
+@torch.no_grad()
+def smoothquant(model, calib_ids: list[int], alpha: float = 0.8) -> None:
+    """SmoothQuant on a dense Llama-family model, in place: for each norm -> linear pair, s_j = max|x_j|^alpha /
+    max|W_:,j|^(1 - alpha) over the calibration activations x; the norm's weight is divided by s and the linear's
+    input columns multiplied by it (the product is unchanged; the activations' outlier channels shrink)."""
+    pairs = [(layer.input_layernorm, layer.self_attn.qkv_proj) for layer in model.model.layers]
+    pairs += [(layer.post_attention_layernorm, layer.mlp.gate_up_proj) for layer in model.model.layers]
+    amax, hooks = {}, []
+    for _, linear in pairs:
+        def hook(mod, args):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1]).abs().amax(0)
+            amax[mod] = torch.maximum(amax[mod], x) if mod in amax else x
+        hooks.append(linear.register_forward_pre_hook(hook))
+    prefill_logits(model, calib_ids)
+    for h in hooks:
+        h.remove()
+    for norm, linear in pairs:
+        w = linear.weight.data.float()
+        s = (amax[linear].clamp_min(1e-5).pow(alpha) / w.abs().amax(0).clamp_min(1e-5).pow(1 - alpha)).clamp_min(1e-5)
+        norm.weight.data.copy_((norm.weight.data.float() / s).to(norm.weight.dtype))
+        linear.weight.data.copy_((w * s).to(linear.weight.dtype))
+
+
+def quantize_in_place(model, dtype: torch.dtype, platform) -> None:
+    """The in-run W8A8 method (per-channel weights, dynamic per-token activations) on an already loaded dense
+    model's linears (LM head and embeddings stay dense, as in the in-run path)."""
+    from pageport.models.layers import LinearBase
+    from pageport.models.quantization.methods import OnlineW8A8LinearMethod, W8A8Scheme
+
+    for module in model.modules():
+        if isinstance(module, LinearBase):
+            method = OnlineW8A8LinearMethod(W8A8Scheme(dtype, "channel"))
+            method.ops = platform.ops
+            method.process_weights(module)
+            module.quant_method = method
 
 
 def prefill_logits(model, ids: list[int]) -> torch.Tensor:
@@ -70,14 +132,26 @@ def main() -> None:
     results = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to bf16)", "tokens": len(ids),
                "reference": "the same weights, dense bf16", "machine": platform.processor() or platform.machine(),
                "threads": torch.get_num_threads(), "schemes": {}}
-    for q in ("fp8", "w8a8", "w4a16", "gguf"):
+    calib_ids = base.tokenizer(CALIB)["input_ids"]
+    results["calibration_tokens"] = len(calib_ids)
+
+    def smoothed(dtype):
+        model = load(None).model
+        smoothquant(model, calib_ids, 0.8)
+        quantize_in_place(model, dtype, plat)
+        return model
+
+    schemes = {q: (lambda q=q: load(q).model) for q in ("fp8", "w8a8", "w4a16", "gguf")}
+    schemes["w8a8+smoothquant"] = lambda: smoothed(torch.int8)
+    schemes["fp8+smoothquant"] = lambda: smoothed(torch.float8_e4m3fn)
+    for q, make in schemes.items():
         t0 = time.perf_counter()
-        lp = prefill_logits(load(q).model, ids).log_softmax(-1)
-        kl = (ref.exp() * (ref - lp)).sum(-1)
+        lp = prefill_logits(make(), ids).log_softmax(-1)
+        kl = (ref.exp() * (ref - lp)).sum(-1)  # KL(bf16 || quantized) per token, then the mean
         results["schemes"][q] = {"kl_mean": kl.mean().item(), "kl_p95": kl.quantile(0.95).item(),
                                  "top1_agreement": (ref.argmax(-1) == lp.argmax(-1)).float().mean().item(),
                                  # the goal names FP8 and W8A8 only
-                                 "goal_kl_le_0.01": kl.mean().item() <= 0.01 if q in ("fp8", "w8a8") else None,
+                                 "goal_kl_le_0.01": kl.mean().item() <= 0.01 if q.startswith(("fp8", "w8a8")) else None,
                                  "seconds": round(time.perf_counter() - t0, 1)}
         print(q, results["schemes"][q])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
