@@ -69,13 +69,38 @@ def prepare_pooling_prompt(engine, prompt, params: PoolingParams) -> tuple[Optio
 def add_pooling_request(engine, request_id: Optional[str], prompt, params, priority: int = 0,
                         arrival_time: Optional[float] = None, owner: Optional[str] = None) -> str:
     """LLMEngine.add_request for a pooling model (or PoolingParams): queue it, return its internal id."""
-    from pageport.core.engine import _Group
+    _refuse_sampling(params)
+    text, token_ids, params = prepare_pooling_prompt(engine, prompt, params)
+    core_request = _register(engine, request_id, text, token_ids, params, priority, arrival_time, owner)
+    engine.client.add([core_request])
+    return core_request.request_id
 
+
+def add_pooling_requests(engine, items: Sequence[tuple[Optional[str], object, PoolingParams]],
+                         priority: int = 0) -> list[str]:
+    """Queue many (label, prompt, params) at once: all are checked before any is queued, and they reach the core in
+    one message, so its first step already sees a full batch."""
+    for _, _, params in items:
+        _refuse_sampling(params)
+    prepared = [(label, *prepare_pooling_prompt(engine, prompt, params)) for label, prompt, params in items]
+    arrival = time.monotonic()
+    core_requests = [_register(engine, label, text, ids, params, priority, arrival, None)
+                     for label, text, ids, params in prepared]
+    engine.client.add(core_requests)
+    return [r.request_id for r in core_requests]
+
+
+def _refuse_sampling(params) -> None:
     if not isinstance(params, PoolingParams):
         raise ValueError("this is a pooling model (runner='pooling'): it embeds, classifies and scores, it does not "
                          "generate text; use LLM.embed / classify / score / encode, or the server's /v1/embeddings, "
                          "/classify, /score and /rerank routes")
-    text, token_ids, params = prepare_pooling_prompt(engine, prompt, params)
+
+
+def _register(engine, request_id, text, token_ids, params, priority, arrival_time, owner) -> CoreRequest:
+    """The request's records in the front end (as LLMEngine.add_request keeps them); returns what the core gets."""
+    from pageport.core.engine import _Group
+
     gid = str(next(engine._ids))
     label = gid if request_id is None else str(request_id)
     arrival = time.monotonic() if arrival_time is None else arrival_time
@@ -84,14 +109,13 @@ def add_pooling_request(engine, request_id: Optional[str], prompt, params, prior
     child.pooling_params = params
     child.pooled = None
     child.detokenizer = IncrementalDetokenizer(None, _NO_SAMPLING, token_ids)
-    engine.client.add([CoreRequest(gid, token_ids, pickle.dumps(params), None, arrival, priority, None, owner)])
     group = _Group(gid, label, text, token_ids, [child])
     engine.groups[gid] = group
     engine._labels.setdefault(label, set()).add(gid)
     child.group = group
     child.status = RequestStatus.WAITING
     engine.requests[gid] = child
-    return gid
+    return CoreRequest(gid, token_ids, pickle.dumps(params), None, arrival, priority, None, owner)
 
 
 def pooling_output(out: RequestOutput, req: Request) -> PoolingRequestOutput:
@@ -138,14 +162,17 @@ class PoolingAPI:
         plist = [params] * len(prompts) if isinstance(params, PoolingParams) else list(params)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} pooling params")
-        ids = []
-        try:
-            for prompt, p in zip(prompts, plist):
-                ids.append(self.engine.add_request(f"{what}-{next(self._ids)}", prompt, p))
-        except Exception:
-            self.engine.abort_request(ids)  # all or nothing
-            self._drain()
-            raise
+        # longest first, as sentence-transformers batches: each step's sequences are of similar length, so little
+        # of the attention is padding (the outputs come back in the prompts' order)
+        prepared = [prepare_pooling_prompt(self.engine, prompt, p) for prompt, p in zip(prompts, plist)]
+        order = sorted(range(len(prompts)), key=lambda i: -len(prepared[i][1]))
+        items = [(f"{what}-{next(self._ids)}", {"prompt": prepared[i][0], "prompt_token_ids": prepared[i][1],
+                                                "token_type_ids": prepared[i][2].token_type_ids}, prepared[i][2])
+                 for i in order]
+        sorted_ids = add_pooling_requests(self.engine, items)
+        ids = [None] * len(prompts)
+        for i, rid in zip(order, sorted_ids):
+            ids[i] = rid
         done: dict[str, PoolingRequestOutput] = {}
         wanted = set(ids)
         bar = tqdm(total=len(ids), desc=f"Processed prompts ({what})", disable=not use_tqdm or len(ids) < 2,

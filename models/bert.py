@@ -104,8 +104,7 @@ class BertLayer(nn.Module):
     def forward(self, x: torch.Tensor, batch: "_Ragged") -> torch.Tensor:
         a = self.attention
         sa = a.self
-        q, k, v = sa.qkv(x).view(-1, 3, sa.num_heads, sa.head_size).unbind(1)
-        ctx = batch.attend(q, k, v)
+        ctx = batch.attend(sa.qkv(x).view(-1, 3, sa.num_heads, sa.head_size))
         x = a.output.LayerNorm(a.output.dense(ctx) + x)
         h = self.intermediate.act(self.intermediate.dense(x))
         return self.output.LayerNorm(self.output.dense(h) + x)
@@ -125,18 +124,18 @@ class _Ragged:
             self.index = within.reshape(-1).nonzero().squeeze(1)  # packed token -> padded slot
             self.mask = within[:, None, None, :]  # [B, 1, 1, L]: which keys each query may see
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q, k, v [T, heads, d] -> [T, heads * d]."""
-        t, h, d = q.shape
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv [T, 3, heads, d] -> [T, heads * d]. One scatter moves q, k and v into the padded layout at once."""
+        _, _, h, d = qkv.shape
         b, n = self.num, self.max_len
-        if self.uniform:
-            qp, kp, vp = (x.view(b, n, h, d).transpose(1, 2) for x in (q, k, v))
-            mask = None
-        else:
-            qp, kp, vp = (x.new_zeros(b * n, h, d).index_copy_(0, self.index, x).view(b, n, h, d).transpose(1, 2)
-                          for x in (q, k, v))
+        mask = None
+        if not self.uniform:
+            # zeros, not garbage, in the padding: a masked key's weight is 0, and 0 * NaN would still be NaN
+            qkv = qkv.new_zeros(b * n, 3, h, d).index_copy_(0, self.index, qkv)
             mask = self.mask
-        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask)  # [B, h, L, d]
+        qkv = qkv.view(b, n, 3, h, d)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [B, h, L, d] views
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.transpose(1, 2).reshape(b * n, h * d)
         return out if self.uniform else out.index_select(0, self.index)
 
