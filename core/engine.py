@@ -41,6 +41,7 @@ class _Group:
     prompt_token_ids: list[int]
     children: list[Request]
     error: Optional[str] = None
+    final_only: bool = False  # one output, when it finishes (nothing is assembled before)
 
 
 @dataclass
@@ -159,7 +160,7 @@ class LLMEngine:
             core_reqs.append(CoreRequest(cid, token_ids, pickle.dumps(p), self.eos_token_id, arrival, priority,
                                          cache_salt, owner, gate))
         self.client.add(core_reqs)
-        group = _Group(gid, label, text, token_ids, children)
+        group = _Group(gid, label, text, token_ids, children, final_only=params.output_kind == "final_only")
         self.groups[gid] = group
         self._labels.setdefault(label, set()).add(gid)
         for child in children:
@@ -208,7 +209,8 @@ class LLMEngine:
                 if gid in self.groups:
                     touched[gid] = self.groups[gid]
             self._reported.clear()
-        return [self._output(g) for g in touched.values()]
+        return [self._output(g) for g in touched.values()
+                if not g.final_only or g.error is not None or all(c.is_finished for c in g.children)]
 
     def _update(self, req: Request, o, now: float) -> None:
         if o.num_cached_tokens >= 0:

@@ -11,7 +11,7 @@ from pageport.core.config import EngineConfig
 from pageport.core.engine import LLMEngine, PromptType
 from pageport.core.outputs import RequestOutput
 from pageport.core.pooling_engine import PoolingAPI
-from pageport.core.sampling_params import SamplingParams
+from pageport.core.sampling_params import RequestOutputKind, SamplingParams
 
 Conversation = list[dict[str, Any]]
 
@@ -61,6 +61,10 @@ class LLM(PoolingAPI):  # embed / classify / score / encode / reward: core/pooli
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        # only finished outputs are returned: the engine need not assemble the ones in between (as vLLM's LLM)
+        final = {id(p): p.clone(output_kind=RequestOutputKind.FINAL_ONLY) for p in params
+                 if p.output_kind == "cumulative"}
+        params = [final.get(id(p), p) for p in params]
         ids = []
         try:
             for prompt, p in zip(prompts, params):

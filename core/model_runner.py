@@ -57,7 +57,7 @@ class InputBatch:
 
     def __init__(self, max_rows: int, max_blocks: int):
         self.block_table = np.zeros((max_rows, max_blocks), dtype=np.int32)
-        self.num_blocks = np.zeros(max_rows, dtype=np.int32)
+        self.num_blocks = [0] * max_rows  # a list: numpy scalar reads cost more than the work they guard
         self.adapter_index = np.zeros(max_rows, dtype=np.int32)  # per-row adapter (0 = the base model)
         self.row_of: dict[str, int] = {}
         self._free = list(range(max_rows - 1, -1, -1))
@@ -69,7 +69,7 @@ class InputBatch:
             row = self._free.pop()
             self.row_of[req.request_id] = row
             self.num_blocks[row] = 0
-        have, now = int(self.num_blocks[row]), len(blocks)
+        have, now = self.num_blocks[row], len(blocks)
         if now != have:
             if now < have:  # the request was preempted and came back: rebuild
                 have = 0

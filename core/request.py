@@ -38,6 +38,7 @@ class Request:
         self.owner = owner if owner is not None else request_id  # fair scheduling shares seats among owners
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(self.prompt_token_ids)
         self.token_ids = list(prompt_token_ids)  # prompt + output, grows as tokens are sampled
         self.params = params
         self.eos_token_id = eos_token_id
@@ -81,10 +82,6 @@ class Request:
         self.detokenizer: Any = None  # set by the engine
 
     # sizes ------------------------------------------------------------------------
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)

@@ -18,6 +18,8 @@ import bisect
 import collections
 import time
 from dataclasses import dataclass, field
+from typing import Optional
+
 from pageport.core.kv_cache import KVCacheManager
 from pageport.core.request import Request, RequestStatus
 
@@ -25,11 +27,12 @@ from pageport.core.request import Request, RequestStatus
 class ScheduledRequest:
     __slots__ = ("request", "num_tokens", "samples")
 
-    def __init__(self, request: Request, num_tokens: int):
+    def __init__(self, request: Request, num_tokens: int, samples: Optional[bool] = None):
         self.request = request
         self.num_tokens = num_tokens  # tokens computed this step, starting at request.num_computed_tokens
         # this step reaches the end of the known (and pending) tokens, so its last logits give a new token
-        self.samples = request.num_computed_tokens + num_tokens == request.num_total_tokens
+        self.samples = (request.num_computed_tokens + num_tokens == request.num_total_tokens
+                        if samples is None else samples)
 
 
 @dataclass
@@ -148,13 +151,17 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         short = False  # blocks ran out
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            if self._at_limit(req):
+        running, allocate, scheduled = self.running, self.kv.allocate_slots, out.scheduled
+        while i < len(running) and budget > 0:  # per running request: keep this loop lean
+            req = running[i]
+            if req.num_pending and self._at_limit(req):
                 i += 1
                 continue
-            n = min(req.num_total_tokens - req.num_computed_tokens, budget)
-            while not self.kv.allocate_slots(req, n):
+            total = len(req.token_ids) + req.num_pending
+            n = total - req.num_computed_tokens
+            if n > budget:
+                n = budget
+            while not allocate(req, n):
                 short = True
                 victim = self._preempt_victim(i)
                 self._preempt(victim)
@@ -162,7 +169,7 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(req, n))
+                scheduled.append(ScheduledRequest(req, n, req.num_computed_tokens + n == total))
                 budget -= n
                 i += 1
         if short:  # nothing new joins a step that had to preempt for blocks

@@ -48,15 +48,17 @@ small|small-async)
     --num-iters 5 --num-iters-warmup 2 ;;
 steps)  # decode-only steps of 256 rows and of 1 row, with the step profile
   ckpt llama-3.2-1b /tmp/llama1b
-  bench decode_1b_b256 throughput --model /tmp/llama1b --dtype bfloat16 --input-len 128 --output-len 512 \
-    --num-prompts 256 --profile-step
+  PAGEPORT_CORE_PROFILE=/tmp/pp/core_b256.prof bench decode_1b_b256 throughput --model /tmp/llama1b --dtype bfloat16 \
+    --input-len 128 --output-len 512 --num-prompts 256 --profile-step
+  python3 -c "import pstats; pstats.Stats('/tmp/pp/core_b256.prof').sort_stats('tottime').print_stats(25)" \
+    2>/dev/null | tail -32 | cut -c1-150
   bench decode_1b_b1 throughput --model /tmp/llama1b --dtype bfloat16 --input-len 128 --output-len 256 \
     --num-prompts 1 --profile-step ;;
 big)
-  ckpt llama-3.1-8b /tmp/llama8b
-  bench tp_8b throughput --model /tmp/llama8b $TP --num-prompts 1000 --profile-step
-  bench lat_8b_bs1 latency --model /tmp/llama8b --dtype bfloat16 --batch-size 1 --input-len 128 --output-len 128 \
-    --num-iters 5 --num-iters-warmup 2 ;;
+  mkdir -p /tmp/llama8b_cfg && cp benchmarks/configs/llama-3.1-8b.json /tmp/llama8b_cfg/config.json  # random weights
+  bench tp_8b throughput --model /tmp/llama8b_cfg --load-format dummy $TP --num-prompts 1000 --profile-step
+  bench lat_8b_bs1 latency --model /tmp/llama8b_cfg --load-format dummy --dtype bfloat16 --batch-size 1 \
+    --input-len 128 --output-len 128 --num-iters 5 --num-iters-warmup 2 ;;
 serve)
   ckpt llama-3.2-1b /tmp/llama1b_tok 49152
   cp .gpu/tok/* /tmp/llama1b_tok/ 2>/dev/null

@@ -60,9 +60,11 @@ class KVCacheManager:
 
     def allocate_slots(self, req: Request, num_new_tokens: int, computed: list[Block] = ()) -> bool:
         """Make room for num_new_tokens more tokens after the computed ones; False if blocks ran out."""
-        blocks = self.req_blocks.setdefault(req.request_id, [])
+        blocks = self.req_blocks.get(req.request_id)
         bs = self.block_size
-        if not computed:  # the common decode step: room in the last block, no block newly full
+        if blocks is None:
+            blocks = self.req_blocks[req.request_id] = []
+        elif not computed:  # the common decode step: room in the last block, no block newly full
             num_tokens = req.num_computed_tokens + num_new_tokens
             if num_tokens <= len(blocks) * bs and (not self.enable_caching or min(num_tokens, len(req.token_ids))
                                                    // bs <= self.num_cached_blocks.get(req.request_id, 0)):
