@@ -16,6 +16,7 @@ import enum
 import hashlib
 import importlib
 import importlib.util
+import os
 import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -193,6 +194,9 @@ def _module_from_file(path: Optional[str], name: str):
             raise ImportError(f"cannot load {path}")
         mod = importlib.util.module_from_spec(spec)
         sys.modules[alias] = mod
+        folder = os.path.dirname(os.path.abspath(path))
+        if folder not in sys.path:  # its sibling modules import as they do when the file runs as a script
+            sys.path.append(folder)
         try:
             spec.loader.exec_module(mod)
         except BaseException:

@@ -305,6 +305,12 @@ class OpenAIServing:
             check_engine_features(params, self.features)
         except ValueError as e:
             raise bad_request(str(e), features_used(params)[0], "unsupported_parameter") from None
+        # the engine's custom logits processors read their settings from vllm_xargs (extra_args)
+        for cls in getattr(getattr(self.engine, "engine", self.engine), "logits_processor_classes", ()):
+            try:
+                getattr(cls, "validate_params", lambda p: None)(params)
+            except ValueError as e:
+                raise bad_request(str(e), "vllm_xargs") from None
         return params
 
     async def _start(self, prompts: list[_Prompt], params: SamplingParams, base_id: str, req,
