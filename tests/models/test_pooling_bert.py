@@ -70,7 +70,9 @@ def test_minilm_equals_sentence_transformers(minilm):
 
 
 def test_batch_gives_the_same_vectors_as_alone(minilm):
+    steps = minilm.engine.core_stats().num_steps
     together = torch.tensor([o.outputs.embedding for o in minilm.embed(SENTENCES, use_tqdm=False)])
+    assert minilm.engine.core_stats().num_steps == steps + 1  # one scheduler step ran all of them
     alone = torch.tensor([minilm.embed(s, use_tqdm=False)[0].outputs.embedding for s in SENTENCES])
     assert torch.allclose(together, alone, atol=2e-6), (together - alone).abs().max()
     # token ids, and an order that puts the longest prompt first
