@@ -111,3 +111,101 @@ def test_validate_params():
     lp.validate(SamplingParams(extra_args={"target_token": 3}))
     with pytest.raises(ValueError, match="target_token"):
         lp.validate(SamplingParams(extra_args={"target_token": "x"}))
+
+
+# the engine's side: classes by name across the process boundary, live output lists, the sampler, the front end
+def test_processor_refs_load_by_name_or_from_a_file(tmp_path):
+    from pageport.core.logits_processors import ProcessorRef, processor_ref, processor_refs
+
+    ref = processor_ref(ForceToken)
+    assert ref.qualname == "ForceToken" and ref.load() is ForceToken
+    assert processor_ref(f"{ForceToken.__module__}:ForceToken").load() is ForceToken
+    assert processor_ref(f"{ForceToken.__module__}.ForceToken").load() is ForceToken
+    assert processor_refs(None) is None
+    # a script's class: loaded from its file under another name, its __main__ block not run
+    script = tmp_path / "my_script.py"
+    script.write_text("import pageport.core.logits_processors as lp\n"
+                      "class Mine(lp.LogitsProcessor):\n"
+                      "    def apply(self, logits): return logits\n"
+                      "    def is_argmax_invariant(self): return True\n"
+                      "    def update_state(self, update): pass\n"
+                      "if __name__ == '__main__':\n"
+                      "    raise SystemExit('the script ran')\n")
+    cls = ProcessorRef("__main__", "Mine", str(script)).load()
+    assert cls.__name__ == "Mine" and cls.__module__.startswith("_pageport_lp_")
+    assert ProcessorRef("no_such_module_here", "Mine", str(script)).load() is cls  # the name fails: the file
+    for bad, match in [(object, "not a logits processor class"), ("nomodule", "not 'module:Class'"), (3, "entries")]:
+        with pytest.raises(ValueError, match=f"logits_processors.*{match}"):
+            processor_ref(bad)
+
+
+class _Req:
+    def __init__(self, rid, prompt, params):
+        self.request_id, self.params = rid, params
+        self.prompt_token_ids, self.token_ids = list(prompt), list(prompt)
+        self.num_prompt_tokens = len(prompt)
+
+
+def test_step_requests_hands_processors_live_output_lists():
+    lp = LogitsProcessors([ForceToken])
+    a, b = _Req("a", [1, 2], SamplingParams()), _Req("b", [3], SamplingParams())
+    lp.step_requests([a, b])
+    held = {i: out for i, _, _, out in lp.processors[0].updates[-1].added}
+    a.token_ids += [7]
+    b.token_ids += [8, 9]
+    lp.step_requests([b, a])  # reordered: a swap, and the same lists, grown
+    assert held == {0: [7], 1: [8, 9]}
+    lp.step_requests([b])
+    assert set(lp._outputs) == {"b"}  # a left the batch: its list is dropped
+
+
+def test_sampler_applies_rules_and_processors_after_raw_logprobs():
+    from pageport.core.request import Request
+    from pageport.core.sampler import Sampler
+
+    sampler = Sampler()
+    sampler.logits_processors = LogitsProcessors([ForceToken])
+    logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(0))
+    allowed = [5, 9, 11]
+    reqs = [Request("r0", [1], SamplingParams(temperature=0, allowed_token_ids=allowed, logprobs=-1), None),
+            Request("r1", [1], SamplingParams(temperature=0, extra_args={"target_token": 4}), None),
+            Request("r2", [1], SamplingParams(temperature=0, _bad_words_token_ids=[[int(logits[2].argmax())]]),
+                    None)]
+    out = sampler(logits.clone(), reqs)
+    tokens = out.token_ids.tolist()
+    assert tokens[0] == allowed[int(logits[0, allowed].argmax())]
+    assert tokens[1] == 4
+    second = logits[2].clone()
+    second[logits[2].argmax()] = float("-inf")
+    assert tokens[2] == int(second.argmax())
+    raw = torch.log_softmax(logits[0], dim=-1)  # vLLM's default: logprobs of the raw logits
+    assert len(out.logprobs[0]) == VOCAB
+    assert torch.allclose(torch.tensor([out.logprobs[0][t].logprob for t in range(VOCAB)]), raw, atol=1e-5)
+
+
+def test_prepare_request_checks_against_the_engine():
+    from types import SimpleNamespace
+
+    from pageport.core.sampling_params import prepare_request
+
+    class Tok:
+        def encode(self, text, add_special_tokens=False):
+            return {"bad": [7], " bad": [8], "two words": [3, 4], " two words": [5, 4]}[text]
+
+    engine = SimpleNamespace(config=SimpleNamespace(max_logprobs=20, max_model_len=10), vocab_size=VOCAB,
+                             tokenizer=Tok(), logits_processor_classes=[ForceToken])
+    with pytest.raises(ValueError, match="logprobs=-1 .* max_logprobs=20"):
+        prepare_request(SamplingParams(logprobs=-1), [1], engine)
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        prepare_request(SamplingParams(allowed_token_ids=[VOCAB]), [1], engine)
+    with pytest.raises(ValueError, match="target_token"):
+        prepare_request(SamplingParams(extra_args={"target_token": "x"}), [1], engine)
+    with pytest.raises(ValueError, match="truncate_prompt_tokens=11 is more than max_model_len=10"):
+        prepare_request(SamplingParams(truncate_prompt_tokens=11), [1], engine)
+    p = SamplingParams(bad_words=["bad", "two words"], truncate_prompt_tokens=2)
+    assert prepare_request(p, [1, 2, 3, 4], engine) == [3, 4]
+    assert p._bad_words_token_ids == [[7], [8], [3, 4], [5, 4]]  # vLLM's rule: the spaced form of the same length
+    assert p.clone(n=2)._bad_words_token_ids == p._bad_words_token_ids  # n > 1 children keep them
+    assert prepare_request(SamplingParams(truncate_prompt_tokens=-1), list(range(12)), engine) == list(range(2, 12))
+    engine.config.max_logprobs = -1
+    prepare_request(SamplingParams(logprobs=-1, prompt_logprobs=-1), [1], engine)
