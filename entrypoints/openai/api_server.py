@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP server: `build_app(async_engine, ...)` and `run_server(args)` (`pageport serve`).
 
 Routes: POST /v1/completions, POST /v1/chat/completions, POST /v1/responses, GET /v1/models, GET /health, GET /version,
-GET /metrics, POST /tokenize, POST /detokenize, and the schema at /openapi.json (Swagger UI at /docs). Every
+GET /metrics, POST /tokenize, POST /detokenize, the pooling routes of pooling models (/v1/embeddings, /pooling,
+/classify, /score, /rerank: entrypoints/openai/pooling.py), and the schema at /openapi.json (Swagger UI at /docs). Every
 error is an OpenAI body `{"error": {"message", "type", "param", "code"}}`; bad input is a 400 (FastAPI's 422
 included), never a 500.
 

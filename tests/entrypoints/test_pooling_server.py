@@ -41,6 +41,7 @@ def embed_server():
     from pageport.core.config import EngineConfig
     engine, srv = _serve(EngineConfig(model=str(_minilm()), dtype="float32", num_threads=1), True, NAME)
     with srv:
+        srv.engine = engine
         yield srv
     engine.shutdown()
     engine.engine.shutdown()
@@ -140,6 +141,38 @@ def test_long_input_with_truncation(embed_server):
     r = httpx.post(embed_server.url + "/v1/embeddings", json={"input": " ".join(["word"] * 400),
                                                               "truncate_prompt_tokens": 16})
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 16
+
+
+def test_concurrent_requests_share_steps(embed_server):
+    """Sixteen clients at once, through the one scheduler: each gets what it gets alone, and every block returns."""
+    import asyncio
+
+    alone = [httpx.post(embed_server.url + "/v1/embeddings", json={"input": t}).json()["data"][0]["embedding"]
+             for t in TEXTS]
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=embed_server.url, timeout=60) as c:
+            return await asyncio.gather(*[c.post("/v1/embeddings", json={"input": TEXTS[i % len(TEXTS)]})
+                                          for i in range(16)])
+
+    responses = asyncio.run(fire())
+    assert all(r.status_code == 200 for r in responses)
+    for i, r in enumerate(responses):
+        assert np.allclose(r.json()["data"][0]["embedding"], alone[i % len(TEXTS)], atol=1e-6)
+    core = embed_server.engine.engine.client.last_stats
+    assert core.num_waiting == 0 and core.kv_free_blocks == core.kv_usable_blocks  # every block back
+
+
+def test_serve_flags_for_pooling():
+    from pageport.core.config import EngineConfig
+    from pageport.entrypoints.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "m", "--runner", "pooling", "--convert", "classify",
+                                      "--pooler-config", '{"pooling_type": "MEAN"}'])
+    cfg = EngineConfig.from_cli_args(args)
+    assert (cfg.runner, cfg.convert, cfg.pooler_config) == ("pooling", "classify", '{"pooling_type": "MEAN"}')
+    cfg = EngineConfig.from_cli_args(build_parser().parse_args(["serve", "m", "--task", "embed"]))
+    assert (cfg.runner, cfg.convert) == ("pooling", "embed")
 
 
 def test_generation_route_on_a_pooling_model(embed_server):
