@@ -2,7 +2,8 @@
 
 Order (as in vLLM): logprobs from the raw logits in float32 (log_softmax) before any processing; then
 allowed_token_ids and bad_words (`structured_output.token_masks`); the engine's custom logits processors
-(`Sampler.logits_processors`, vLLM's batch-level interface); logit bias; min_tokens (stop tokens masked); penalties (repetition over prompt + output, frequency,
+(`Sampler.logits_processors`, vLLM's batch-level interface; argmax-invariant ones skipped when every row is
+greedy); logit bias; min_tokens (stop tokens masked); penalties (repetition over prompt + output, frequency,
 presence); temperature; min_p; top-k; top-p; then the draw: argmax for greedy requests
 (temperature < 1e-5), otherwise argmax(probs / Exponential(1) noise), which needs no host sync. Requests
 with a seed draw their noise from their own ``torch.Generator`` (``request.generator``, created lazily on
