@@ -78,15 +78,16 @@ def smoothquant(model, calib_ids: list[int], alpha: float = 0.8) -> None:
         linear.weight.data.copy_((w * s).to(linear.weight.dtype))
 
 
-def quantize_in_place(model, dtype: torch.dtype, platform) -> None:
-    """The in-run W8A8 method (per-channel weights, dynamic per-token activations) on an already loaded dense
-    model's linears (LM head and embeddings stay dense, as in the in-run path)."""
+def quantize_in_place(model, kind: str, platform) -> None:
+    """The in-run method of `kind` ("fp8" / "w8a8") on an already loaded dense model's linears (LM head and
+    embeddings stay dense, as in the in-run path)."""
     from pageport.models.layers import LinearBase
-    from pageport.models.quantization.methods import OnlineW8A8LinearMethod, W8A8Scheme
+    from pageport.models.quantization.online import OnlineConfig
 
-    for module in model.modules():
+    config = OnlineConfig(kind)
+    for prefix, module in model.named_modules():
         if isinstance(module, LinearBase):
-            method = OnlineW8A8LinearMethod(W8A8Scheme(dtype, "channel"))
+            method = config.linear_method(prefix, module)
             method.ops = platform.ops
             method.process_weights(module)
             module.quant_method = method
@@ -135,15 +136,15 @@ def main() -> None:
     calib_ids = base.tokenizer(CALIB)["input_ids"]
     results["calibration_tokens"] = len(calib_ids)
 
-    def smoothed(dtype):
+    def smoothed(kind):
         model = load(None).model
         smoothquant(model, calib_ids, 0.8)
-        quantize_in_place(model, dtype, plat)
+        quantize_in_place(model, kind, plat)
         return model
 
     schemes = {q: (lambda q=q: load(q).model) for q in ("fp8", "w8a8", "w4a16", "gguf")}
-    schemes["w8a8+smoothquant"] = lambda: smoothed(torch.int8)
-    schemes["fp8+smoothquant"] = lambda: smoothed(torch.float8_e4m3fn)
+    schemes["w8a8+smoothquant"] = lambda: smoothed("w8a8")
+    schemes["fp8+smoothquant"] = lambda: smoothed("fp8")
     for q, make in schemes.items():
         t0 = time.perf_counter()
         lp = prefill_logits(make(), ids).log_softmax(-1)

@@ -4,7 +4,7 @@ Read from `quantization_config`: `config_groups` (each: `targets`, `weights`, `i
 the top-level `format` and `ignore`. Served:
 - int-quantized / float-quantized (naive): W8A8 int8 or fp8 — weights per tensor, per channel or in blocks
   (fp8 128x128), activations dynamic per token (per token and 128-column group with block weights) or static
-  per tensor; symmetric only.
+  per tensor; symmetric weights; activations symmetric, or asymmetric for int8 dynamic per token.
 - pack-quantized: 4- or 8-bit weights (W4A16, W8A16), groups or channels, symmetric or with packed zero points;
   no activation quantization. Codes are stored offset by 2^(bits-1) (4 bits: code = q + 8), 32/bits to an int32
   along the input features; zero points the same way along the output features.
@@ -26,7 +26,8 @@ _W8A8_FORMATS = ("int-quantized", "float-quantized", "naive-quantized")
 def _unsupported(what: str) -> ValueError:
     return ValueError(f"compressed-tensors checkpoint with {what} is not supported; supported: W8A8 int8/fp8 "
                       f"(per-tensor, per-channel or 128x128-block weights, dynamic per-token or static per-tensor "
-                      f"activations, symmetric) and W4A16 / W8A16 pack-quantized (groups or channels)")
+                      f"activations, symmetric; int8 dynamic per-token activations also asymmetric) and W4A16 / "
+                      f"W8A16 pack-quantized (groups or channels)")
 
 
 class CompressedTensorsWnA16(WnA16LinearMethod):
@@ -89,7 +90,9 @@ class CompressedTensorsConfig(QuantizationConfig):
                 raise _unsupported(f"{fmt} {bits}-bit {wtype} weights (symmetric={w.get('symmetric')})")
             if not a:
                 raise _unsupported(f"{fmt} 8-bit weights without activation quantization (W8A16)")
-            if a.get("num_bits") != 8 or a.get("type", "int") != wtype or not a.get("symmetric", True):
+            asym = not a.get("symmetric", True)
+            if (a.get("num_bits") != 8 or a.get("type", "int") != wtype
+                    or asym and not (wtype == "int" and a.get("dynamic") and a.get("strategy") == "token")):
                 raise _unsupported(f"{wtype} weights with {a.get('num_bits')}-bit {a.get('type')} activations "
                                    f"(symmetric={a.get('symmetric')})")
             dtype = torch.int8 if wtype == "int" else torch.float8_e4m3fn
@@ -107,7 +110,7 @@ class CompressedTensorsConfig(QuantizationConfig):
                     raise _unsupported(f"dynamic activations per {a.get('strategy')}")
             elif a.get("strategy") != "tensor":
                 raise _unsupported(f"static activations per {a.get('strategy')}")
-            scheme = W8A8Scheme(dtype, strategy, block, static_input=not a.get("dynamic"))
+            scheme = W8A8Scheme(dtype, strategy, block, static_input=not a.get("dynamic"), asymmetric_input=asym)
             return lambda: W8A8LinearMethod(scheme)
         raise _unsupported(f"format {fmt!r}")
 

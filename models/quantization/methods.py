@@ -22,6 +22,28 @@ class W8A8Scheme:
     block: Optional[tuple[int, int]] = None  # (rows, cols) of a weight-scale block
     static_input: bool = False  # a per-tensor input scale from the checkpoint, else dynamic per token (group)
     scale_name: str = "weight_scale"  # HF fp8 calls it weight_scale_inv (it multiplies all the same)
+    # int8, dynamic per token only: each token's range [min, max] quantized around its midpoint (compressed-tensors
+    # `symmetric: false` activations, vLLM's zero-point kernels); a skewed token keeps all 255 codes for its range
+    asymmetric_input: bool = False
+
+
+def _row_sums(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """sum_k deq(W)[n, k], float32 [N]: what a per-token offset m adds to every output (x W^T = (x - m) W^T + m W 1)."""
+    return weight.float().sum(1) * scale.float().reshape(-1)
+
+
+def asymmetric_linear(ops, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                      row_sums: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """W8A8 with asymmetric dynamic per-token activations through the platform's symmetric `scaled_linear`: each
+    token is shifted by its midpoint m = (max + min) / 2, quantized symmetrically (scale (max - min) / 254), and
+    m * row_sums added back. The midpoint stays a float (vLLM's kernels round their zero point to an integer)."""
+    shape = x.shape
+    xf = x.reshape(-1, shape[-1]).float()
+    mid = (xf.amax(-1, keepdim=True) + xf.amin(-1, keepdim=True)) / 2
+    y = ops.scaled_linear((xf - mid).to(x.dtype), weight, weight_scale).float() + mid * row_sums
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*shape[:-1], -1)
 
 
 class W8A8LinearMethod(LinearMethod):
@@ -57,6 +79,8 @@ class W8A8LinearMethod(LinearMethod):
         elif s.weight_strategy == "tensor":
             scale = per_channel(layer, scale)
         drop_param(layer, s.scale_name)
+        if s.asymmetric_input:
+            set_tensor(layer, "w8a8_row_sums", _row_sums(layer.weight.data, scale))
         weight, scale = self.ops.scaled_prepare(layer.weight.data, scale.float().contiguous())
         if s.static_input:
             input_scale = layer.input_scale.data.float().amax().reshape(1)
@@ -68,6 +92,8 @@ class W8A8LinearMethod(LinearMethod):
         set_tensor(layer, "weight_scale", scale)
 
     def apply(self, layer, x, bias):
+        if self.scheme.asymmetric_input:
+            return asymmetric_linear(self.ops, x, layer.weight, layer.weight_scale, layer.w8a8_row_sums, bias)
         return self.ops.scaled_linear(x, layer.weight, layer.weight_scale,
                                        getattr(layer, "w8a8_input_scale", None), self.scheme.block, bias)
 
@@ -100,6 +126,8 @@ class OnlineW8A8LinearMethod(W8A8LinearMethod):
 
     def process_weights(self, layer) -> None:
         q, scale = quantize_weight_w8a8(layer.weight.data, self.scheme.weight_dtype, self.scheme.block)
+        if self.scheme.asymmetric_input:
+            set_tensor(layer, "w8a8_row_sums", _row_sums(q, scale))
         q, scale = self.ops.scaled_prepare(q, scale)
         set_tensor(layer, "weight", q)
         set_tensor(layer, "weight_scale", scale)

@@ -45,9 +45,11 @@ def _weight_qparams(module, args):
 
 
 def compressed_tensors_checkpoint(path: Path, scheme: str, ids: torch.Tensor, group_size: int | None = None,
-                                  seed: int = 0, ignore: tuple = ("lm_head",)) -> Path:
+                                  seed: int = 0, ignore: tuple = ("lm_head",),
+                                  activations_symmetric: bool | None = None) -> Path:
     """Quantize a tiny Llama with a compressed-tensors preset scheme (W8A8, FP8, FP8_DYNAMIC, FP8_BLOCK, W4A16,
-    W4A16_ASYM; group_size overrides the preset's) and save it compressed, as llm-compressor does.
+    W4A16_ASYM; group_size / activations_symmetric override the preset's) and save it compressed, as llm-compressor
+    does.
     Static activation scales (FP8) are the max |input| over `ids`."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.offload import update_offload_parameter
@@ -58,6 +60,8 @@ def compressed_tensors_checkpoint(path: Path, scheme: str, ids: torch.Tensor, gr
     qscheme = preset_name_to_scheme(scheme, ["Linear"])
     if group_size is not None:
         qscheme.weights.group_size = group_size
+    if activations_symmetric is not None:
+        qscheme.input_activations.symmetric = activations_symmetric
     input_absmax = {}
     if qscheme.input_activations is not None and not qscheme.input_activations.dynamic:
         hooks = [m.register_forward_pre_hook(lambda m, a, n=n: input_absmax.__setitem__(
