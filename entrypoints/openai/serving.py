@@ -268,7 +268,8 @@ class OpenAIServing:
         for name, k in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
             if k is not None and k > self.max_logprobs:
                 raise bad_request(f"{name}={k} is more than this server allows ({self.max_logprobs})",
-                                  "top_logprobs" if isinstance(req, ChatCompletionRequest) else name)
+                                  "top_logprobs" if name == "logprobs" and isinstance(req, ChatCompletionRequest)
+                                  else name)
         if req.stop_token_ids:
             self.check_token_ids(req.stop_token_ids, "stop_token_ids")
         if req.allowed_token_ids is not None:

@@ -69,6 +69,22 @@ def _steer(case, positive: bool) -> None:
             body.pop(key, None)
         if body.get("tool_choice") != "none":  # auto needs --enable-auto-tool-choice; required / named a grammar
             body.pop("tools", None), body.pop("tool_choice", None)
+        body.pop("function_call", None)  # deprecated, refused by name
+        if body.get("top_logprobs") is not None and body.get("logprobs") is not True:
+            body.pop("top_logprobs")
+        if isinstance(body.get("messages"), list):  # the schema types a message; the handler checks its meaning
+            body["messages"] = [_valid_message(m) for m in body["messages"]] or [{"role": "user", "content": "hi"}]
+
+
+def _valid_message(m) -> dict:
+    if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+        return {"role": "user", "content": "hi"}
+    m = {k: v for k, v in m.items() if k != "tool_calls" or m["role"] == "assistant"}
+    if m["role"] != "assistant" or not m.get("tool_calls"):
+        m.setdefault("content", "hi")
+        if m["content"] is None:
+            m["content"] = "hi"
+    return m
 
 
 _ENGINE_APPLIED = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
