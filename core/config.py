@@ -30,8 +30,9 @@ class EngineConfig:
     max_model_len: Optional[int] = _opt(None, "context length (default: the model's)")
     block_size: int = _opt(16, "tokens per KV-cache block")
     max_num_seqs: int = _opt(256, "most requests in one step")
-    max_num_batched_tokens: Optional[int] = _opt(None, "token budget of one step (default 2048, "
-                                                       "at least max_model_len without chunked prefill)")
+    max_num_batched_tokens: Optional[int] = _opt(None, "token budget of one step (default: the platform's, "
+                                                       "2048 on the CPU, 8192 on GPUs; at least max_model_len "
+                                                       "without chunked prefill)")
     enable_prefix_caching: bool = _opt(True, "reuse KV blocks of shared prompt prefixes")
     enable_chunked_prefill: bool = _opt(True, "split long prompts across steps")
     seed: int = _opt(0, "random seed")

@@ -137,8 +137,9 @@ class EngineCore:
         t_load = time.perf_counter()
         self.loaded = loaded
         if config.max_num_batched_tokens is None:
-            config.max_num_batched_tokens = 2048 if config.enable_chunked_prefill else max(
-                2048, config.max_model_len)
+            budget = self.platform.default_max_num_batched_tokens
+            config.max_num_batched_tokens = budget if config.enable_chunked_prefill else max(
+                budget, config.max_model_len)
         self.runner = ModelRunner(config, self.platform, loaded.model)
         # custom logits processors (LLM(logits_processors=[...])): the sampler drives them every step
         self.runner.sampler.logits_processors = build_logits_processors(config, self.platform.device)

@@ -88,6 +88,8 @@ class Platform:
     priority: ClassVar[int] = 0  # --device auto takes the available platform of highest priority
     dist_backend: ClassVar[str] = "gloo"
     supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32,)
+    # a step's token budget when --max-num-batched-tokens is not given (with chunked prefill)
+    default_max_num_batched_tokens: ClassVar[int] = 2048
 
     ops: Ops = Ops()
 
