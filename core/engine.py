@@ -112,6 +112,17 @@ class LLMEngine:
             return None, list(prompt)
         raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
 
+    def multimodal(self):
+        """The image processor of a vision-language model (loaded on first use); ValueError for other models."""
+        if getattr(self, "_mm_processor", None) is None:
+            if not hasattr(self.hf_config, "vision_config"):
+                raise ValueError("this model takes no images (multi_modal_data given to a text-only model)")
+            from pageport.models.multimodal.inputs import ImageProcessor
+
+            self._mm_processor = ImageProcessor(self.model_source, self.hf_config,
+                                                getattr(self.config, "limit_mm_per_prompt", None))
+        return self._mm_processor
+
     def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
         if not token_ids:
             raise ValueError("the prompt is empty: give at least one token")
@@ -140,6 +151,9 @@ class LLMEngine:
             return add_pooling_request(self, request_id, prompt, params, priority, arrival_time, owner)
         text, token_ids = self.tokenize(prompt)
         token_ids = prepare_request(params, token_ids, self)  # bad words, allowed tokens, truncation...
+        mm_inputs = None
+        if isinstance(prompt, dict) and prompt.get("multi_modal_data"):  # images: placeholders expanded
+            token_ids, mm_inputs = self.multimodal().process(token_ids, prompt["multi_modal_data"])
         self._validate(token_ids, params)
         gid = str(next(self._ids))
         label = gid if request_id is None else str(request_id)
@@ -158,7 +172,7 @@ class LLMEngine:
             children.append(child)
             gate = children[0].request_id if i > 0 and self.config.enable_prefix_caching else None
             core_reqs.append(CoreRequest(cid, token_ids, pickle.dumps(p), self.eos_token_id, arrival, priority,
-                                         cache_salt, owner, gate))
+                                         cache_salt, owner, gate, mm_inputs or None))
         self.client.add(core_reqs)
         group = _Group(gid, label, text, token_ids, children, final_only=params.output_kind == "final_only")
         self.groups[gid] = group

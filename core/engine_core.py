@@ -38,6 +38,7 @@ from pageport.core.outputs import Logprob
 from pageport.core.request import _FINISHED, Request, RequestStatus
 from pageport.core.sampling_params import SamplingParams
 from pageport.core.scheduler import Scheduler
+from pageport.models.multimodal.inputs import MultiModalInput
 from pageport.platforms import resolve_platform
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class CoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=False)
     cache_salt: Optional[str] = None
     owner: Optional[str] = None  # requests of one owner share its fair share of seats
     gate: Optional[str] = None  # n > 1: a sibling whose prompt blocks this one waits for
+    mm_inputs: Optional[list[MultiModalInput]] = None  # images, their placeholder runs and hashes
 
 
 class AddRequests(msgspec.Struct, tag="add", array_like=True, gc=False):
@@ -193,6 +195,9 @@ class EngineCore:
                 torch.Generator().manual_seed(params.seed)  # the range torch accepts, checked before any step
             req = Request(r.request_id, r.prompt_token_ids, params, r.eos_token_id, None, r.priority,
                           r.arrival_time or time.monotonic(), r.cache_salt, r.owner)
+            if r.mm_inputs:  # the images' content is part of every block's cache key
+                req.mm_inputs = r.mm_inputs
+                req.cache_salt = (r.cache_salt, tuple(m.hash for m in r.mm_inputs))
         except Exception as e:  # noqa: BLE001 - this request's own fault
             self._early.append(CoreOutput(r.request_id, finish_reason="error", error=f"{type(e).__name__}: {e}"))
             return

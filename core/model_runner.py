@@ -26,6 +26,7 @@ from pageport.core.outputs import Logprob
 from pageport.core.request import Request
 from pageport.core.sampler import Sampler, prompt_logprobs
 from pageport.core.scheduler import SchedulerOutput
+from pageport.models.multimodal.inputs import EncoderCache
 from pageport.platforms import AttentionMetadata, Platform
 
 logger = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ class ModelRunner:
         n_tok = max(config.max_num_batched_tokens or 2048, config.max_num_seqs)
         self._staging = [_Staging(n_tok, config.max_num_seqs, self.max_blocks, pin) for _ in range(2)]
         self._step = 0
+        self.encoder_cache = EncoderCache() if getattr(model, "supports_multimodal", False) else None
 
     # KV cache -------------------------------------------------------------------------
     def kv_block_bytes(self) -> int:
@@ -201,12 +203,15 @@ class ModelRunner:
         pend_dst, pend_src = [], []
         t = 0
         row_of, req_blocks = batch.row, kv.req_blocks
+        mm_rows = []
         for s in scheduled:  # per request, never per token
             r = s.request
             rows_l.append(row_of(r, req_blocks[r.request_id]))
             start, n = r.num_computed_tokens, s.num_tokens
             starts_l.append(start)
             qlens_l.append(n)
+            if r.mm_inputs is not None:
+                mm_rows.append((r, t, start, n))
             if start + n <= len(r.token_ids):
                 if n == 1:
                     ids_l.append(r.token_ids[start])
@@ -258,7 +263,11 @@ class ModelRunner:
             input_ids[st.pend_dst[:k].to(dev, non_blocking=nb)] = \
                 prev.token_ids[st.pend_src[:k].to(dev, non_blocking=nb)]
 
-        hidden = self.graphs.run(input_ids, positions, md) if self.graphs is not None else None
+        if mm_rows:  # image features in place of their placeholders' embeddings (never for text-only batches)
+            hidden = self.model(input_ids, positions, self.kv_caches, self.model.attn_backend.build_metadata(md),
+                                inputs_embeds=self._mm_embeds(input_ids, mm_rows))
+        else:
+            hidden = self.graphs.run(input_ids, positions, md) if self.graphs is not None else None
         if hidden is None:
             hidden = self.model(input_ids, positions, self.kv_caches, self.model.attn_backend.build_metadata(md))
 
@@ -287,6 +296,30 @@ class ModelRunner:
             if r.prompt_logprobs is not None and len(r.prompt_logprobs) < r.num_prompt_tokens:
                 out.prompt_logprobs[r.request_id] = self._prompt_logprobs(hidden, int(qsl[i]), r, s.num_tokens)
         return out
+
+    def _mm_embeds(self, input_ids: torch.Tensor, mm_rows: list) -> torch.Tensor:
+        """The step's token embeddings with each image's features written over the part of its placeholder run
+        that this step computes (a chunked prompt takes the matching slice of the features)."""
+        embeds = self.model.embed_input_ids(input_ids)
+        for r, t0, start, n in mm_rows:
+            for m in r.mm_inputs:
+                lo, hi = max(m.offset, start), min(m.offset + m.length, start + n)
+                if lo < hi:
+                    feats = self.encoder_cache.get(m, self._encode_image)
+                    embeds[t0 + lo - start:t0 + hi - start] = feats[lo - m.offset:hi - m.offset].to(embeds.dtype)
+        return embeds
+
+    def _encode_image(self, m) -> torch.Tensor:
+        return self.model.embed_images(m.pixel_values().to(self.device))[0]
+
+    def _logits(self, hidden: torch.Tensor, rows_dev: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """float32 logits of these rows of `hidden`; a GraphRunner with `compute_logits` may produce them
+        (e.g. the XLA runner, in compiled shape buckets, on the host) or return None to leave it here."""
+        if self.graphs is not None and hasattr(self.graphs, "compute_logits"):
+            logits = self.graphs.compute_logits(hidden, rows)
+            if logits is not None:
+                return logits
+        return self.model.compute_logits(hidden[rows_dev])
 
     def _logits(self, hidden: torch.Tensor, rows_dev: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """float32 logits of these rows of `hidden`; a GraphRunner with `compute_logits` may produce them

@@ -45,6 +45,7 @@ class Request:
         self.priority = priority
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
         self.cache_salt = cache_salt
+        self.mm_inputs: Optional[list] = None  # images: MultiModalInput (models/multimodal/inputs.py)
         self.status = RequestStatus.WAITING
         self.stop_reason: Any = None
 

@@ -56,6 +56,7 @@ def load_model(config, platform, adapt=None) -> LoadedModel:
     else:
         folder = path if path.is_dir() else path.parent
         hf_config = _load_config(path, trust)
+        _lift_text_config(hf_config)
         tokenizer = _load_tokenizer(folder, trust) if want_tokenizer else None
         if fmt == "safetensors":
             weights, n_weights = _safetensors_weights(path)
@@ -164,6 +165,21 @@ def _load_config(path: Path, trust: bool):
     if "model_type" not in data:
         raise ValueError(f"{path} has no model_type; is it a transformers config.json?")
     return AutoConfig.for_model(data.pop("model_type"), **data)
+
+
+_TEXT_FIELDS = ("vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "eos_token_id", "bos_token_id")
+
+
+def _lift_text_config(hf_config) -> None:
+    """A vision-language config (LLaVA) keeps its decoder's sizes under text_config: the engine reads them at the
+    top level, so missing ones are copied up."""
+    text = getattr(hf_config, "text_config", None)
+    if text is None or not hasattr(hf_config, "vision_config"):
+        return
+    for name in _TEXT_FIELDS:
+        if getattr(hf_config, name, None) is None and getattr(text, name, None) is not None:
+            setattr(hf_config, name, getattr(text, name))
 
 
 def _load_tokenizer(path: Path, trust: bool, required: bool = False):

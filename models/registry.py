@@ -33,6 +33,7 @@ _BUILTIN: dict[str, str] = {
     "MistralForSequenceClassification": "pageport.models.llama:LlamaForCausalLM",
     "Qwen2ForSequenceClassification": "pageport.models.llama:LlamaForCausalLM",
     "Qwen3ForSequenceClassification": "pageport.models.llama:LlamaForCausalLM",
+    "LlavaForConditionalGeneration": "pageport.models.llava:LlavaForConditionalGeneration",
 }
 
 

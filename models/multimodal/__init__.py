@@ -1,0 +1,1 @@
+"""Multi-modal inputs: image preprocessing in the front end, placeholder expansion, the features' hashes."""
