@@ -59,6 +59,11 @@ class EngineSnapshot:
     generation_tokens: int = 0
     finished: dict = field(default_factory=dict)  # finish reason -> count
     num_steps: int = 0
+    spec_decode: bool = False  # speculative decoding is configured: its counters below are published
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_num_emitted_tokens: int = 0
     time: float = 0.0
 
 
@@ -400,7 +405,11 @@ class AsyncLLMEngine:
             prefix_cache_queries=core.prefix_cache_queries, prefix_cache_hits=core.prefix_cache_hits,
             num_preemptions=core.num_preemptions, prompt_tokens=core.prompt_tokens,
             generation_tokens=core.generation_tokens, finished=dict(e.stats.finished), num_steps=core.num_steps,
-            time=time.monotonic())
+            time=time.monotonic(),
+            spec_decode=getattr(getattr(e, "config", None), "speculative_config", None) is not None,
+            spec_num_drafts=core.spec_num_drafts, spec_num_draft_tokens=core.spec_num_draft_tokens,
+            spec_num_accepted_tokens=core.spec_num_accepted_tokens,
+            spec_num_emitted_tokens=core.spec_num_emitted_tokens)
 
     def _stop(self, leftover: list) -> None:
         """Shut down: abort what is in flight (its blocks go back), fail every waiting caller."""

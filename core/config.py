@@ -62,6 +62,9 @@ class EngineConfig:
                                                    "interface) as module:Class; configured per request through "
                                                    "SamplingParams.extra_args", nargs="+")
     trust_remote_code: bool = _opt(False, "allow custom code from the model directory")
+    speculative_config: Optional[Union[str, dict]] = _opt(None, "speculative decoding, JSON with vLLM's keys: "
+                                                                "{\"method\": \"ngram\", \"num_speculative_tokens\": 3, "
+                                                                "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}")
     # pooling models (embeddings, classification, scoring): core/pooling.py
     runner: str = _opt("auto", "generate | pooling (embeddings, classification, scores); auto: pooling for encoder "
                                "architectures (BERT, RoBERTa, XLM-R) and --convert embed|classify|reward",
@@ -84,6 +87,9 @@ class EngineConfig:
             raise ValueError(f"unknown kv_cache_dtype {self.kv_cache_dtype!r}; choose auto, {', '.join(_KV_DTYPES)}")
         if self.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 is not supported yet")
+        if self.speculative_config is not None:  # checked here; kept as a dict (it crosses to the core process)
+            from pageport.core.spec_decode.config import SpeculativeConfig
+            self.speculative_config = dataclasses.asdict(SpeculativeConfig.parse(self.speculative_config))
         if self.logits_processors:  # checked here, and turned into names the engine core's process can load
             from pageport.core.logits_processors import processor_refs
             self.logits_processors = processor_refs(self.logits_processors)

@@ -111,6 +111,12 @@ class CoreStats(msgspec.Struct, array_like=True, gc=False):
     time_wait: float = 0.0
     time_update: float = 0.0
     time_device: float = 0.0  # device time between a step's first launch and its sample (when profiling)
+    # speculative decoding (vLLM's vllm:spec_decode_*): proposals verified, their tokens, those accepted,
+    # tokens emitted by the steps that verified proposals
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_num_emitted_tokens: int = 0
 
 
 class CoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -160,6 +166,15 @@ class EngineCore:
         self.requests: dict[str, Request] = {}
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else self.runner.async_copies)
+        self.proposer = None  # speculative decoding: proposals need every token on the host, so steps are synchronous
+        if config.speculative_config is not None:
+            from pageport.core.spec_decode import NgramProposer
+            sc = config.speculative_config
+            self.proposer = NgramProposer(sc["num_speculative_tokens"], sc["prompt_lookup_max"],
+                                          sc["prompt_lookup_min"])
+            if self.async_scheduling:
+                logger.info("speculative decoding: asynchronous scheduling turned off")
+            self.async_scheduling = False
         self._inflight: Optional[StepOutput] = None
         self._early: list[CoreOutput] = []  # failures found when a request was added
         self._num_sync = 0  # running requests whose sampling needs their whole history on the host
@@ -321,7 +336,28 @@ class EngineCore:
         if not self.async_scheduling and self._inflight is not None:
             outputs += self._process(self._inflight)
             self._inflight = None
+        if self.proposer is not None:
+            self._propose()
         return outputs
+
+    def _propose(self) -> None:
+        """Proposals for each running request that decodes next step and whose sampling they cannot change:
+        not for penalties, grammars, logprobs, bad words / allowed tokens, logit bias, min_tokens still
+        unmet, or when custom logits processors are configured."""
+        k, max_len = self.proposer.k, self.config.max_model_len
+        procs = self.runner.sampler.logits_processors is not None
+        for req in self.scheduler.running:
+            req.spec_token_ids = []
+            ids, p = req.token_ids, req.params
+            if (procs or req.sync or req.grammar or req.num_pending or req.num_computed_tokens != len(ids) - 1
+                    or p.logprobs is not None or p.logit_bias or p.allowed_token_ids
+                    or (p.min_tokens and len(ids) - req.num_prompt_tokens < p.min_tokens)):
+                continue
+            n = min(k, max_len - len(ids) - 1)  # the last proposal's position stays inside the context
+            if p.max_tokens is not None:  # and the emitted tokens within max_tokens
+                n = min(n, p.max_tokens - (len(ids) - req.num_prompt_tokens) - 1)
+            if n > 0:
+                req.spec_token_ids = self.proposer.propose(ids, n)
 
     def _process(self, out: StepOutput) -> list[CoreOutput]:
         """Turn a finished step's samples into outputs; finish the requests they end."""
@@ -336,10 +372,15 @@ class EngineCore:
         outputs = [CoreOutput(rid, prompt_logprobs=chunk) for rid, chunk in out.prompt_logprobs.items()]
         max_len = self.config.max_model_len
         made = 0
+        spec = out.spec
         for j, req in enumerate(out.requests):  # per request: keep this loop lean
             req.num_pending -= 1
             if req.status in _FINISHED:
                 continue  # ended while this step was in flight: its token is dropped
+            if spec and j in spec:
+                outputs.append(self._emit_spec(req, *spec[j]))
+                made += len(outputs[-1].new_token_ids)
+                continue
             tok = tokens[j]
             ids = req.token_ids
             ids.append(tok)
@@ -370,6 +411,38 @@ class EngineCore:
         c.time_wait += t1 - t0
         c.time_update += time.perf_counter() - t1
         return outputs
+
+    def _emit_spec(self, req: Request, toks: list[int], num_draft: int) -> CoreOutput:
+        """A verified step's tokens, cut at the first that ends the request (stop token, max_tokens, context);
+        the KV of rejected proposals is given up (their slots are rewritten by later steps)."""
+        c, p, ids = self.counters, req.params, req.token_ids
+        c.spec_num_drafts += 1
+        c.spec_num_draft_tokens += num_draft
+        c.spec_num_accepted_tokens += len(toks) - 1
+        o = CoreOutput(req.request_id, [])
+        max_len = self.config.max_model_len
+        status = None
+        for tok in toks:
+            ids.append(tok)
+            o.new_token_ids.append(tok)
+            num_out = len(ids) - req.num_prompt_tokens
+            if num_out == 1:
+                o.num_cached_tokens = req.num_cached_tokens
+                o.first_scheduled_time = req.first_scheduled_time or -1.0
+            if tok in req.stop_token_ids and num_out >= p.min_tokens:
+                o.finish_reason = "stop"
+                o.stop_reason = None if tok == req.eos_token_id and tok not in p.stop_token_ids else tok
+                status = RequestStatus.FINISHED_STOPPED
+                break
+            if (p.max_tokens is not None and num_out >= p.max_tokens) or len(ids) >= max_len:
+                o.finish_reason = "length"
+                status = RequestStatus.FINISHED_LENGTH
+                break
+        c.spec_num_emitted_tokens += len(o.new_token_ids)
+        req.num_computed_tokens = len(ids) - 1  # KV up to the last accepted proposal; the new last token has none
+        if status is not None:
+            self._finish(req, status)
+        return o
 
     # utilities ------------------------------------------------------------------------------------------
     def stats(self) -> CoreStats:

@@ -41,6 +41,8 @@ class StepOutput:
     chosen_logprobs: list[float] = field(default_factory=list)
     prompt_logprobs: dict[str, list[dict[int, Logprob]]] = field(default_factory=dict)  # request id -> chunk's
     timing: Optional[tuple] = None  # device events around the step (profiling)
+    # speculative decoding: row -> (the tokens it emitted: accepted proposals + one sampled, proposals verified)
+    spec: Optional[dict[int, tuple[list[int], int]]] = None
     _host: Optional[torch.Tensor] = None
     _event: Optional[object] = None
     _list: Optional[list[int]] = None
@@ -201,6 +203,7 @@ class ModelRunner:
         npb = st.np
         rows_l, starts_l, qlens_l, ids_l = [], [], [], []
         pend_dst, pend_src = [], []
+        has_spec = False
         t = 0
         row_of, req_blocks = batch.row, kv.req_blocks
         mm_rows = []
@@ -217,6 +220,10 @@ class ModelRunner:
                     ids_l.append(r.token_ids[start])
                 else:
                     ids_l += r.token_ids[start:start + n]
+            elif s.spec_token_ids:  # its last token, then the proposals to verify
+                ids_l += r.token_ids[start:]
+                ids_l += s.spec_token_ids
+                has_spec = True
             else:  # the last input is the token the step in flight sampled for it
                 if n > 1:
                     ids_l += r.token_ids[start:start + n - 1]
@@ -273,7 +280,9 @@ class ModelRunner:
 
         sampling = [i for i, s in enumerate(scheduled) if s.samples]
         reqs = [scheduled[i].request for i in sampling]
-        if sampling:
+        if has_spec:
+            out = self._sample_spec(hidden, qsl, scheduled, sampling, reqs)
+        elif sampling:
             k = len(sampling)
             lr = npb["logit_rows"]
             lr[:k] = qsl[np.asarray(sampling) + 1] - 1
@@ -321,14 +330,43 @@ class ModelRunner:
                 return logits
         return self.model.compute_logits(hidden[rows_dev])
 
-    def _logits(self, hidden: torch.Tensor, rows_dev: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        """float32 logits of these rows of `hidden`; a GraphRunner with `compute_logits` may produce them
-        (e.g. the XLA runner, in compiled shape buckets, on the host) or return None to leave it here."""
-        if self.graphs is not None and hasattr(self.graphs, "compute_logits"):
-            logits = self.graphs.compute_logits(hidden, rows)
-            if logits is not None:
-                return logits
-        return self.model.compute_logits(hidden[rows_dev])
+    def _sample_spec(self, hidden, qsl, scheduled, sampling: list[int], reqs: list[Request]) -> StepOutput:
+        """A step with proposals: logits at each proposing row's 1 + k positions, verified by the rejection
+        sampler; the other rows sample as usual. Read on the host here (speculation runs synchronously)."""
+        from pageport.core.spec_decode.rejection import SpecRow, verify
+        dev = self.device
+        positions: list[int] = []
+        spec_rows, plain = [], []  # (j, SpecRow) / (j, logits row)
+        for j, i in enumerate(sampling):
+            s, end = scheduled[i], int(qsl[i + 1])
+            k = len(s.spec_token_ids)
+            if k:
+                spec_rows.append((j, SpecRow(s.request, list(s.spec_token_ids), len(positions))))
+                positions += range(end - 1 - k, end)
+            else:
+                plain.append((j, len(positions)))
+                positions.append(end - 1)
+        logits = self._logits(hidden, torch.tensor(positions, device=dev), positions)
+        token_ids = [0] * len(reqs)
+        logprobs: list[Optional[dict[int, Logprob]]] = [None] * len(reqs)
+        chosen = [0.0] * len(reqs)
+        if plain:
+            sub = logits[torch.tensor([p for _, p in plain], device=logits.device)]
+            sub_reqs = [reqs[j] for j, _ in plain]
+            if self.logits_hook is not None:
+                self.logits_hook(sub, sub_reqs)
+            sampled = self.sampler(sub, sub_reqs)
+            for m, (tok, (j, _)) in enumerate(zip(sampled.token_ids.tolist(), plain)):
+                token_ids[j], logprobs[j], chosen[j] = tok, sampled.logprobs[m], sampled.chosen_logprobs[m]
+        spec: dict[int, tuple[list[int], int]] = {}
+        for (j, row), toks in zip(spec_rows, verify(logits, [r for _, r in spec_rows])):
+            token_ids[j] = toks[-1]
+            spec[j] = (toks, len(row.draft))
+        for j, r in enumerate(reqs):
+            r.sample_index = j
+        out = StepOutput(reqs, torch.tensor(token_ids, dtype=torch.long), logprobs, chosen, spec=spec)
+        out._list = token_ids
+        return out
 
     def _prompt_logprobs(self, hidden, row0: int, r: Request, n: int) -> list[dict[int, Logprob]]:
         """Logprobs of prompt tokens p+1 given p, for the prompt positions in this chunk."""

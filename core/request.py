@@ -53,6 +53,7 @@ class Request:
         self.sync = False  # its sampling reads its whole history on the host (no step may be in flight)
         self.grammar = False  # constrained by a grammar (structured outputs)
         self.num_pending = 0
+        self.spec_token_ids: list[int] = []  # proposed tokens for its next step (speculative decoding)
         self.sample_index = 0  # its row among the samples of the last step it sampled in  # tokens sampled on the device whose ids have not reached the host yet
         self.num_cached_tokens = 0  # of the prompt, found by prefix caching at first admission
         self.block_hashes: list[int] = []  # chained hashes of full blocks, filled by the KV manager

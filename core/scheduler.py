@@ -25,11 +25,13 @@ from pageport.core.request import Request, RequestStatus
 
 
 class ScheduledRequest:
-    __slots__ = ("request", "num_tokens", "samples")
+    __slots__ = ("request", "num_tokens", "samples", "spec_token_ids")
 
-    def __init__(self, request: Request, num_tokens: int, samples: Optional[bool] = None):
+    def __init__(self, request: Request, num_tokens: int, samples: Optional[bool] = None,
+                 spec_token_ids: list[int] = ()):
         self.request = request
         self.num_tokens = num_tokens  # tokens computed this step, starting at request.num_computed_tokens
+        self.spec_token_ids = spec_token_ids  # proposed tokens verified this step: the last len() of num_tokens
         # this step reaches the end of the known (and pending) tokens, so its last logits give a new token
         self.samples = (request.num_computed_tokens + num_tokens == request.num_total_tokens
                         if samples is None else samples)
@@ -159,6 +161,13 @@ class Scheduler:
                 continue
             total = len(req.token_ids) + req.num_pending
             n = total - req.num_computed_tokens
+            if req.spec_token_ids and n == 1:  # speculative decoding: verify the proposals in the same step
+                spec = req.spec_token_ids[:budget - n]
+                if spec and allocate(req, n + len(spec)):
+                    scheduled.append(ScheduledRequest(req, n + len(spec), True, spec))
+                    budget -= n + len(spec)
+                    i += 1
+                    continue
             if n > budget:
                 n = budget
             while not allocate(req, n):

@@ -30,7 +30,7 @@ UNSUPPORTED = [
     ("--data-parallel-address", (), True), ("--data-parallel-rpc-port", (), True),
     ("--distributed-executor-backend", (), True), ("--enable-expert-parallel", ("-ep",), False),
     ("--enable-lora", (), False), ("--lora-modules", (), "+"), ("--max-loras", (), True),
-    ("--max-lora-rank", (), True), ("--speculative-config", (), True), ("--kv-cache-dtype", (), True),
+    ("--max-lora-rank", (), True), ("--kv-cache-dtype", (), True),
     ("--cpu-offload-gb", (), True), ("--swap-space", (), True), ("--limit-mm-per-prompt", (), True),
     ("--mm-processor-kwargs", (), True), ("--hf-overrides", (), True), ("--rope-scaling", (), True),
     ("--kv-transfer-config", (), True), ("--compilation-config", ("-O",), True),

@@ -53,6 +53,14 @@ class _EngineCollector:
         yield self._counter("num_preemptions", "Preemptions (by recompute).", s.num_preemptions)
         yield self._counter("prompt_tokens", "Prefilled prompt tokens.", s.prompt_tokens)
         yield self._counter("generation_tokens", "Generated tokens.", s.generation_tokens)
+        if s.spec_decode:  # vLLM's vllm:spec_decode_* names
+            yield self._counter("spec_decode_num_drafts", "Proposals verified (one per request and step).",
+                                s.spec_num_drafts)
+            yield self._counter("spec_decode_num_draft_tokens", "Proposed tokens verified.", s.spec_num_draft_tokens)
+            yield self._counter("spec_decode_num_accepted_tokens", "Proposed tokens accepted.",
+                                s.spec_num_accepted_tokens)
+            yield self._counter("spec_decode_num_emitted_tokens", "Tokens emitted by steps that verified proposals.",
+                                s.spec_num_emitted_tokens)
         c = CounterMetricFamily(PREFIX + "request_success", "Finished requests (per completion), by finish reason.",
                                 labels=["model_name", "finished_reason"])
         for reason in sorted(set(s.finished) | {"stop", "length", "abort"}):
