@@ -100,8 +100,19 @@ class LLM(PoolingAPI):  # embed / classify / score / encode / reward: core/pooli
              use_tqdm: bool = True, chat_template: Optional[str] = None,
              add_generation_prompt: bool = True, **template_kwargs) -> list[RequestOutput]:
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [self.render_chat(c, chat_template, add_generation_prompt, **template_kwargs)
-                   for c in conversations]
+        prompts = []
+        for c in conversations:
+            images = None
+            if any(isinstance(m, dict) and isinstance(m.get("content"), list) for m in c) and \
+                    hasattr(self.engine.hf_config, "vision_config"):  # image parts: the model's image token
+                from pageport.models.multimodal.inputs import split_chat_images
+
+                tok = self.engine.tokenizer
+                c, images = split_chat_images(c, tok.convert_ids_to_tokens(self.engine.multimodal().image_token_id))
+            p = self.render_chat(c, chat_template, add_generation_prompt, **template_kwargs)
+            if images:
+                p["multi_modal_data"] = {"image": images}
+            prompts.append(p)
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def render_chat(self, conversation: Conversation, chat_template: Optional[str] = None,

@@ -126,3 +126,37 @@ class EncoderCache:
         if len(self.items) > self.max_items:
             self.items.popitem(last=False)
         return feats
+
+
+def split_chat_images(conversation: list, image_token: str) -> tuple[list, list]:
+    """OpenAI-style content parts with images (`{"type": "image_url", "image_url": {"url": ...}}`, also
+    `{"type": "image", "image": ...}` / `"image_pil"`): the conversation with each message's parts joined into
+    one string, every image replaced by the model's image token, and the images in order. http(s) URLs are not
+    fetched here (ValueError): pass a data: URL or the image itself."""
+    out, images = [], []
+    for msg in conversation:
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if not isinstance(content, list):
+            out.append(msg)
+            continue
+        texts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                texts.append(part.get("text", ""))
+            elif kind == "image_url":
+                url = part.get("image_url")
+                url = url.get("url") if isinstance(url, dict) else url
+                if not isinstance(url, str):
+                    raise ValueError("an image_url part needs image_url.url")
+                if url.startswith(("http://", "https://")):
+                    raise ValueError("image URLs are not fetched here: give the image as a data: URL")
+                images.append(url)
+                texts.append(image_token)
+            elif kind in ("image", "image_pil"):
+                images.append(part.get(kind))
+                texts.append(image_token)
+            else:
+                raise ValueError(f"unsupported content part type {kind!r}")
+        out.append({**msg, "content": "\n".join(texts)})
+    return out, images

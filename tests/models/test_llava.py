@@ -66,7 +66,7 @@ def llm(llava_dir):
 
     d, *_ = llava_dir
     return LLM(str(d), dtype="float32", max_num_seqs=8, kv_cache_memory_bytes=1 << 24, block_size=16,
-               max_num_batched_tokens=64, num_threads=1)
+               max_num_batched_tokens=24, num_threads=1)
 
 
 def test_llava_greedy_matches_transformers(llava_dir, llm):
@@ -91,3 +91,62 @@ def test_llava_greedy_matches_transformers(llava_dir, llm):
                          SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
     assert other[0].outputs[0].token_ids == _hf_greedy(model, tok, image_id, prompts[0][0], [_image(7)], n, proc)
     assert other[0].outputs[0].token_ids != outs[0].outputs[0].token_ids
+
+
+def _data_url(img) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_llava_image_in_prefix_cache_key(llm):
+    from pageport import SamplingParams
+
+    # the placeholder run starts in the first block, so every full block depends on the image
+    p = "<image> describe the picture in a few words please. ASSISTANT:"
+    sp = SamplingParams(temperature=0, max_tokens=2)
+    llm.engine.reset_prefix_cache()
+    first = llm.generate({"prompt": p, "multi_modal_data": {"image": _image(11)}}, sp, use_tqdm=False)[0]
+    assert first.num_cached_tokens == 0
+    same = llm.generate({"prompt": p, "multi_modal_data": {"image": _image(11)}}, sp, use_tqdm=False)[0]
+    assert same.num_cached_tokens >= 16  # the same image again: its blocks are hits
+    other = llm.generate({"prompt": p, "multi_modal_data": {"image": _image(12)}}, sp, use_tqdm=False)[0]
+    assert other.num_cached_tokens == 0  # same text, another image: no hit
+    assert same.outputs[0].token_ids == first.outputs[0].token_ids
+
+
+def test_llava_chat_image_parts_and_bad_image(llava_dir, llm):
+    from transformers import CLIPImageProcessor
+
+    from pageport import SamplingParams
+
+    d, model, tok, image_id = llava_dir
+    img = _image(3)
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    conv = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(img)}},
+                                         {"type": "text", "text": "What is it?"}]}]
+    out = llm.chat(conv, sp, use_tqdm=False)[0]
+    text = tok.apply_chat_template([{"role": "user", "content": "<image>\nWhat is it?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    ids = tok.encode(text, add_special_tokens=False)
+    assert ids.count(image_id) == 1
+    proc = CLIPImageProcessor.from_pretrained(d)
+    ex = []
+    for t in ids:
+        ex += [t] * 16 if t == image_id else [t]
+    ref = model.generate(torch.tensor([ex]), attention_mask=torch.ones(1, len(ex), dtype=torch.long),
+                         pixel_values=proc(images=[img], return_tensors="pt")["pixel_values"], max_new_tokens=6,
+                         do_sample=False)[0, len(ex):].tolist()
+    assert out.outputs[0].token_ids == ref
+    bad = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}},
+                                        {"type": "text", "text": "What is it?"}]}]
+    with pytest.raises(ValueError, match="base64"):
+        llm.chat(bad, sp, use_tqdm=False)
+    not_png = "data:image/png;base64," + base64.b64encode(b"not an image").decode()
+    with pytest.raises(ValueError, match="not a decodable image"):
+        llm.generate({"prompt": "<image> hi", "multi_modal_data": {"image": not_png}}, sp, use_tqdm=False)
+    with pytest.raises(ValueError, match="placeholders"):
+        llm.generate({"prompt": "<image> <image> hi", "multi_modal_data": {"image": img}}, sp, use_tqdm=False)
+    # the engine still serves after the refused requests
+    again = llm.chat(conv, sp, use_tqdm=False)[0]
+    assert again.outputs[0].token_ids == ref
