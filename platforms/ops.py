@@ -45,6 +45,19 @@ class Ops(QuantOps):
         gate, up = x.chunk(2, dim=-1)
         return F.gelu(gate, approximate="tanh") * up
 
+    def lora_apply(self, y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                   index: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        """y + (x A_s^T) B_s^T for the rows whose index is s, for each slot s in `slots` (slot 0: none).
+
+        y [T, N], x [T, K]; lora_a [S, R, K]; lora_b [S, N, R] (scale folded in); index [T]. Returns y
+        (updated in place where it can be)."""
+        for s in slots:
+            rows = (index == s).nonzero().squeeze(1)
+            if rows.numel():
+                xs = x.index_select(0, rows)
+                y = y.index_add(0, rows, F.linear(F.linear(xs, lora_a[s]), lora_b[s]).to(y.dtype))
+        return y
+
     def fused_moe(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor) -> torch.Tensor:
         """Routed experts: sum_j topk_weights[t, j] * W2[e] (silu(gate) * up)(W13[e] x[t]), e = topk_ids[t, j].
