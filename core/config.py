@@ -65,6 +65,9 @@ class EngineConfig:
     speculative_config: Optional[Union[str, dict]] = _opt(None, "speculative decoding, JSON with vLLM's keys: "
                                                                 "{\"method\": \"ngram\", \"num_speculative_tokens\": 3, "
                                                                 "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}")
+    limit_mm_per_prompt: Optional[Union[str, dict]] = _opt(None, "vision models: the most images one prompt may "
+                                                                 "carry, JSON as vLLM's: {\"image\": 2} (default: "
+                                                                 "no limit)")
     # pooling models (embeddings, classification, scoring): core/pooling.py
     runner: str = _opt("auto", "generate | pooling (embeddings, classification, scores); auto: pooling for encoder "
                                "architectures (BERT, RoBERTa, XLM-R) and --convert embed|classify|reward",
@@ -90,6 +93,9 @@ class EngineConfig:
         if self.speculative_config is not None:  # checked here; kept as a dict (it crosses to the core process)
             from pageport.core.spec_decode.config import SpeculativeConfig
             self.speculative_config = dataclasses.asdict(SpeculativeConfig.parse(self.speculative_config))
+        if self.limit_mm_per_prompt is not None:  # checked here, kept as a plain dict
+            from pageport.models.multimodal.inputs import parse_mm_limits
+            self.limit_mm_per_prompt = parse_mm_limits(self.limit_mm_per_prompt)
         if self.logits_processors:  # checked here, and turned into names the engine core's process can load
             from pageport.core.logits_processors import processor_refs
             self.logits_processors = processor_refs(self.logits_processors)

@@ -152,7 +152,9 @@ class LLMEngine:
         text, token_ids = self.tokenize(prompt)
         token_ids = prepare_request(params, token_ids, self)  # bad words, allowed tokens, truncation...
         mm_inputs = None
-        if isinstance(prompt, dict) and prompt.get("multi_modal_data"):  # images: placeholders expanded
+        if isinstance(prompt, dict) and prompt.get("mm_inputs"):  # the server expanded them already (same processor)
+            mm_inputs = list(prompt["mm_inputs"])
+        elif isinstance(prompt, dict) and prompt.get("multi_modal_data"):  # images: placeholders expanded
             token_ids, mm_inputs = self.multimodal().process(token_ids, prompt["multi_modal_data"])
         self._validate(token_ids, params)
         gid = str(next(self._ids))

@@ -78,6 +78,7 @@ class _Choice:
 class _Prompt:
     text: Optional[str]
     token_ids: list[int]
+    mm_inputs: Optional[list] = None  # images: their placeholders are expanded in token_ids already
 
 
 class OpenAIServing:
@@ -175,6 +176,9 @@ class OpenAIServing:
                           add_special_tokens: bool = False, chat_template: Optional[str] = None,
                           tools: Optional[list[dict]] = None, documents: Optional[list[dict]] = None) -> _Prompt:
         tok = self._need_tokenizer()
+        images, processor = [], None
+        if _has_image_parts(messages):
+            messages, images, processor = await self._chat_images(messages)
         conversation = _conversation(messages)
         self.check_prompt_chars(sum(len(m["content"]) for m in conversation if isinstance(m["content"], str)),
                                 "messages")
@@ -201,9 +205,43 @@ class OpenAIServing:
                                                continue_final_message=continue_final_message, **kwargs)
             except Exception as e:  # noqa: BLE001 - template errors come from the input
                 raise bad_request(f"the chat template could not render these messages: {e}", "messages") from e
-            return _Prompt(text, tok.encode(text, add_special_tokens=add_special_tokens))
+            ids = tok.encode(text, add_special_tokens=add_special_tokens)
+            if not images:
+                return _Prompt(text, ids)
+            try:  # the engine's own processor: the same expansion and hashes as an offline prompt
+                ids, mm = processor.process(ids, {"image": images})
+            except ValueError as e:
+                raise bad_request(str(e), "messages") from None
+            return _Prompt(text, ids, mm)
 
         return await self.in_tokenizer_thread(render)
+
+    async def _chat_images(self, messages: list) -> tuple[list, list, Any]:
+        """Image content parts: the messages with the model's image token in their place, the decoded images and
+        the engine's image processor. 400 for a model without a vision tower, more images than
+        --limit-mm-per-prompt, or an image that does not decode or fetch (http(s) URLs are fetched here, off the
+        event loop and the tokenizer thread, with a timeout and a size limit)."""
+        from pageport.models.multimodal.inputs import check_mm_limit, load_image, split_chat_images
+
+        inner = getattr(self.engine, "engine", None)
+        if not hasattr(getattr(inner, "hf_config", None), "vision_config"):
+            raise bad_request("this model takes text only (it has no vision tower): it takes no images",
+                              "messages", "unsupported_parameter")
+        try:
+            processor = await self.in_tokenizer_thread(inner.multimodal)
+            token = self.tokenizer.convert_ids_to_tokens(processor.image_token_id)
+            messages, images = split_chat_images(messages, token)
+            check_mm_limit(len(images), processor.limits)
+        except ValueError as e:
+            raise bad_request(str(e), "messages") from None
+        loaded = await asyncio.gather(*[asyncio.to_thread(load_image, im) for im in images],
+                                      return_exceptions=True)
+        for i, im in enumerate(loaded):
+            if isinstance(im, ValueError):
+                raise bad_request(f"image {i}: {im}", "messages")
+            if isinstance(im, BaseException):
+                raise im
+        return messages, list(loaded), processor
 
     def _context_check(self, prompt: _Prompt, max_tokens: Optional[int], where: str) -> int:
         """The effective max_tokens; 400 when the prompt (plus max_tokens) does not fit."""
@@ -325,7 +363,8 @@ class OpenAIServing:
                     text = text[:self.options.max_log_len]
                 logger.info("request %s: prompt %r (%d tokens), %s", rid, text, len(p.token_ids), params)
         results = await asyncio.gather(
-            *[self.engine.add_request({"prompt": p.text, "prompt_token_ids": p.token_ids}, params, rid,
+            *[self.engine.add_request({"prompt": p.text, "prompt_token_ids": p.token_ids,
+                                       **({"mm_inputs": p.mm_inputs} if p.mm_inputs else {})}, params, rid,
                                       priority=req.priority, arrival_time=arrival, cache_salt=req.cache_salt,
                                       owner=base_id)  # one client request: one fair share of the seats
               for p, rid in zip(prompts, ids)], return_exceptions=True)
@@ -464,6 +503,8 @@ class OpenAIServing:
         prompt = await self.render_chat(req.messages, req.add_generation_prompt, req.continue_final_message,
                                         req.chat_template_kwargs, chat_template=req.chat_template,
                                         tools=template_tools(req.tools), documents=req.documents)
+        if prompt.mm_inputs and req.truncate_prompt_tokens is not None:  # it would cut into the images' tokens
+            raise bad_request("truncate_prompt_tokens cannot be used with images", "truncate_prompt_tokens")
         self.truncate(prompt, req.truncate_prompt_tokens)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is None and self.options.default_sampling:
@@ -585,6 +626,15 @@ def _refuse_unsupported_chat_fields(req: ChatCompletionRequest) -> None:
         refuse("audio", "only text output")
     if req.prediction is not None:
         refuse("prediction", "pageport has no predicted outputs")
+
+
+_IMAGE_PARTS = ("image_url", "image", "image_pil", "input_image")
+
+
+def _has_image_parts(messages: list) -> bool:
+    return any(isinstance(m, dict) and isinstance(m.get("content"), list)
+               and any(isinstance(p, dict) and p.get("type") in _IMAGE_PARTS for p in m["content"])
+               for m in messages)
 
 
 def _text_of(content) -> str:

@@ -7,6 +7,7 @@ import base64
 import binascii
 import hashlib
 import io
+import os
 from collections import OrderedDict
 from typing import Any, Optional
 
@@ -29,16 +30,53 @@ class MultiModalInput(msgspec.Struct, array_like=True, gc=False):
         return torch.from_numpy(np.frombuffer(self.data, dtype=np.float32).reshape(self.shape).copy())
 
 
+# http(s) image URLs: vLLM reads VLLM_IMAGE_FETCH_TIMEOUT (5 s); the size cap keeps one request from
+# pulling an unbounded body into the server's memory
+FETCH_TIMEOUT_S = float(os.environ.get("PAGEPORT_IMAGE_FETCH_TIMEOUT", os.environ.get("VLLM_IMAGE_FETCH_TIMEOUT", 5)))
+FETCH_MAX_BYTES = int(os.environ.get("PAGEPORT_IMAGE_FETCH_MAX_BYTES", 20 << 20))
+
+
+def fetch_url(url: str, timeout: Optional[float] = None, max_bytes: Optional[int] = None) -> bytes:
+    """The body of an http(s) URL, at most `max_bytes`; ValueError (saying why) when it cannot be fetched:
+    no network, a refused connection, a timeout, an HTTP error status or a body over the limit."""
+    import urllib.error
+    import urllib.request
+
+    timeout = FETCH_TIMEOUT_S if timeout is None else timeout
+    max_bytes = FETCH_MAX_BYTES if max_bytes is None else max_bytes
+    shown = url if len(url) <= 200 else url[:200] + "..."
+    try:
+        req = urllib.request.Request(url, headers={"User-Agent": "pageport"})
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            size = resp.headers.get("Content-Length")
+            if size is not None and size.isdigit() and int(size) > max_bytes:
+                raise ValueError(f"the image at {shown} has {size} bytes, more than the limit of {max_bytes}")
+            body = resp.read(max_bytes + 1)
+    except ValueError:
+        raise
+    except urllib.error.HTTPError as e:
+        raise ValueError(f"the image URL {shown} could not be fetched: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:  # no network, refused, timeout, DNS
+        why = getattr(e, "reason", e)
+        raise ValueError(f"the image URL {shown} could not be fetched (timeout {timeout:g} s): {why}") from None
+    if len(body) > max_bytes:
+        raise ValueError(f"the image at {shown} is larger than the limit of {max_bytes} bytes")
+    return body
+
+
 def load_image(item: Any):
-    """A PIL image from a PIL image, bytes, or a `data:image/...;base64,` URL. Raises ValueError when the data
-    is not a decodable image."""
+    """A PIL image from a PIL image, bytes, a `data:image/...;base64,` URL or an http(s) URL (fetched with
+    `fetch_url`'s timeout and size limit). Raises ValueError when the data is not a decodable image or the URL
+    cannot be fetched."""
     from PIL import Image
 
     if isinstance(item, Image.Image):
         return item
-    if isinstance(item, str):
+    if isinstance(item, str) and item.startswith(("http://", "https://")):
+        item = fetch_url(item)
+    elif isinstance(item, str):
         if not item.startswith("data:"):
-            raise ValueError("an image must be a PIL image, bytes or a data: URL")
+            raise ValueError("an image must be a PIL image, bytes, a data: URL or an http(s) URL")
         head, _, body = item.partition(",")
         if ";base64" not in head:
             raise ValueError("a data: URL image must be base64-encoded")
@@ -53,7 +91,42 @@ def load_image(item: Any):
             return img
         except Exception as e:  # noqa: BLE001 - PIL raises several kinds
             raise ValueError(f"the image data is not a decodable image: {type(e).__name__}: {e}") from None
-    raise ValueError(f"an image must be a PIL image, bytes or a data: URL, got {type(item).__name__}")
+    raise ValueError(f"an image must be a PIL image, bytes, a data: URL or an http(s) URL, "
+                     f"got {type(item).__name__}")
+
+
+def parse_mm_limits(value) -> Optional[dict]:
+    """--limit-mm-per-prompt / LLM(limit_mm_per_prompt=...): vLLM's JSON object of the most items per prompt for
+    each modality, `{"image": 2}` (also vLLM's newer `{"image": {"count": 2, ...}}`). None: no limit."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        import json
+
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"limit_mm_per_prompt must be a JSON object such as '{{\"image\": 2}}': {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError("limit_mm_per_prompt must be an object of modality -> count, such as {\"image\": 2}")
+    out = {}
+    for k, v in value.items():
+        if isinstance(v, dict):
+            v = v.get("count")
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"limit_mm_per_prompt[{k!r}] must be a count >= 0, got {v!r}")
+        if k not in ("image", "video", "audio"):
+            raise ValueError(f"limit_mm_per_prompt: unknown modality {k!r} (image, video, audio)")
+        out[k] = v
+    return out
+
+
+def check_mm_limit(count: int, limits: Optional[dict], modality: str = "image") -> None:
+    """ValueError naming the limit when a prompt has more items of `modality` than allowed."""
+    limit = (limits or {}).get(modality)
+    if limit is not None and count > limit:
+        raise ValueError(f"At most {limit} {modality}(s) may be provided in one prompt; this one has {count} "
+                         f"(--limit-mm-per-prompt {modality}={limit})")
 
 
 class ImageProcessor:
@@ -70,7 +143,7 @@ class ImageProcessor:
         if self.image_token_id is None:
             self.image_token_id = hf_config.image_token_id
         self.num_features = image_feature_count(hf_config)
-        self.limits = dict(limits or {})
+        self.limits = parse_mm_limits(limits) or {}
 
     def process(self, token_ids: list[int], mm_data: dict) -> tuple[list[int], list[MultiModalInput]]:
         unknown = set(mm_data) - {"image"}
@@ -81,9 +154,7 @@ class ImageProcessor:
             images = []
         elif not isinstance(images, (list, tuple)):
             images = [images]
-        limit = self.limits.get("image")
-        if limit is not None and len(images) > limit:
-            raise ValueError(f"the prompt has {len(images)} images, more than --limit-mm-per-prompt image={limit}")
+        check_mm_limit(len(images), self.limits)
         n_ph = sum(1 for t in token_ids if t == self.image_token_id)
         if n_ph != len(images):
             raise ValueError(f"the prompt has {n_ph} image placeholders but {len(images)} images were given")
@@ -131,8 +202,8 @@ class EncoderCache:
 def split_chat_images(conversation: list, image_token: str) -> tuple[list, list]:
     """OpenAI-style content parts with images (`{"type": "image_url", "image_url": {"url": ...}}`, also
     `{"type": "image", "image": ...}` / `"image_pil"`): the conversation with each message's parts joined into
-    one string, every image replaced by the model's image token, and the images in order. http(s) URLs are not
-    fetched here (ValueError): pass a data: URL or the image itself."""
+    one string, every image replaced by the model's image token, and the images in order (data: or http(s) URL
+    strings as given: `load_image` decodes or fetches them). The offline LLM.chat and the server both use it."""
     out, images = [], []
     for msg in conversation:
         content = msg.get("content") if isinstance(msg, dict) else None
@@ -142,15 +213,17 @@ def split_chat_images(conversation: list, image_token: str) -> tuple[list, list]
         texts = []
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text":
-                texts.append(part.get("text", ""))
-            elif kind == "image_url":
+            if kind in ("text", "input_text", "output_text"):
+                if not isinstance(part.get("text"), str):
+                    raise ValueError(f"a {kind} part needs a text string")
+                texts.append(part["text"])
+            elif kind in ("image_url", "input_image"):  # input_image: the Responses API's, a bare URL string
                 url = part.get("image_url")
                 url = url.get("url") if isinstance(url, dict) else url
                 if not isinstance(url, str):
                     raise ValueError("an image_url part needs image_url.url")
-                if url.startswith(("http://", "https://")):
-                    raise ValueError("image URLs are not fetched here: give the image as a data: URL")
+                if not url.startswith(("data:", "http://", "https://")):
+                    raise ValueError("an image_url must be a data: URL or an http(s) URL")
                 images.append(url)
                 texts.append(image_token)
             elif kind in ("image", "image_pil"):

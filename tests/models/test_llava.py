@@ -1,48 +1,22 @@
 """LLaVA 1.5 against Transformers on a tiny random checkpoint: greedy tokens for one image, two images and text
 alone in one batch; the image in the prefix-cache key; a bad image fails its own request."""
 import base64
-import io
 
-import numpy as np
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 PIL = pytest.importorskip("PIL.Image")
 
-from tests.conftest import DEFAULT_GGUF, default_model_dir  # noqa: E402
-
-
-def _image(seed: int, size=(40, 30)):
-    rng = np.random.default_rng(seed)
-    return PIL.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+from tests.models.tiny_vlm import data_url as _data_url  # noqa: E402
+from tests.models.tiny_vlm import image as _image  # noqa: E402
+from tests.models.tiny_vlm import make_tiny_llava  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def llava_dir(tmp_path_factory):
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration)
-
     d = tmp_path_factory.mktemp("llava")
-    tok = transformers.AutoTokenizer.from_pretrained(default_model_dir(), gguf_file=DEFAULT_GGUF)
-    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    image_id = tok.convert_tokens_to_ids("<image>")
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=28, patch_size=7, projection_dim=32)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id,
-                      vision_feature_layer=-2, vision_feature_select_strategy="default",
-                      projector_hidden_act="gelu")
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # larger image weights so the image visibly steers the tokens
-        for p in model.model.multi_modal_projector.parameters():
-            p.mul_(4.0)
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(d)
+    model, tok, image_id = make_tiny_llava(d)
     return d, model, tok, image_id
 
 
@@ -91,12 +65,6 @@ def test_llava_greedy_matches_transformers(llava_dir, llm):
                          SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
     assert other[0].outputs[0].token_ids == _hf_greedy(model, tok, image_id, prompts[0][0], [_image(7)], n, proc)
     assert other[0].outputs[0].token_ids != outs[0].outputs[0].token_ids
-
-
-def _data_url(img) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def test_llava_image_in_prefix_cache_key(llm):

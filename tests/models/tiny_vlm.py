@@ -1,0 +1,67 @@
+"""Tiny random vision-language checkpoints built from transformers' config classes, for the VLM tests."""
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import torch
+
+from tests.conftest import DEFAULT_GGUF, default_model_dir
+
+
+def image(seed: int, size=(40, 30)):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def png_bytes(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(img) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(img)).decode()
+
+
+def make_tiny_llava(d):
+    """LLaVA 1.5 (CLIP 28 px / patch 7 -> 16 features per image) on the default model's tokenizer with an added
+    <image> token; saved with its CLIPImageProcessor. Returns (model, tokenizer, image token id)."""
+    import transformers
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration)
+
+    tok = transformers.AutoTokenizer.from_pretrained(default_model_dir(), gguf_file=DEFAULT_GGUF)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_id = tok.convert_tokens_to_ids("<image>")
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=28, patch_size=7, projection_dim=32)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id,
+                      vision_feature_layer=-2, vision_feature_select_strategy="default",
+                      projector_hidden_act="gelu")
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # larger image weights so the image visibly steers the tokens
+        for p in model.model.multi_modal_projector.parameters():
+            p.mul_(4.0)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(d)
+    return model, tok, image_id
+
+
+def hf_greedy_ids(model, ids: list[int], image_id: int, feats: int, pixel_values, n: int) -> list[int]:
+    """Transformers' greedy tokens for prompt ids whose image tokens are expanded here to `feats` each."""
+    ex = []
+    for t in ids:
+        ex += [t] * feats if t == image_id else [t]
+    kw = {} if pixel_values is None else {"pixel_values": pixel_values}
+    out = model.generate(torch.tensor([ex]), attention_mask=torch.ones(1, len(ex), dtype=torch.long),
+                         max_new_tokens=n, do_sample=False, **kw)
+    return out[0, len(ex):].tolist()
