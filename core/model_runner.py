@@ -319,6 +319,8 @@ class ModelRunner:
         return embeds
 
     def _encode_image(self, m) -> torch.Tensor:
+        if m.image_size is not None:  # tiled images (LLaVA-NeXT) cut their padding by the original size
+            return self.model.embed_images(m.pixel_values().to(self.device), image_sizes=[m.image_size])[0]
         return self.model.embed_images(m.pixel_values().to(self.device))[0]
 
     def _logits(self, hidden: torch.Tensor, rows_dev: torch.Tensor, rows: list[int]) -> torch.Tensor:

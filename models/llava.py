@@ -110,6 +110,7 @@ class LlavaForConditionalGeneration(nn.Module):
     `embed_input_ids(ids) -> [T, hidden]` and forward(..., inputs_embeds=[T, hidden])."""
 
     supports_multimodal = True
+    extra_weights: tuple[str, ...] = ()  # further top-level tensors of a subclass (LLaVA-NeXT's image_newline)
 
     def __init__(self, hf_config, platform: Platform, dtype: torch.dtype):
         super().__init__()
@@ -182,8 +183,8 @@ class LlavaForConditionalGeneration(nn.Module):
                     name = name.replace("vision_tower." + part, "vision_tower.")
                 if name.startswith("vision_tower.") and name not in params:
                     continue  # layers past the feature layer, the post layernorm, position ids
-                if name == "vision_tower.position_embedding.weight" or name.startswith("vision_tower.") \
-                        or name.startswith("multi_modal_projector."):
+                if name.startswith("vision_tower.") or name.startswith("multi_modal_projector.") \
+                        or name in self.extra_weights:
                     key = name
                     if key not in params:
                         raise ValueError(f"unexpected checkpoint tensor {name}")

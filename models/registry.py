@@ -34,6 +34,7 @@ _BUILTIN: dict[str, str] = {
     "Qwen2ForSequenceClassification": "pageport.models.llama:LlamaForCausalLM",
     "Qwen3ForSequenceClassification": "pageport.models.llama:LlamaForCausalLM",
     "LlavaForConditionalGeneration": "pageport.models.llava:LlavaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration": "pageport.models.llava_next:LlavaNextForConditionalGeneration",
 }
 
 

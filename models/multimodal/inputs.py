@@ -17,12 +17,14 @@ import numpy as np
 
 class MultiModalInput(msgspec.Struct, array_like=True, gc=False):
     """One image of a prompt, as it travels to the engine core: its placeholder run [offset, offset + length)
-    in the prompt's token ids, the preprocessed pixel values (float32, C order) and their content hash."""
+    in the prompt's token ids, the preprocessed pixel values (float32, C order) and their content hash;
+    `image_size`: the original (height, width) where the model needs it (LLaVA-NeXT's tiles)."""
     offset: int
     length: int
     hash: str
     data: bytes
     shape: list[int]
+    image_size: Optional[list[int]] = None
 
     def pixel_values(self):
         import torch
@@ -131,7 +133,8 @@ def check_mm_limit(count: int, limits: Optional[dict], modality: str = "image") 
 
 class ImageProcessor:
     """The front end's half: the checkpoint's image processor (e.g. CLIPImageProcessor) and the placeholder
-    expansion for an architecture with a fixed number of features per image (LLaVA 1.5)."""
+    expansion: a fixed number of features per image (LLaVA 1.5), or one that depends on the image's size
+    (LLaVA-NeXT's tiles)."""
 
     def __init__(self, model_dir: str, hf_config, limits: Optional[dict] = None):
         from transformers import AutoImageProcessor
@@ -142,7 +145,9 @@ class ImageProcessor:
         self.image_token_id = getattr(hf_config, "image_token_index", None)
         if self.image_token_id is None:
             self.image_token_id = hf_config.image_token_id
-        self.num_features = image_feature_count(hf_config)
+        self.hf_config = hf_config
+        self.anyres = getattr(hf_config, "model_type", None) == "llava_next"
+        self.num_features = None if self.anyres else image_feature_count(hf_config)
         self.limits = parse_mm_limits(limits) or {}
 
     def process(self, token_ids: list[int], mm_data: dict) -> tuple[list[int], list[MultiModalInput]]:
@@ -161,19 +166,33 @@ class ImageProcessor:
         if not images:
             return token_ids, []
         pil = [load_image(im).convert("RGB") for im in images]
-        pixels = np.asarray(self.processor(images=pil, return_tensors="np")["pixel_values"], dtype=np.float32)
+        if self.anyres:
+            items = [self._anyres(im) for im in pil]
+        else:
+            pixels = np.asarray(self.processor(images=pil, return_tensors="np")["pixel_values"], dtype=np.float32)
+            items = [(np.ascontiguousarray(pixels[k:k + 1]), None, self.num_features) for k in range(len(pil))]
         out, mm, k = [], [], 0
         for t in token_ids:
             if t != self.image_token_id:
                 out.append(t)
                 continue
-            px = np.ascontiguousarray(pixels[k:k + 1])
+            px, size, n = items[k]
             data = px.tobytes()
-            digest = hashlib.sha256(data + str(px.shape).encode()).hexdigest()
-            mm.append(MultiModalInput(len(out), self.num_features, digest, data, list(px.shape)))
-            out += [t] * self.num_features
+            digest = hashlib.sha256(data + str(px.shape).encode() + str(size).encode()).hexdigest()
+            mm.append(MultiModalInput(len(out), n, digest, data, list(px.shape), size))
+            out += [t] * n
             k += 1
         return out, mm
+
+    def _anyres(self, img):
+        """One image alone (a batch would pad every image to the most tiles): its tiles, its original size as
+        the processor reports it, and its feature count."""
+        from pageport.models.llava_next import feature_count
+
+        r = self.processor(images=[img], return_tensors="np")
+        px = np.ascontiguousarray(np.asarray(r["pixel_values"], dtype=np.float32)[0])  # [tiles, 3, H, W]
+        size = [int(v) for v in np.asarray(r["image_sizes"])[0]]
+        return px, size, feature_count(self.hf_config, *size)
 
 
 class EncoderCache:

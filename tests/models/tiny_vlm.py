@@ -65,3 +65,37 @@ def hf_greedy_ids(model, ids: list[int], image_id: int, feats: int, pixel_values
     out = model.generate(torch.tensor([ex]), attention_mask=torch.ones(1, len(ex), dtype=torch.long),
                          max_new_tokens=n, do_sample=False, **kw)
     return out[0, len(ex):].tolist()
+
+
+PINPOINTS = [[28, 56], [56, 28], [56, 56], [28, 84]]
+
+
+def make_tiny_llava_next(d):
+    """LLaVA-NeXT: CLIP 28 px tiles of 4 x 4 features, anyres over PINPOINTS, on the default model's tokenizer
+    with an added <image> token; saved with its image processor. Returns (model, tokenizer, image token id)."""
+    import transformers
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextImageProcessor)
+
+    tok = transformers.AutoTokenizer.from_pretrained(default_model_dir(), gguf_file=DEFAULT_GGUF)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_id = tok.convert_tokens_to_ids("<image>")
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=28, patch_size=7, projection_dim=32)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    cfg = LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=image_id,
+                          vision_feature_layer=-2, vision_feature_select_strategy="default",
+                          projector_hidden_act="gelu", image_grid_pinpoints=PINPOINTS)
+    torch.manual_seed(0)
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # larger image weights so the image visibly steers the tokens
+        for p in model.model.multi_modal_projector.parameters():
+            p.mul_(4.0)
+        model.model.image_newline.mul_(8.0)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    LlavaNextImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                            image_grid_pinpoints=PINPOINTS).save_pretrained(d)
+    return model, tok, image_id
