@@ -1,7 +1,8 @@
 """A vision-language model through the OpenAI server (tiny random LLaVA 1.5, openai client on loopback): image_url
 parts as data: URLs and as http URLs (a local http.server) give the offline LLM's and Transformers' greedy tokens,
 streaming too; an undecodable image, an unreachable URL and more images than --limit-mm-per-prompt are 400s in
-OpenAI's error shape while a concurrent text request completes; image parts to a text-only model are 400s."""
+OpenAI's error shape while a concurrent text request completes; image parts to a text-only model are 400s; the
+Responses API's input_image parts."""
 from __future__ import annotations
 
 import asyncio
@@ -207,3 +208,18 @@ def test_image_parts_to_text_model_are_400(server):
         c.chat.completions.create(model=MODEL, messages=_conv(data_url(image(1))), max_tokens=2)
     err = _error(e.value)
     assert "takes no images" in err["message"] and "vision tower" in err["message"] and err["param"] == "messages"
+
+
+def test_responses_input_image(vlm_server):
+    import httpx
+
+    url = data_url(image(1))
+    chat = vlm_server.client.chat.completions.create(model=NAME, messages=_conv(url), max_tokens=N, temperature=0)
+    r = httpx.post(vlm_server.url + "/v1/responses", json={
+        "model": NAME, "max_output_tokens": N, "temperature": 0,
+        "input": [{"role": "user", "content": [{"type": "input_image", "image_url": url},
+                                               {"type": "input_text", "text": "What is in the picture?"}]}]},
+        timeout=60)
+    assert r.status_code == 200, r.text
+    texts = [c["text"] for o in r.json()["output"] if o["type"] == "message" for c in o["content"]]
+    assert chat.choices[0].message.content and "".join(texts) == chat.choices[0].message.content
