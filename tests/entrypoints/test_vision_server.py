@@ -223,3 +223,18 @@ def test_responses_input_image(vlm_server):
     assert r.status_code == 200, r.text
     texts = [c["text"] for o in r.json()["output"] if o["type"] == "message" for c in o["content"]]
     assert chat.choices[0].message.content and "".join(texts) == chat.choices[0].message.content
+
+
+def test_fetch_size_limit_and_timeout(image_host):
+    import socket
+
+    from pageport.models.multimodal.inputs import fetch_url
+
+    assert fetch_url(image_host + "/a.png") == png_bytes(image(5))
+    with pytest.raises(ValueError, match="limit of 100"):
+        fetch_url(image_host + "/a.png", max_bytes=100)
+    with socket.socket() as s:  # listens, never answers: the read times out
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        with pytest.raises(ValueError, match=r"could not be fetched \(timeout 0.5 s\)"):
+            fetch_url(f"http://127.0.0.1:{s.getsockname()[1]}/x.png", timeout=0.5)
