@@ -69,7 +69,7 @@ class InprocClient:
         return True
 
     def shutdown(self) -> None:
-        pass
+        self.core.shutdown()  # tensor-parallel workers, if any
 
 
 class MPClient:

@@ -55,7 +55,12 @@ class EngineConfig:
     compile: bool = _opt(False, "torch.compile the dense parts of each layer where the platform does (CPU: fused "
                                 "C++ kernels from inductor; the first start compiles for ~30-60 s, cached after)")
     num_threads: Optional[int] = _opt(None, "CPU threads (default: OMP_NUM_THREADS or all cores)")
-    tensor_parallel_size: int = _opt(1, "devices to shard the model over")
+    tensor_parallel_size: int = _opt(1, "devices to shard the model over (one process each; on the CPU, gloo "
+                                        "between processes)")
+    distributed_executor_backend: Optional[str] = _opt(None, "uni (the model in the engine core process) | mp "
+                                                             "(a worker process per further rank) | ray; default: "
+                                                             "mp when tensor_parallel_size > 1, else uni",
+                                                       choices=("uni", "mp", "ray"))
     scheduling_policy: str = _opt("fcfs", "fcfs | priority", choices=("fcfs", "priority"))
     max_logprobs: int = _opt(20, "most logprobs a request may ask for (-1: no limit, needed for logprobs=-1)")
     logits_processors: Optional[list] = _opt(None, "custom logits-processor classes (vLLM's LogitsProcessor "
@@ -68,6 +73,12 @@ class EngineConfig:
     limit_mm_per_prompt: Optional[Union[str, dict]] = _opt(None, "vision models: the most images one prompt may "
                                                                  "carry, JSON as vLLM's: {\"image\": 2} (default: "
                                                                  "no limit)")
+    # multi-LoRA: core/lora.py, models/lora/
+    enable_lora: bool = _opt(False, "serve PEFT LoRA adapters of this model (LLM.generate(lora_request=...), "
+                                    "--lora-modules)")
+    max_loras: int = _opt(1, "adapters resident on the device at once (and in one step)")
+    max_lora_rank: int = _opt(16, "largest adapter rank accepted")
+    max_cpu_loras: Optional[int] = _opt(None, "adapters kept read on the host (default: max_loras)")
     # pooling models (embeddings, classification, scoring): core/pooling.py
     runner: str = _opt("auto", "generate | pooling (embeddings, classification, scores); auto: pooling for encoder "
                                "architectures (BERT, RoBERTa, XLM-R) and --convert embed|classify|reward",
@@ -88,8 +99,23 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in _KV_DTYPES:
             raise ValueError(f"unknown kv_cache_dtype {self.kv_cache_dtype!r}; choose auto, {', '.join(_KV_DTYPES)}")
-        if self.tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1 is not supported yet")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.distributed_executor_backend is None:  # as vLLM: one process unless the model is sharded
+            self.distributed_executor_backend = "mp" if self.tensor_parallel_size > 1 else "uni"
+        if self.distributed_executor_backend not in ("uni", "mp", "ray"):
+            raise ValueError(f"unknown distributed_executor_backend {self.distributed_executor_backend!r}; "
+                             f"choose uni, mp or ray")
+        if self.distributed_executor_backend == "uni" and self.tensor_parallel_size > 1:
+            raise ValueError("distributed_executor_backend='uni' runs one process: tensor_parallel_size "
+                             f"{self.tensor_parallel_size} needs 'mp' (or 'ray')")
+        if self.enable_lora:
+            if self.max_loras < 1 or self.max_lora_rank < 1:
+                raise ValueError("max_loras and max_lora_rank must be >= 1")
+            if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+                raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+            if self.tensor_parallel_size > 1:  # the LoRA layers wrap whole projections, not shards (yet)
+                raise ValueError("enable_lora does not work with tensor_parallel_size > 1 yet")
         if self.speculative_config is not None:  # checked here; kept as a dict (it crosses to the core process)
             from pageport.core.spec_decode.config import SpeculativeConfig
             self.speculative_config = dataclasses.asdict(SpeculativeConfig.parse(self.speculative_config))

@@ -30,10 +30,11 @@ import msgspec
 import torch
 
 from pageport.core.config import EngineConfig
+from pageport.core.executor import ExecutorError, make_executor
 from pageport.core.kv_cache import KVCacheManager
 from pageport.core.logits_processors import build_logits_processors
 from pageport.core.logits_processors import needs_host_state as _needs_host_tokens  # bad words, processors
-from pageport.core.model_runner import ModelRunner, StepOutput
+from pageport.core.model_runner import StepOutput
 from pageport.core.outputs import Logprob
 from pageport.core.request import _FINISHED, Request, RequestStatus
 from pageport.core.sampling_params import SamplingParams
@@ -56,6 +57,7 @@ class CoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=False)
     owner: Optional[str] = None  # requests of one owner share its fair share of seats
     gate: Optional[str] = None  # n > 1: a sibling whose prompt blocks this one waits for
     mm_inputs: Optional[list[MultiModalInput]] = None  # images, their placeholder runs and hashes
+    lora: Optional[list] = None  # its LoRA adapter: [name, id, path] (core/lora.py)
 
 
 class AddRequests(msgspec.Struct, tag="add", array_like=True, gc=False):
@@ -140,25 +142,21 @@ class EngineCore:
         self.platform.check_config(config)
         self.platform.seed(config.seed)
 
-        from pageport.models import load_model
-        loaded = load_model(config, self.platform)
+        # uni: the model runner here; mp: this process is rank 0 of a tensor-parallel group (core/executor/)
+        self.executor = make_executor(config, self.platform)
         t_load = time.perf_counter()
-        self.loaded = loaded
-        if config.max_num_batched_tokens is None:
-            budget = self.platform.default_max_num_batched_tokens
-            config.max_num_batched_tokens = budget if config.enable_chunked_prefill else max(
-                budget, config.max_model_len)
-        self.runner = ModelRunner(config, self.platform, loaded.model)
+        self.loaded = loaded = self.executor.loaded
+        self.runner = self.executor.runner  # rank 0's: its sampler, logits hook and graphs are the core's
         # custom logits processors (LLM(logits_processors=[...])): the sampler drives them every step
         self.runner.sampler.logits_processors = build_logits_processors(config, self.platform.device)
-        num_blocks = self.runner.profile_num_blocks()
+        num_blocks = self.executor.profile_num_blocks()
         t_profile = time.perf_counter()
         capacity = (num_blocks - 1) * config.block_size
         if capacity < config.max_model_len:
             logger.warning("the KV cache holds %d tokens; max_model_len lowered from %d", capacity,
                            config.max_model_len)
             config.max_model_len = capacity
-        self.runner.allocate_kv_cache(num_blocks)
+        self.executor.allocate_kv_cache(num_blocks)
         t_kv = time.perf_counter()
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
@@ -166,6 +164,10 @@ class EngineCore:
         self.requests: dict[str, Request] = {}
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else self.runner.async_copies)
+        if self.executor.world_size > 1 and self.async_scheduling:
+            # the workers take each step's input ids from the host: a token still on rank 0's device is not theirs
+            logger.info("tensor parallelism: asynchronous scheduling turned off")
+            self.async_scheduling = False
         self.proposer = None  # speculative decoding: proposals need every token on the host, so steps are synchronous
         if config.speculative_config is not None:
             from pageport.core.spec_decode import NgramProposer
@@ -186,6 +188,8 @@ class EngineCore:
                     "scheduling %s", loaded.source, self.platform.name, num_blocks - 1, config.block_size,
                     capacity, capacity / config.max_model_len, config.max_model_len,
                     "on" if self.async_scheduling else "off")
+        if self.executor.world_size > 1:
+            logger.info("world: %s", self.executor.layout())
         logger.info("start-up: load %.2f s, profile %.2f s, KV cache + graphs %.2f s", t_load - t0,
                     t_profile - t_load, t_kv - t_profile)
 
@@ -288,7 +292,7 @@ class EngineCore:
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         self.scheduler.finish(req, status)
-        self.runner.release(req.request_id)
+        self.executor.release(req.request_id)
         self.requests.pop(req.request_id, None)
         self._num_sync -= req.sync
         if req.grammar:
@@ -308,14 +312,14 @@ class EngineCore:
             self._inflight = None
         sched = self.scheduler.schedule()
         for victim in sched.preempted:
-            self.runner.release(victim.request_id)
+            self.executor.release(victim.request_id)
         launched = None
         if sched:
             ev = None
             if self._timing:
                 ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                 ev[0].record()
-            launched = self.runner.execute(sched, self.kv, self._inflight)
+            launched = self.executor.execute_model(sched, self.kv, self._inflight)
             if ev is not None:
                 ev[1].record()
                 launched.timing = ev
@@ -444,6 +448,18 @@ class EngineCore:
             self._finish(req, status)
         return o
 
+    def fail_all(self, error: str) -> list[CoreOutput]:
+        """Every request held here fails with `error`: the executor is gone, so nothing more can run."""
+        outputs = [o for o in self._early]
+        outputs += [CoreOutput(rid, finish_reason="error", error=error) for rid in self.requests]
+        self._early, self._inflight = [], None
+        return outputs
+
+    def shutdown(self) -> None:
+        executor = getattr(self, "executor", None)  # the pooling core has none
+        if executor is not None:
+            executor.shutdown()
+
     # utilities ------------------------------------------------------------------------------------------
     def stats(self) -> CoreStats:
         s, sched, kv = self.counters, self.scheduler, self.kv
@@ -561,6 +577,9 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, par
         _loop(core, inbox, outbox)
     except BaseException:  # noqa: BLE001 - an engine fault: the front end sees the process end
         logger.exception("the engine core died")
+        outbox.put(None)  # what is queued (the requests a dead worker failed) still reaches the front end
+        writer.join(5)
+        core.shutdown()
         os._exit(1)
     if prof is not None:
         prof.disable()
@@ -568,6 +587,7 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, par
     outbox.put(None)
     writer.join(5)
     out_sock.close()
+    core.shutdown()
     os._exit(0)
 
 
@@ -592,6 +612,10 @@ def _loop(core: EngineCore, inbox: queue.SimpleQueue, outbox: queue.SimpleQueue)
                 outbox.put(CoreOutputs(stats=core.stats(), call_id=msg.call_id, result=result))
             elif isinstance(msg, Shutdown):
                 return
-        outputs = core.step() if core.has_work() else []
+        try:
+            outputs = core.step() if core.has_work() else []
+        except ExecutorError as e:  # a rank failed: every request fails with why, then the core ends
+            outbox.put(CoreOutputs(core.fail_all(str(e)), core.stats()))
+            raise
         if outputs or aborted:  # after an abort the front end hears of the blocks that came back
             outbox.put(CoreOutputs(outputs, core.stats()))

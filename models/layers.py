@@ -22,17 +22,19 @@ from pageport.platforms.ops import Ops
 
 # Tensor parallelism ---------------------------------------------------------------------------
 _TP_RANK, _TP_SIZE = 0, 1
+_ALL_REDUCE = None  # the platform's sum over the group (in place), when it has its own
 
 
-def set_tensor_parallel(rank: int, size: int) -> None:
+def set_tensor_parallel(rank: int, size: int, all_reduce=None) -> None:
     """Set this process's place in the tensor-parallel group before building a model.
 
-    Only (0, 1) is exercised today; the layers shard and reduce accordingly otherwise.
+    The executor (core/executor/) calls it in every rank's process once torch.distributed is up;
+    `all_reduce(tensor)` sums in place over the group (default: torch.distributed.all_reduce).
     """
-    global _TP_RANK, _TP_SIZE
+    global _TP_RANK, _TP_SIZE, _ALL_REDUCE
     if not 0 <= rank < size:
         raise ValueError(f"tensor-parallel rank {rank} is outside a group of {size}")
-    _TP_RANK, _TP_SIZE = rank, size
+    _TP_RANK, _TP_SIZE, _ALL_REDUCE = rank, size, all_reduce
 
 
 def get_tensor_parallel() -> tuple[int, int]:
@@ -42,7 +44,7 @@ def get_tensor_parallel() -> tuple[int, int]:
 
 def _all_reduce(x: torch.Tensor) -> torch.Tensor:
     if _TP_SIZE > 1:
-        torch.distributed.all_reduce(x)
+        (_ALL_REDUCE or torch.distributed.all_reduce)(x)
     return x
 
 

@@ -140,6 +140,13 @@ class Platform:
     def empty_cache(self) -> None:
         pass
 
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum `x` in place over the tensor-parallel group (after each row-parallel linear). A platform with
+        a faster collective (a custom all-reduce kernel) overrides it; the group is torch.distributed's,
+        made with `dist_backend` by the executor."""
+        torch.distributed.all_reduce(x)
+        return x
+
     # configuration --------------------------------------------------------------
     def check_config(self, config: "EngineConfig") -> None:
         """Validate and fill platform-dependent options in place (dtype, block size...)."""

@@ -1,0 +1,87 @@
+"""Executors: where the model runs, and how the engine core drives it.
+
+The engine core calls the same few methods whatever the backend, so one code path serves them all:
+
+    executor.loaded, executor.runner    the model and model runner of rank 0 (in the core process)
+    profile_num_blocks() -> int          KV-cache blocks that every rank can hold
+    allocate_kv_cache(num_blocks)
+    execute_model(sched, kv, prev) -> StepOutput   one step; rank 0's sampled ids
+    release(request_id)                  the request left the running set
+    shutdown()
+
+`uni` (`UniExecutor`): the model runner in the core process, as with one device. `mp`
+(`core/executor/mp.py`): a tensor-parallel group of `tensor_parallel_size` processes over torch.distributed with
+the platform's `dist_backend` (gloo on the CPU); the core process is rank 0 and spawns a worker per further
+rank. `ray` is refused: Ray is not a dependency (yet).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from pageport.core.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+
+class ExecutorError(RuntimeError):
+    """A rank other than this one failed or died: the step cannot complete, nor can any later one."""
+
+
+def build_runner(config: EngineConfig, platform):
+    """Load the model (this rank's shards) and make its runner; fills config.max_model_len and the step's token
+    budget. The same in the core process and in every worker, so all ranks agree on both."""
+    from pageport.core.model_runner import ModelRunner
+    from pageport.models import load_model
+
+    loaded = load_model(config, platform)
+    if config.max_num_batched_tokens is None:
+        budget = platform.default_max_num_batched_tokens
+        config.max_num_batched_tokens = budget if config.enable_chunked_prefill else max(budget, config.max_model_len)
+    return loaded, ModelRunner(config, platform, loaded.model)
+
+
+class UniExecutor:
+    """One process: the runner lives in the engine core."""
+
+    world_size = 1
+
+    def __init__(self, config: EngineConfig, platform):
+        self.config, self.platform = config, platform
+        self.loaded, self.runner = build_runner(config, platform)
+
+    def layout(self) -> str:
+        """The world layout, for the start-up log."""
+        return f"1 process ({self.platform.name})"
+
+    def profile_num_blocks(self) -> int:
+        return self.runner.profile_num_blocks()
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.runner.allocate_kv_cache(num_blocks)
+
+    def execute_model(self, sched, kv, prev=None):
+        return self.runner.execute(sched, kv, prev)
+
+    def release(self, request_id: str) -> None:
+        self.runner.release(request_id)
+
+    def shutdown(self) -> None:
+        pass
+
+
+def make_executor(config: EngineConfig, platform) -> UniExecutor:
+    """The executor `config.distributed_executor_backend` names (EngineConfig settles auto: mp when
+    tensor_parallel_size > 1)."""
+    backend: Optional[str] = config.distributed_executor_backend or "uni"
+    if backend == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise ValueError("distributed_executor_backend='ray' needs Ray, which is not installed; use 'mp' "
+                             "(one host)") from None
+        raise ValueError("distributed_executor_backend='ray' is not implemented yet; use 'mp' (one host)")
+    if backend == "mp":
+        from pageport.core.executor.mp import MultiprocExecutor
+        return MultiprocExecutor(config, platform)
+    return UniExecutor(config, platform)
