@@ -86,11 +86,14 @@ class LoRAModel:
             from pageport.models.llama import post_attention, pre_attention
             inner.pre, inner.post = pre_attention, post_attention
 
-    def set_token_index(self, index: Optional[torch.Tensor]) -> None:
+    def set_token_index(self, index: Optional[torch.Tensor], slots: Optional[list[int]] = None) -> None:
+        """The step's per-token slot; `slots`: its nonzero slots when the caller knows them (no device read)."""
         if index is None:
             self.state.index, self.state.slots = None, []
             return
-        slots = sorted(int(s) for s in torch.unique(index).tolist() if s)
+        if slots is None:
+            slots = sorted(int(s) for s in torch.unique(index).tolist() if s)
+        slots = [s for s in slots if s]
         self.state.index, self.state.slots = (index if slots else None), slots
 
     def clear(self, slot: int) -> None:
@@ -158,9 +161,12 @@ class LoRAModel:
         return out
 
     def load(self, slot: int, path: str) -> None:
+        self.write(slot, self.read(path))  # validated before the slot is touched
+
+    def write(self, slot: int, weights: dict[str, list]) -> None:
+        """Fill a slot with what `read` returned (the engine keeps that on the host between loads)."""
         if not 1 <= slot <= self.max_loras:
             raise ValueError(f"LoRA slot {slot} is outside 1..{self.max_loras}")
-        weights = self.read(path)  # validated before the slot is touched
         self.clear(slot)
         R = self.max_rank
         for name, parts in weights.items():
