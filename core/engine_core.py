@@ -456,7 +456,7 @@ class EngineCore:
         return outputs
 
     def shutdown(self) -> None:
-        executor = getattr(self, "executor", None)  # the pooling core has none
+        executor = getattr(self, "executor", None)  # None when start-up failed before it was made
         if executor is not None:
             executor.shutdown()
 

@@ -23,6 +23,7 @@ import torch
 
 from pageport.core.config import EngineConfig
 from pageport.core.engine_core import CoreOutput, CoreRequest, CoreStats, EngineCore
+from pageport.core.executor import UniExecutor
 from pageport.core.kv_cache import KVCacheManager
 from pageport.core.pooling import (PoolerConfig, PoolingParams, check_dimensions, classification_activation,
                                    finish_embedding, pool, resolve_pooler_config,
@@ -235,6 +236,7 @@ class PoolingEngineCore(EngineCore):
         if not self.tasks:
             raise ValueError(f"convert={config.convert!r}: this model has no classification head")
         self.runner = PoolingModelRunner(config, self.platform, model, self.pooler)
+        self.executor = UniExecutor(config, self.platform, (loaded, self.runner))  # the core's release/shutdown
         num_blocks = self.runner.num_blocks()
         self.runner.allocate_kv_cache(num_blocks)
         self.kv = KVCacheManager(num_blocks, config.block_size, False)

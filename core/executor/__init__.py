@@ -46,9 +46,10 @@ class UniExecutor:
 
     world_size = 1
 
-    def __init__(self, config: EngineConfig, platform):
+    def __init__(self, config: EngineConfig, platform, built=None):
         self.config, self.platform = config, platform
-        self.loaded, self.runner = build_runner(config, platform)
+        # built: (loaded, runner) a core made itself (the pooling core's runner)
+        self.loaded, self.runner = built or build_runner(config, platform)
 
     def layout(self) -> str:
         """The world layout, for the start-up log."""
