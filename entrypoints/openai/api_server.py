@@ -230,7 +230,11 @@ def _errors(*statuses: int) -> dict:
 
 
 _POST_ERRORS = _errors(400, 401, 404, 408, 413, 503)
-_SSE = {"text/event-stream": {"schema": {"type": "string", "description": "server-sent events when stream=true"}}}
+# OpenAPI 3.0/3.1: an event stream's schema describes one event (its fields), not the body as a whole
+_SSE = {"text/event-stream": {"schema": {
+    "type": "object", "description": "one server-sent event when stream=true: data is a JSON chunk or [DONE]",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
+                   "retry": {"type": "integer"}}, "required": ["data"]}}}
 
 
 def _openapi(app: FastAPI) -> dict:
