@@ -27,12 +27,10 @@ def data_url(img) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(img)).decode()
 
 
-def make_tiny_llava(d):
-    """LLaVA 1.5 (CLIP 28 px / patch 7 -> 16 features per image) on the default model's tokenizer with an added
-    <image> token; saved with its CLIPImageProcessor. Returns (model, tokenizer, image token id)."""
+def _parts(max_positions: int):
+    """The default model's tokenizer with an added <image> token, a tiny CLIP tower and a tiny Llama decoder."""
     import transformers
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration)
+    from transformers import CLIPVisionConfig, LlamaConfig
 
     tok = transformers.AutoTokenizer.from_pretrained(default_model_dir(), gguf_file=DEFAULT_GGUF)
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
@@ -40,16 +38,30 @@ def make_tiny_llava(d):
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                               image_size=28, patch_size=7, projection_dim=32)
     text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id,
-                      vision_feature_layer=-2, vision_feature_select_strategy="default",
-                      projector_hidden_act="gelu")
+    return tok, image_id, vision, text
+
+
+def _seeded_model(cls, cfg):
     torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(cfg).eval()
+    model = cls(cfg).eval()
     with torch.no_grad():  # larger image weights so the image visibly steers the tokens
         for p in model.model.multi_modal_projector.parameters():
             p.mul_(4.0)
+    return model
+
+
+def make_tiny_llava(d):
+    """LLaVA 1.5 (CLIP 28 px / patch 7 -> 16 features per image) on the default model's tokenizer with an added
+    <image> token; saved with its CLIPImageProcessor. Returns (model, tokenizer, image token id)."""
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration
+
+    tok, image_id, vision, text = _parts(max_positions=512)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id,
+                      vision_feature_layer=-2, vision_feature_select_strategy="default",
+                      projector_hidden_act="gelu")
+    model = _seeded_model(LlavaForConditionalGeneration, cfg)
     model.save_pretrained(d)
     tok.save_pretrained(d)
     CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(d)
@@ -73,26 +85,14 @@ PINPOINTS = [[28, 56], [56, 28], [56, 56], [28, 84]]
 def make_tiny_llava_next(d):
     """LLaVA-NeXT: CLIP 28 px tiles of 4 x 4 features, anyres over PINPOINTS, on the default model's tokenizer
     with an added <image> token; saved with its image processor. Returns (model, tokenizer, image token id)."""
-    import transformers
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
-                              LlavaNextImageProcessor)
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor
 
-    tok = transformers.AutoTokenizer.from_pretrained(default_model_dir(), gguf_file=DEFAULT_GGUF)
-    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    image_id = tok.convert_tokens_to_ids("<image>")
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=28, patch_size=7, projection_dim=32)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    tok, image_id, vision, text = _parts(max_positions=1024)
     cfg = LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=image_id,
                           vision_feature_layer=-2, vision_feature_select_strategy="default",
                           projector_hidden_act="gelu", image_grid_pinpoints=PINPOINTS)
-    torch.manual_seed(0)
-    model = LlavaNextForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # larger image weights so the image visibly steers the tokens
-        for p in model.model.multi_modal_projector.parameters():
-            p.mul_(4.0)
+    model = _seeded_model(LlavaNextForConditionalGeneration, cfg)
+    with torch.no_grad():
         model.model.image_newline.mul_(8.0)
     model.save_pretrained(d)
     tok.save_pretrained(d)
