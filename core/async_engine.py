@@ -98,6 +98,8 @@ class RequestStream:
         if w is not None and not w.done():
             w.set_result(None)
 
+    fail = _put  # end the stream with an error (on its loop): the consumer's next read raises it
+
     def _record(self, out: RequestOutput, t: float) -> None:
         if not isinstance(out, RequestOutput):
             return  # a pooling output: no tokens, no inter-token latencies
@@ -215,6 +217,7 @@ class AsyncLLMEngine:
         with self._lock:
             self._stopped = True
             self._inbox.put((_STOP,))
+        self._wake()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
@@ -242,6 +245,12 @@ class AsyncLLMEngine:
             if self._stopped:
                 raise EngineDeadError("the engine is shut down")
             self._inbox.put(cmd)
+        self._wake()
+
+    def _wake(self) -> None:  # the engine thread may be waiting for the core's outputs: let it take the command
+        wake = getattr(getattr(self.engine, "client", None), "wake", None)
+        if wake is not None:
+            wake()
 
     async def add_request(self, prompt, params: SamplingParams, request_id: Optional[str] = None, *,
                           priority: int = 0, arrival_time: Optional[float] = None,
@@ -336,8 +345,8 @@ class AsyncLLMEngine:
                             engine.abort_request(stream.engine_id)
                             aborted = True
                 if engine.has_unfinished_requests() or aborted:
-                    # short waits for the core's outputs, so new commands are taken promptly
-                    outputs = engine.step(timeout=0.002)  # an aborted group is reported once by step()
+                    # a new command ends the wait early (client.wake), so it is taken promptly
+                    outputs = engine.step(timeout=0.1)  # an aborted group is reported once by step()
                     steps += 1
                     t = time.monotonic()
                     if outputs:

@@ -65,6 +65,9 @@ class InprocClient:
     def call(self, name: str, *args) -> Any:
         return getattr(self.core, name)(*args)
 
+    def wake(self) -> None:  # get_outputs never blocks here
+        pass
+
     def is_alive(self) -> bool:
         return True
 
@@ -87,6 +90,15 @@ class MPClient:
         self._output = self._ctx.socket(zmq.PULL)
         self._output.setsockopt(zmq.LINGER, 0)
         self._output.bind(out_addr)
+        # a wait for outputs also ends when another thread has news for the waiter (wake): no polling loop
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._outputs_only = zmq.Poller()
+        self._outputs_only.register(self._output, zmq.POLLIN)
+        self._outputs_or_wake = zmq.Poller()
+        self._outputs_or_wake.register(self._output, zmq.POLLIN)
+        self._outputs_or_wake.register(self._wake_r, zmq.POLLIN)
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(CoreOutputs)
         self._calls = itertools.count()
@@ -101,7 +113,8 @@ class MPClient:
         level = logging.getLogger("pageport").getEffectiveLevel()
         self.proc.stdin.write(pickle.dumps((config, in_addr, out_addr, os.getpid(), level)))
         self.proc.stdin.close()
-        self._finalizer = weakref.finalize(self, _stop, self.proc, self._input, self._output, self._ctx, self._dir)
+        self._finalizer = weakref.finalize(self, _stop, self.proc, self._input, self._output, self._ctx, self._dir,
+                                           (self._wake_r, self._wake_w))
         msg = self._recv(None)
         status, *rest = pickle.loads(msg.ready)
         if status != "ok":
@@ -123,16 +136,29 @@ class MPClient:
             raise EngineDeadError(self._dead)
 
     def _recv(self, timeout: Optional[float]) -> Optional[CoreOutputs]:
-        """The next message; None after `timeout` seconds (None: wait for ever, watching the process)."""
+        """The next message; None after `timeout` seconds or on `wake()` (None: wait for ever, watching the
+        process, deaf to wakes)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        poller = self._outputs_only if timeout is None else self._outputs_or_wake
         while True:
             wait = 100 if deadline is None else max(0, min(100, int((deadline - time.monotonic()) * 1000)))
-            if self._output.poll(wait):
+            events = dict(poller.poll(wait))
+            if self._output in events:
                 return self._decoder.decode(self._output.recv(copy=False).buffer)
+            if self._wake_r in events:
+                _drain(self._wake_r)
+                return None
             if self.proc.poll() is not None:
                 self._check()
             if deadline is not None and time.monotonic() >= deadline:
                 return None
+
+    def wake(self) -> None:
+        """End a `get_outputs` wait in progress (or the next one) early; callable from any thread."""
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):  # already pending, or closed at shutdown
+            pass
 
     # calls ---------------------------------------------------------------------------------------------------
     def add(self, requests: list[CoreRequest]) -> None:
@@ -170,7 +196,15 @@ class MPClient:
         self._finalizer()
 
 
-def _stop(proc: subprocess.Popen, input_sock, output_sock, ctx, tmpdir) -> None:
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def _stop(proc: subprocess.Popen, input_sock, output_sock, ctx, tmpdir, wake_fds) -> None:
     try:
         if proc.poll() is None:
             try:
@@ -188,4 +222,6 @@ def _stop(proc: subprocess.Popen, input_sock, output_sock, ctx, tmpdir) -> None:
         input_sock.close(linger=0)
         output_sock.close(linger=0)
         ctx.term()
+        for fd in wake_fds:
+            os.close(fd)
         shutil.rmtree(tmpdir, ignore_errors=True)

@@ -292,7 +292,7 @@ class LLMEngine:
             if c.params.output_kind == "delta":
                 text, start = c.detokenizer.get_delta(c.is_finished), c.num_sent_tokens
                 c.num_sent_tokens = c.num_output_tokens
-                token_ids = c.output_token_ids[start:]
+                token_ids = c.token_ids[c.num_prompt_tokens + start:]
                 logprobs = c.logprobs[start:] if c.logprobs is not None else None
             else:
                 text, token_ids, logprobs = c.detokenizer.output_text, c.output_token_ids, c.logprobs
