@@ -4,9 +4,11 @@ twin produced (max_tokens = that length, EOS ignored), so both runs do the same 
 only by the grammar (compile, mask fill, mask apply, synchronous steps). Runs alternate (C, F, C, F, ...) over
 `--repeats`; the ratio is the median of the per-repeat ratios. Also the schema's cold compile time.
 
-    OMP_NUM_THREADS=1 python benchmarks/cpu_structured_vs_free.py --threads 1
+    OMP_NUM_THREADS=1 python benchmarks/structured_vs_free.py --threads 1        # the default model, on this CPU
+    python benchmarks/structured_vs_free.py --device cuda --model DIR --out benchmarks/results/h200_structured.json
 
-Writes benchmarks/results/cpu_structured_vs_free.json.
+Writes benchmarks/results/cpu_structured_vs_free.json unless --out says otherwise. With a random-weight --model the
+grammar still makes every constrained output valid JSON; the free twins copy their lengths as always.
 """
 from __future__ import annotations
 
@@ -52,6 +54,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=96, help="the constrained requests' limit")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default=None, help="a model folder (default: the default model)")
+    ap.add_argument("--dtype", default="auto")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu_structured_vs_free.json"))
     args = ap.parse_args()
 
@@ -59,7 +64,9 @@ def main() -> None:
 
     from pageport import LLM, SamplingParams, StructuredOutputsParams
 
-    llm = LLM(device="cpu", max_num_seqs=args.requests, max_model_len=1024, num_threads=args.threads)
+    kwargs = {"num_threads": args.threads} if args.device == "cpu" else {}
+    llm = LLM(model=args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.requests, max_model_len=1024,
+              **kwargs)
     convs = [[{"role": "user", "content": f"Describe {TOPICS[i % len(TOPICS)]} as JSON (name, age, city, hobbies)."}]
              for i in range(args.requests)]
     so = SamplingParams(temperature=0, max_tokens=args.max_tokens, structured_outputs=StructuredOutputsParams(json=PERSON))
@@ -90,13 +97,18 @@ def main() -> None:
                        "ratio": (c_tokens / c_s) / (f_tokens / f_s)})
         print(json.dumps(trials[-1]), flush=True)
 
-    result = {"host": platform.node(), "cpu_count": os.cpu_count(), "threads": args.threads,
-              "model": "SmolLM2-135M-Instruct (default)", "dtype": str(llm.config.dtype), "requests": args.requests,
+    machine = llm.engine.platform_name
+    if args.device != "cpu":
+        import torch
+        machine = torch.cuda.get_device_name() if torch.cuda.is_available() else machine
+    result = {"host": platform.node(), "machine": machine, "cpu_count": os.cpu_count(), "threads": args.threads,
+              "model": args.model or "SmolLM2-135M-Instruct (default)", "dtype": str(llm.config.dtype), "requests": args.requests,
               "schema": PERSON, "compile_cold_ms": cold_ms,
               "ratio_median": statistics.median(t["ratio"] for t in trials),
               "json_schema_tok_s_median": statistics.median(t["json_schema"]["output_tok_s"] for t in trials),
               "free_tok_s_median": statistics.median(t["free"]["output_tok_s"] for t in trials),
-              "note": "shared 2-core VM: other jobs ran during the measurement (load averages per trial)",
+              "note": ("shared 2-core VM: other jobs ran during the measurement (load averages per trial)"
+                       if args.device == "cpu" else "one process on the machine"),
               "trials": trials}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -178,6 +178,7 @@ class EngineCore:
                 logger.info("speculative decoding: asynchronous scheduling turned off")
             self.async_scheduling = False
         self._inflight: Optional[StepOutput] = None
+        self._prev: Optional[StepOutput] = None  # the step in flight while the next one launches
         self._early: list[CoreOutput] = []  # failures found when a request was added
         self._num_sync = 0  # running requests whose sampling needs their whole history on the host
         self._timing = False  # device events around every step (the step profile)
@@ -253,13 +254,33 @@ class EngineCore:
         return self._grammars
 
     def _constrain(self, logits: torch.Tensor, requests: list[Request]) -> None:
-        """Mask each constrained row's logits to the tokens its grammar allows next."""
+        """Mask each constrained row's logits to the tokens its grammar allows next. Called between this step's
+        forward pass and its sampling: the previous step's tokens are taken into the grammars first (`_prev`,
+        under asynchronous scheduling), while the device runs this step's forward pass."""
+        if self._prev is not None:
+            self._accept_early(self._prev)
         if not any(r.grammar for r in requests):
             return
         from pageport.core.structured_output import apply_bitmask
         mask = self._grammars.bitmask([r.request_id if r.grammar else None for r in requests])
         if mask is not None:
-            apply_bitmask(logits, mask.to(logits.device, non_blocking=True))
+            apply_bitmask(logits, mask)  # it moves the mask to the logits' device
+
+    def _accept_early(self, prev: StepOutput) -> None:
+        if prev.grammar_goes_on is not None:
+            return
+        rows = [j for j, r in enumerate(prev.requests)
+                if r.grammar and r.status not in _FINISHED and not (prev.spec and j in prev.spec)]
+        prev.grammar_goes_on = {}
+        if rows:
+            tokens = prev.token_list()  # that step's samples: ahead of this step's work on the device
+            for j in rows:
+                prev.grammar_goes_on[j] = self._grammar_goes_on(prev.requests[j], tokens[j])
+
+    def _grammar_goes_on(self, req: Request, tok: int) -> bool:
+        """Advance the request's grammar by its sampled token: False once the grammar is complete (or, never
+        expected, refused the token)."""
+        return self._grammars.accept(req.request_id, [tok]) and not self._grammars.is_terminated(req.request_id)
 
     def _admit_compiled(self) -> list[CoreOutput]:
         failed, still = [], []
@@ -271,10 +292,7 @@ class EngineCore:
                 failed.append(CoreOutput(req.request_id, finish_reason="error", error=error))
                 self._finish(req, RequestStatus.FINISHED_ERROR)
             elif self._grammars.is_ready(req.request_id):
-                if not req.sync:  # each step's mask needs the token before it on the host
-                    req.sync = True
-                    self._num_sync += 1
-                self.scheduler.add(req)
+                self.scheduler.add(req)  # its masks take the previous step's token in _constrain
             else:
                 still.append(req)
         self._compiling = still
@@ -319,7 +337,9 @@ class EngineCore:
             if self._timing:
                 ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                 ev[0].record()
+            self._prev = self._inflight  # for _constrain, during this step's launch
             launched = self.executor.execute_model(sched, self.kv, self._inflight)
+            self._prev = None
             if ev is not None:
                 ev[1].record()
                 launched.timing = ev
@@ -397,8 +417,8 @@ class EngineCore:
                 o.num_cached_tokens = req.num_cached_tokens
                 o.first_scheduled_time = req.first_scheduled_time or -1.0
             p = req.params
-            if req.grammar and not (self._grammars.accept(req.request_id, [tok])
-                                    and not self._grammars.is_terminated(req.request_id)):
+            if req.grammar and not (out.grammar_goes_on[j] if out.grammar_goes_on and j in out.grammar_goes_on
+                                    else self._grammar_goes_on(req, tok)):
                 # the grammar is complete (or, never expected, refused the token): the output ends here
                 o.finish_reason = "stop"
                 o.stop_reason = None if tok == req.eos_token_id else tok

@@ -43,6 +43,7 @@ class StepOutput:
     timing: Optional[tuple] = None  # device events around the step (profiling)
     # speculative decoding: row -> (the tokens it emitted: accepted proposals + one sampled, proposals verified)
     spec: Optional[dict[int, tuple[list[int], int]]] = None
+    grammar_goes_on: Optional[dict[int, bool]] = None  # row -> its grammar took the token and is not complete
     _host: Optional[torch.Tensor] = None
     _event: Optional[object] = None
     _list: Optional[list[int]] = None

@@ -2,7 +2,8 @@
 # The engine-machine run on one CUDA GPU: offline throughput with the step profile (asynchronous scheduling on
 # and off), Transformers `generate` b256 on the same weights, batch-1 latency, the 8B shape, and `pageport bench
 # serve` at concurrency 256 against offline on the same checkpoint. Every figure lands in OUT/engine_*.json.
-# Usage: bash scripts/gpu_engine.sh OUT_DIR [part...]   parts: tests small steps big serve (default: all)
+# Usage: bash scripts/gpu_engine.sh OUT_DIR [part...]   parts: tests small steps big serve structured
+# (default: all but structured). structured: 64 json_schema requests against 64 free twins on the serve checkpoint.
 # Wheels the image lacks (fastapi, uvicorn, pyzmq, msgspec, ...) go in .whl/; a tokenizer folder in .gpu/tok
 # (the default model's, saved with save_pretrained) makes the serve checkpoint.
 set -uo pipefail
@@ -70,10 +71,19 @@ serve)
   pageport serve /tmp/llama1b_tok --dtype bfloat16 --port 8011 > /tmp/pp/server.log 2>&1 &
   SERVER=$!
   for _ in $(seq 180); do curl -sf localhost:8011/health >/dev/null && break; sleep 1; done
+  cpu() { awk '{print $14 + $15}' /proc/$SERVER/stat; }  # the API server's CPU ticks (the core is a child)
+  before=$(cpu)
   bench serve_c256 serve --port 8011 --num-prompts 1000 --random-input-len 1024 --random-output-len 128 \
     --max-concurrency 256 --percentiles 50 90 99
+  echo "API server process: $(( ($(cpu) - before) * 10000 / 128000 )) us of CPU per output token"
   kill $SERVER; wait $SERVER 2>/dev/null
   tail -3 /tmp/pp/server.log ;;
+structured)
+  ckpt llama-3.2-1b /tmp/llama1b_tok 49152
+  cp .gpu/tok/* /tmp/llama1b_tok/ 2>/dev/null
+  timeout 500 python3 benchmarks/structured_vs_free.py --device cuda --model /tmp/llama1b_tok --dtype bfloat16 \
+    --out /tmp/pp/structured.json > /tmp/pp/structured.log 2>&1
+  grep -v "it/s\]" /tmp/pp/structured.log | tail -16 ;;
 esac; done
 python3 - "$OUT" <<'PY'
 import glob, json, os, sys

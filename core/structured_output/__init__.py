@@ -101,9 +101,14 @@ class StructuredOutputManager:
                 not m.is_terminated()]
         if not rows:
             return None
-        mask = torch.full((len(req_ids), bitmask_width(self.vocab_size)), -1, dtype=torch.int32)
-        for i, m in rows:
-            m.fill_bitmask(mask, i)
+        mask = torch.full((len(req_ids), bitmask_width(self.vocab_size)), -1, dtype=torch.int32,
+                          pin_memory=_pinned())
+        fill = getattr(self.backend, "fill_bitmasks", None)
+        if fill is not None and len(rows) > 1:
+            fill([m for _, m in rows], mask, [i for i, _ in rows])
+        else:
+            for i, m in rows:
+                m.fill_bitmask(mask, i)
         return mask
 
     def accept(self, req_id: str, token_ids: list[int]) -> bool:
@@ -130,6 +135,11 @@ class StructuredOutputManager:
 _SHIFTS: dict[torch.device, torch.Tensor] = {}
 
 
+def _pinned() -> bool:
+    """Page-locked host masks where a CUDA device is present: their copy to the device does not block."""
+    return torch.cuda.is_available()
+
+
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
     """logits[i, t] = -inf where bit t of row i is 0, in place on the logits' device. Rows whose mask allows
     everything (no grammar) are not touched at all; in the others, tokens past the mask's width are forbidden.
@@ -137,15 +147,15 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
     if logits.dim() != 2 or bitmask.dim() != 2 or logits.shape[0] != bitmask.shape[0]:
         raise ValueError(f"logits {tuple(logits.shape)} and bitmask {tuple(bitmask.shape)} must both be "
                          "[rows, ...] with the same rows")
-    bitmask = bitmask.to(logits.device, non_blocking=True)
-    rows = (bitmask != -1).any(dim=1).nonzero().flatten()
+    rows = (bitmask != -1).any(dim=1).nonzero().flatten()  # on the host when the mask is (no device sync)
     if rows.numel() == 0:
         return
+    bitmask = bitmask.to(logits.device, non_blocking=True)
     covered = bitmask.shape[1] * 32
     if covered < logits.shape[1]:
         logits[rows, covered:] = float("-inf")
     if not _xgrammar_kernel(logits, bitmask, rows.tolist(), min(covered, logits.shape[1])):
-        _torch_apply(logits, bitmask, rows)
+        _torch_apply(logits, bitmask, rows.to(logits.device))
 
 
 def _xgrammar_kernel(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int], vocab: int) -> bool:

@@ -20,6 +20,7 @@ class GrammarMatcher(Protocol):
 class GrammarBackend(Protocol):
     def compile(self, params: StructuredOutputsParams) -> Any: ...  # raises ValueError saying what is wrong
     def matcher(self, compiled: Any) -> GrammarMatcher: ...
+    # optional: fill_bitmasks(matchers, bitmask, rows), every row of a step at once (else one row at a time)
 
 
 # xgrammar ---------------------------------------------------------------------------------------------------
@@ -146,6 +147,7 @@ class XgrammarBackend:
         self.xgr = _xgrammar()
         info = self.xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         self.compiler = self.xgr.GrammarCompiler(info, max_threads=max_threads)
+        self._batch = None  # a BatchGrammarMatcher, made on first use
 
     def compile(self, params: StructuredOutputsParams):
         grammar = _grammar(self.xgr, params)
@@ -156,6 +158,12 @@ class XgrammarBackend:
 
     def matcher(self, compiled) -> GrammarMatcher:
         return _XgrammarMatcher(self.xgr, compiled)
+
+    def fill_bitmasks(self, matchers: list, bitmask: torch.Tensor, rows: list[int]) -> None:
+        """A step's rows together, on xgrammar's own threads (about 6x one row at a time, one thread)."""
+        if self._batch is None:
+            self._batch = self.xgr.BatchGrammarMatcher(max_threads="auto")
+        self._batch.batch_fill_next_token_bitmask([m._m for m in matchers], bitmask, indices=rows)
 
 
 # llguidance ---------------------------------------------------------------------------------------------------

@@ -59,3 +59,32 @@ def test_seeded_sampling_is_the_same_with_async_on(async_llm):
     b = sync.generate(["Once upon a time", "The weather"], p)
     assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
     sync.engine.shutdown()
+
+
+def test_grammar_rows_overlap_and_change_no_token(async_llm):
+    """Constrained rows ride the asynchronous path (their masks take the previous step's token while the next
+    forward pass runs): JSON-schema and choice outputs equal the synchronous engine's, valid, beside free rows
+    that equal their own unconstrained run."""
+    import json
+
+    from pageport import StructuredOutputsParams
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    prompts = ["Describe a pilot as JSON.", "Tell me about the sea.", "Pick a colour.", "1, 2, 3,"]
+    params = [SamplingParams(temperature=0, max_tokens=60, structured_outputs=StructuredOutputsParams(json=schema)),
+              SamplingParams(temperature=0, max_tokens=16),
+              SamplingParams(temperature=0, max_tokens=10,
+                             structured_outputs=StructuredOutputsParams(choice=["red", "green", "blue"])),
+              SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)]
+    sync = LLM(dtype="float32", max_model_len=1024, async_scheduling=False)
+    a = async_llm.generate(prompts, params)
+    b = sync.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+    obj = json.loads(a[0].outputs[0].text)
+    assert set(obj) == {"name", "age"} and isinstance(obj["age"], int)
+    assert a[2].outputs[0].text in ("red", "green", "blue")
+    alone = async_llm.generate([prompts[1], prompts[3]], [params[1], params[3]])
+    assert [o.outputs[0].token_ids for o in alone] == [a[1].outputs[0].token_ids, a[3].outputs[0].token_ids]
+    assert free(async_llm)
