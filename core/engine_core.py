@@ -274,8 +274,8 @@ class EngineCore:
         prev.grammar_goes_on = {}
         if rows:
             tokens = prev.token_list()  # that step's samples: ahead of this step's work on the device
-            for j in rows:
-                prev.grammar_goes_on[j] = self._grammar_goes_on(prev.requests[j], tokens[j])
+            goes_on = self._grammars.advance([prev.requests[j].request_id for j in rows], [tokens[j] for j in rows])
+            prev.grammar_goes_on = dict(zip(rows, goes_on))
 
     def _grammar_goes_on(self, req: Request, tok: int) -> bool:
         """Advance the request's grammar by its sampled token: False once the grammar is complete (or, never

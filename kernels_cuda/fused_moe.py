@@ -46,7 +46,8 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int)
     max_len = triton.cdiv(max_len, block_m) * block_m
     order = flat.argsort(stable=True)
     sorted_experts = flat[order]
-    counts = torch.bincount(flat, minlength=num_experts)
+    # not bincount: on CUDA it reads the largest id back to the host, which a CUDA graph cannot capture
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     pad_end = padded.cumsum(0)
     pad_start = pad_end - padded

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
+import os
 from typing import Optional
 
 import torch
 
 from pageport.kernels_cuda.ops import TritonOps
 from pageport.platforms import Platform
+
+logger = logging.getLogger(__name__)
 
 MIN_CAPABILITY = (7, 5)  # what Triton's NVIDIA backend compiles for
 BLOCK_SIZE_MULTIPLE = 16  # tl.dot tiles and the attention kernel's key tiles
@@ -125,8 +129,17 @@ class CudaPlatform(Platform):
 
     def graph_runner(self, model, kv_caches, config):
         from pageport.kernels_cuda.graphs import CudaGraphRunner
+        if os.environ.get("PAGEPORT_FUSED_MOE") == "torch" and _has_experts(model):
+            logger.warning("PAGEPORT_FUSED_MOE=torch: the per-expert loop reads expert counts on the host, which "
+                           "a CUDA graph cannot capture; running eagerly")
+            return None
         return CudaGraphRunner(model, kv_caches, config)
 
     def attention_backend(self, num_heads, num_kv_heads, head_size, scale, sliding_window=None, softcap=None):
         from pageport.kernels_cuda.attention import TritonPagedAttention
         return TritonPagedAttention(num_heads, num_kv_heads, head_size, scale, sliding_window, softcap)
+
+
+def _has_experts(model) -> bool:
+    """A Mixture-of-Experts model: one of its modules holds stacked expert weights (models/moe.py)."""
+    return any(hasattr(m, "w13_weight") for m in model.modules())

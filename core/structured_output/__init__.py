@@ -84,6 +84,8 @@ class StructuredOutputManager:
 
     def _matcher(self, req_id: Optional[str]) -> Optional[GrammarMatcher]:
         entry = self._requests.get(req_id) if req_id is not None else None
+        if entry is not None and entry.matcher is not None:  # every step, every row: no future's lock
+            return entry.matcher
         if entry is None or not entry.future.done() or entry.future.exception() is not None:
             return None
         if entry.matcher is None:
@@ -122,6 +124,19 @@ class StructuredOutputManager:
                 self._requests[req_id].failed = True
                 return False
         return True
+
+    def advance(self, req_ids: list[str], tokens: list[int]) -> list[bool]:
+        """One sampled token per request, all at once: for each, whether its grammar took the token and is not
+        complete (the request goes on)."""
+        matchers = [self._matcher(r) for r in req_ids]
+        accept = getattr(self.backend, "accept_tokens", None)
+        if accept is None or any(m is None for m in matchers):
+            return [self.accept(r, [t]) and not self.is_terminated(r) for r, t in zip(req_ids, tokens)]
+        took = accept(matchers, tokens)
+        for r, ok in zip(req_ids, took):
+            if not ok:
+                self._requests[r].failed = True
+        return [ok and not m.is_terminated() for ok, m in zip(took, matchers)]
 
     def is_terminated(self, req_id: str) -> bool:
         """The grammar is complete and took its stop token: the request is done."""

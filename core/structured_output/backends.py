@@ -20,7 +20,8 @@ class GrammarMatcher(Protocol):
 class GrammarBackend(Protocol):
     def compile(self, params: StructuredOutputsParams) -> Any: ...  # raises ValueError saying what is wrong
     def matcher(self, compiled: Any) -> GrammarMatcher: ...
-    # optional: fill_bitmasks(matchers, bitmask, rows), every row of a step at once (else one row at a time)
+    # optional, every row of a step at once (else one row at a time): fill_bitmasks(matchers, bitmask, rows),
+    # accept_tokens(matchers, tokens) -> [accepted]
 
 
 # xgrammar ---------------------------------------------------------------------------------------------------
@@ -164,6 +165,9 @@ class XgrammarBackend:
         if self._batch is None:
             self._batch = self.xgr.BatchGrammarMatcher(max_threads="auto")
         self._batch.batch_fill_next_token_bitmask([m._m for m in matchers], bitmask, indices=rows)
+
+    def accept_tokens(self, matchers: list, tokens: list[int]) -> list[bool]:
+        return self.xgr.BatchGrammarMatcher.batch_accept_token([m._m for m in matchers], tokens)
 
 
 # llguidance ---------------------------------------------------------------------------------------------------

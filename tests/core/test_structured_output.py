@@ -137,6 +137,24 @@ def test_refused_token_leaves_the_matcher(manager, default_tokenizer):
     assert not manager.has_grammar("r") and manager.accept("r", [letter])  # unknown: no constraint
 
 
+def test_advance_takes_a_step_of_tokens_at_once(manager, default_tokenizer):
+    """advance (a batch's tokens in one call, xgrammar's batch accept) answers as accept + is_terminated would:
+    a refused token leaves its matcher, a completed grammar says stop, and the other rows are unaffected."""
+    tok = default_tokenizer
+    for r in ("a", "b", "c"):
+        manager.add_request(r, StructuredOutputsParams(regex=r"\d+"))
+    _wait_ready(manager, ["a", "b", "c"])
+    letter = tok.encode("hello", add_special_tokens=False)[0]
+    digit = tok.encode("7", add_special_tokens=False)[0]
+    before = manager.bitmask(["b"]).clone()
+    assert manager.advance(["a", "b", "c"], [digit, letter, digit]) == [True, False, True]
+    assert torch.equal(manager.bitmask(["b"]), before)  # b refused its token: unchanged
+    assert manager.advance(["a", "b", "c"], [tok.eos_token_id, digit, digit]) == [False, True, True]
+    assert manager.is_terminated("a") and not manager.is_terminated("c")
+    for r in ("a", "b", "c"):
+        manager.remove(r)
+
+
 def test_no_grammar_rows_cost_nothing(manager):
     assert manager.bitmask([None, None, "never-added"]) is None
     logits = torch.randn(3, VOCAB)

@@ -101,3 +101,35 @@ def test_cuda_graphs_on_and_off_agree(checkpoint):
             assert abs(la[x].logprob - lb[x].logprob) < 0.05
             compared += 1
     assert compared >= 24 * 4  # graph decode steps really ran and were compared
+
+
+def test_moe_model_runs_in_cuda_graphs_and_matches_transformers(tmp_path, monkeypatch):
+    """A Qwen3-MoE model in float32: its decode steps are captured in CUDA graphs (the fused kernel's routing stays
+    on the device) and greedy tokens equal Transformers'; the per-expert loop (PAGEPORT_FUSED_MOE=torch) reads
+    counts on the host, so it runs eagerly, with the same tokens."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    from pageport import LLM, SamplingParams
+    cfg = Qwen3MoeConfig(hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=8, num_key_value_heads=4, head_dim=32, num_experts=8,
+                         num_experts_per_tok=2, norm_topk_prob=True, vocab_size=32000, max_position_embeddings=2048,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).cuda().eval()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    ps = prompts(6, lo=10, hi=60, seed=3)
+    want = []
+    with torch.no_grad():
+        for p in ps:
+            out = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=12, do_sample=False,
+                              attention_mask=torch.ones(1, len(p), dtype=torch.long, device="cuda"))
+            want.append(out[0, len(p):].tolist())
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    for loop in (False, True):
+        if loop:
+            monkeypatch.setenv("PAGEPORT_FUSED_MOE", "torch")
+        llm = LLM(str(tmp_path), device="cuda", dtype="float32", gpu_memory_utilization=0.2)
+        assert llm.engine.uses_graphs is (not loop)
+        got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in ps], params)]
+        llm.engine.shutdown()
+        assert [g[:len(w)] for g, w in zip(got, want)] == want, f"loop={loop}"  # HF stops at an EOS
