@@ -22,7 +22,7 @@ from pageport.core.engine_core import CoreOutputs, CoreRequest, CoreStats
 from pageport.core.outputs import CompletionOutput, RequestOutput
 from pageport.core.pooling import PoolingParams, tensor_from_bytes
 from pageport.core.pooling_engine import add_pooling_request, pooling_output
-from pageport.core.request import Request, RequestStatus
+from pageport.core.request import _FINISHED, Request, RequestStatus
 from pageport.core.sampling_params import SamplingParams, prepare_request
 
 logger = logging.getLogger(__name__)
@@ -288,20 +288,21 @@ class LLMEngine:
 
     def _output(self, g: _Group) -> RequestOutput:
         outs = []
+        finished = True
         for i, c in enumerate(g.children):
+            done = c.status in _FINISHED
+            finished = finished and done
             if c.params.output_kind == "delta":
-                text, start = c.detokenizer.get_delta(c.is_finished), c.num_sent_tokens
-                c.num_sent_tokens = c.num_output_tokens
+                start = c.num_sent_tokens
                 token_ids = c.token_ids[c.num_prompt_tokens + start:]
+                c.num_sent_tokens = start + len(token_ids)
+                text = c.detokenizer.get_delta(done)
                 logprobs = c.logprobs[start:] if c.logprobs is not None else None
             else:
                 text, token_ids, logprobs = c.detokenizer.output_text, c.output_token_ids, c.logprobs
-            outs.append(CompletionOutput(
-                index=i, text=text, token_ids=token_ids,
-                cumulative_logprob=c.cumulative_logprob if c.logprobs is not None else None,
-                logprobs=logprobs, finish_reason=c.status.value if c.is_finished else None,
-                stop_reason=c.stop_reason))
-        finished = all(c.is_finished for c in g.children)
+            outs.append(CompletionOutput(i, text, token_ids,
+                                         c.cumulative_logprob if c.logprobs is not None else None,
+                                         logprobs, c.status.value if done else None, c.stop_reason))
         if g.error is not None and not finished:  # one child failed: the request fails as a whole
             gone = [c.request_id for c in g.children if not c.is_finished]
             for c in g.children:

@@ -20,6 +20,8 @@ class RequestStatus(enum.Enum):
     FINISHED_ABORTED = "abort"
     FINISHED_ERROR = "error"  # a failure that belongs to this request alone
 
+    __hash__ = object.__hash__  # members are singletons: Enum's own hash (of the name, in Python) costs per token
+
     @property
     def finished(self) -> bool:
         return self in _FINISHED
