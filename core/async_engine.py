@@ -64,6 +64,8 @@ class EngineSnapshot:
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
     spec_num_emitted_tokens: int = 0
+    mm_cache_queries: int = 0  # images looked up in the encoder cache
+    mm_cache_hits: int = 0
     time: float = 0.0
 
 
@@ -418,7 +420,8 @@ class AsyncLLMEngine:
             spec_decode=getattr(getattr(e, "config", None), "speculative_config", None) is not None,
             spec_num_drafts=core.spec_num_drafts, spec_num_draft_tokens=core.spec_num_draft_tokens,
             spec_num_accepted_tokens=core.spec_num_accepted_tokens,
-            spec_num_emitted_tokens=core.spec_num_emitted_tokens)
+            spec_num_emitted_tokens=core.spec_num_emitted_tokens,
+            mm_cache_queries=core.mm_cache_queries, mm_cache_hits=core.mm_cache_hits)
 
     def _stop(self, leftover: list) -> None:
         """Shut down: abort what is in flight (its blocks go back), fail every waiting caller."""

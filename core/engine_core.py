@@ -119,6 +119,10 @@ class CoreStats(msgspec.Struct, array_like=True, gc=False):
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
     spec_num_emitted_tokens: int = 0
+    # the encoder cache of a vision-language model (vLLM's vllm:mm_cache_*): image lookups (one per prompt chunk
+    # holding image tokens), those found there
+    mm_cache_queries: int = 0
+    mm_cache_hits: int = 0
 
 
 class CoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -487,6 +491,9 @@ class EngineCore:
         s.kv_cache_usage, s.kv_free_blocks, s.kv_usable_blocks = kv.usage(), kv.pool.num_free, kv.pool.num_usable
         s.prefix_cache_queries, s.prefix_cache_hits = kv.stats.queries, kv.stats.hits
         s.num_preemptions = sched.num_preemptions
+        cache = getattr(self.runner, "encoder_cache", None)
+        if cache is not None:
+            s.mm_cache_queries, s.mm_cache_hits = cache.hits + cache.misses, cache.hits
         return s
 
     def reset_prefix_cache(self) -> bool:

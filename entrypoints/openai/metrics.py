@@ -50,6 +50,9 @@ class _EngineCollector:
         yield self._counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
                             s.prefix_cache_queries)
         yield self._counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits)
+        yield self._counter("mm_cache_queries", "Images looked up in the encoder cache.", s.mm_cache_queries)
+        yield self._counter("mm_cache_hits", "Images found in the encoder cache (their vision tower not run).",
+                            s.mm_cache_hits)
         yield self._counter("num_preemptions", "Preemptions (by recompute).", s.num_preemptions)
         yield self._counter("prompt_tokens", "Prefilled prompt tokens.", s.prompt_tokens)
         yield self._counter("generation_tokens", "Generated tokens.", s.generation_tokens)

@@ -127,6 +127,13 @@ def test_chat_data_url_matches_offline_and_transformers(vlm, vlm_server, offline
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full.choices[0].message.content
     assert full.usage.prompt_tokens > 16  # the placeholder is expanded to the image's 16 features
 
+    import re
+
+    import httpx
+    metrics = httpx.get(vlm_server.url + "/metrics").text  # the encoder cache's lookups and hits are exported
+    counts = {k: float(v) for k, v in re.findall(r"^pageport:(mm_cache_\w+)_total\{[^}]*\} (\S+)$", metrics, re.M)}
+    assert counts["mm_cache_queries"] >= 1 and 0 <= counts["mm_cache_hits"] <= counts["mm_cache_queries"]
+
 
 def test_chat_http_url_is_fetched(vlm_server, offline, image_host):
     from pageport import SamplingParams

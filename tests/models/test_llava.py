@@ -83,6 +83,26 @@ def test_llava_image_in_prefix_cache_key(llm):
     assert same.outputs[0].token_ids == first.outputs[0].token_ids
 
 
+def test_llava_encoder_cache_hit_is_counted(llm):
+    """The same image after other text: no prefix-cache hit on its tokens, so the vision tower's features come from
+    the encoder cache, and the core counts the lookups and the hits (vLLM's mm_cache_queries / mm_cache_hits)."""
+    from pageport import SamplingParams
+
+    sp = SamplingParams(temperature=0, max_tokens=2)
+    llm.engine.reset_prefix_cache()
+    before = llm.engine.core_stats()
+    llm.generate({"prompt": "USER: <image> what is it? ASSISTANT:", "multi_modal_data": {"image": _image(21)}}, sp,
+                 use_tqdm=False)
+    mid = llm.engine.core_stats()
+    assert mid.mm_cache_queries > before.mm_cache_queries and mid.mm_cache_hits == before.mm_cache_hits  # new
+    out = llm.generate({"prompt": "USER: a new question about this one: <image> ASSISTANT:",
+                        "multi_modal_data": {"image": _image(21)}}, sp, use_tqdm=False)[0]
+    after = llm.engine.core_stats()
+    assert out.num_cached_tokens < 16  # its image tokens were not prefix-cache hits
+    looked_up = after.mm_cache_queries - mid.mm_cache_queries  # once per prompt chunk that holds image tokens
+    assert looked_up >= 1 and after.mm_cache_hits - mid.mm_cache_hits == looked_up
+
+
 def test_llava_chat_image_parts_and_bad_image(llava_dir, llm):
     from transformers import CLIPImageProcessor
 
