@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import weakref
 from typing import Any, Optional
@@ -91,14 +92,12 @@ class MPClient:
         self._output.setsockopt(zmq.LINGER, 0)
         self._output.bind(out_addr)
         # a wait for outputs also ends when another thread has news for the waiter (wake): no polling loop
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._wakeup = _Wakeup()
         self._outputs_only = zmq.Poller()
         self._outputs_only.register(self._output, zmq.POLLIN)
         self._outputs_or_wake = zmq.Poller()
         self._outputs_or_wake.register(self._output, zmq.POLLIN)
-        self._outputs_or_wake.register(self._wake_r, zmq.POLLIN)
+        self._outputs_or_wake.register(self._wakeup.fd, zmq.POLLIN)
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(CoreOutputs)
         self._calls = itertools.count()
@@ -114,8 +113,9 @@ class MPClient:
         self.proc.stdin.write(pickle.dumps((config, in_addr, out_addr, os.getpid(), level)))
         self.proc.stdin.close()
         self._finalizer = weakref.finalize(self, _stop, self.proc, self._input, self._output, self._ctx, self._dir,
-                                           (self._wake_r, self._wake_w))
+                                           self._wakeup)
         msg = self._recv(None)
+        self.last_stats = msg.stats
         status, *rest = pickle.loads(msg.ready)
         if status != "ok":
             self.shutdown()
@@ -145,8 +145,8 @@ class MPClient:
             events = dict(poller.poll(wait))
             if self._output in events:
                 return self._decoder.decode(self._output.recv(copy=False).buffer)
-            if self._wake_r in events:
-                _drain(self._wake_r)
+            if self._wakeup.fd in events:
+                self._wakeup.clear()
                 return None
             if self.proc.poll() is not None:
                 self._check()
@@ -155,10 +155,7 @@ class MPClient:
 
     def wake(self) -> None:
         """End a `get_outputs` wait in progress (or the next one) early; callable from any thread."""
-        try:
-            os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):  # already pending, or closed at shutdown
-            pass
+        self._wakeup.set()
 
     # calls ---------------------------------------------------------------------------------------------------
     def add(self, requests: list[CoreRequest]) -> None:
@@ -196,15 +193,41 @@ class MPClient:
         self._finalizer()
 
 
-def _drain(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
+class _Wakeup:
+    """A pipe that a poller watches: `set` from any thread, `clear` by the waiter. Closed under its lock, so a late
+    `set` never writes to a file descriptor number that the process has since reused."""
+
+    def __init__(self):
+        self.fd, self._w = os.pipe()
+        os.set_blocking(self.fd, False)
+        os.set_blocking(self._w, False)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def set(self) -> None:
+        with self._lock:
+            if not self._closed:
+                try:
+                    os.write(self._w, b"\0")
+                except BlockingIOError:  # the pipe is full: a wake is pending anyway
+                    pass
+
+    def clear(self) -> None:
+        try:
+            while os.read(self.fd, 4096):
+                pass
+        except BlockingIOError:
             pass
-    except BlockingIOError:
-        pass
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self.fd)
+                os.close(self._w)
 
 
-def _stop(proc: subprocess.Popen, input_sock, output_sock, ctx, tmpdir, wake_fds) -> None:
+def _stop(proc: subprocess.Popen, input_sock, output_sock, ctx, tmpdir, wakeup: _Wakeup) -> None:
     try:
         if proc.poll() is None:
             try:
@@ -222,6 +245,5 @@ def _stop(proc: subprocess.Popen, input_sock, output_sock, ctx, tmpdir, wake_fds
         input_sock.close(linger=0)
         output_sock.close(linger=0)
         ctx.term()
-        for fd in wake_fds:
-            os.close(fd)
+        wakeup.close()
         shutil.rmtree(tmpdir, ignore_errors=True)

@@ -555,7 +555,8 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str, par
     try:
         from pageport.core.pooling_core import make_engine_core  # generation or pooling, by the model
         core = make_engine_core(config)
-        out_sock.send(encoder.encode(CoreOutputs(ready=pickle.dumps(("ok", core.info())))))
+        # with the first stats: the front end knows the pool's state before any request
+        out_sock.send(encoder.encode(CoreOutputs(stats=core.stats(), ready=pickle.dumps(("ok", core.info())))))
     except BaseException as e:  # noqa: BLE001 - reported to the front end, which raises it again
         try:
             error = pickle.dumps(e)
