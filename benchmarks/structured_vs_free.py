@@ -20,13 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
-PERSON = {"type": "object", "properties": {
-    "name": {"type": "string", "maxLength": 16},
-    "age": {"type": "integer", "minimum": 0, "maximum": 120},
-    "city": {"type": "string", "maxLength": 16},
-    "hobbies": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3}},
-    "required": ["name", "age", "city", "hobbies"], "additionalProperties": False}
-TOPICS = ["a chef", "a pilot", "a poet", "a farmer", "a nurse", "a judge", "a baker", "a sailor"]
+from structured_outputs import PERSON, TOPICS  # the schema and prompts of the other structured benchmark (beside it)
 
 
 def compile_ms(tokenizer, vocab_size: int) -> float:

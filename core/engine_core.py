@@ -281,11 +281,6 @@ class EngineCore:
             goes_on = self._grammars.advance([prev.requests[j].request_id for j in rows], [tokens[j] for j in rows])
             prev.grammar_goes_on = dict(zip(rows, goes_on))
 
-    def _grammar_goes_on(self, req: Request, tok: int) -> bool:
-        """Advance the request's grammar by its sampled token: False once the grammar is complete (or, never
-        expected, refused the token)."""
-        return self._grammars.accept(req.request_id, [tok]) and not self._grammars.is_terminated(req.request_id)
-
     def _admit_compiled(self) -> list[CoreOutput]:
         failed, still = [], []
         for req in self._compiling:
@@ -342,8 +337,10 @@ class EngineCore:
                 ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                 ev[0].record()
             self._prev = self._inflight  # for _constrain, during this step's launch
-            launched = self.executor.execute_model(sched, self.kv, self._inflight)
-            self._prev = None
+            try:
+                launched = self.executor.execute_model(sched, self.kv, self._inflight)
+            finally:
+                self._prev = None
             if ev is not None:
                 ev[1].record()
                 launched.timing = ev
@@ -421,8 +418,10 @@ class EngineCore:
                 o.num_cached_tokens = req.num_cached_tokens
                 o.first_scheduled_time = req.first_scheduled_time or -1.0
             p = req.params
-            if req.grammar and not (out.grammar_goes_on[j] if out.grammar_goes_on and j in out.grammar_goes_on
-                                    else self._grammar_goes_on(req, tok)):
+            goes_on = (out.grammar_goes_on or {}).get(j) if req.grammar else True
+            if goes_on is None:  # not taken early (a synchronous step)
+                goes_on = self._grammars.advance([req.request_id], [tok])[0]
+            if not goes_on:
                 # the grammar is complete (or, never expected, refused the token): the output ends here
                 o.finish_reason = "stop"
                 o.stop_reason = None if tok == req.eos_token_id else tok
