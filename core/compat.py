@@ -34,14 +34,14 @@ class LLM(_LLM):
         self._generation = (generation_config, override_generation_config)
         super().__init__(model, **kwargs)
 
-    def generate(self, prompts, sampling_params=None, use_tqdm: bool = True):
+    def generate(self, prompts, sampling_params=None, use_tqdm: bool = True, lora_request=None):
         # what the engine does not apply is refused, never silently left out
         params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params]
         supported = engine_features(self.engine)
         for p in params:
             if p is not None:
                 check_engine_features(p, supported)
-        return super().generate(prompts, sampling_params, use_tqdm)
+        return super().generate(prompts, sampling_params, use_tqdm, lora_request=lora_request)
 
     def get_default_sampling_params(self) -> SamplingParams:
         """The model's own sampling defaults (generation_config.json), as vLLM gives them."""

@@ -116,8 +116,6 @@ class EngineConfig:
                 raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
             if self.tensor_parallel_size > 1:  # the LoRA layers wrap whole projections, not shards (yet)
                 raise ValueError("enable_lora does not work with tensor_parallel_size > 1 yet")
-            # the batched layer and the slot manager exist; requests do not carry adapters to them yet
-            raise ValueError("enable_lora: serving LoRA adapters is not supported by pageport yet")
         if self.speculative_config is not None:  # checked here; kept as a dict (it crosses to the core process)
             from pageport.core.spec_decode.config import SpeculativeConfig
             self.speculative_config = dataclasses.asdict(SpeculativeConfig.parse(self.speculative_config))

@@ -81,6 +81,7 @@ class LLMEngine:
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._reported: set[str] = set()  # groups finished here (abort, stop string, error) to report
+        self.loras: dict[int, object] = {}  # LoRA id -> the LoRARequest the core checked (add_lora)
 
     @property
     def core(self):
@@ -97,6 +98,29 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self.client.shutdown()
+
+    # LoRA adapters (vLLM's add_lora / remove_lora / list_loras) ---------------------------------------
+    def add_lora(self, lora_request) -> bool:
+        """Check an adapter against the model in the core and keep it read there; ValueError if it is bad."""
+        known = self.loras.get(lora_request.lora_int_id)
+        if known is not None and known.lora_path == lora_request.lora_path:
+            return True
+        if known is not None:
+            raise ValueError(f"LoRA id {lora_request.lora_int_id} is already {known.lora_name!r} from "
+                             f"{known.lora_path!r}")
+        error = self.client.call("add_lora", *lora_request.to_wire())
+        if error is not None:
+            raise ValueError(error)
+        self.loras[lora_request.lora_int_id] = lora_request
+        return True
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Forget an adapter; requests already running with it finish with it."""
+        self.loras.pop(lora_id, None)
+        return bool(self.client.call("remove_lora", lora_id))
+
+    def list_loras(self) -> set[int]:
+        return set(self.loras)
 
     # requests ------------------------------------------------------------------------------
     def tokenize(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
@@ -143,10 +167,10 @@ class LLMEngine:
 
     def add_request(self, request_id: Optional[str], prompt: PromptType, params: SamplingParams,
                     priority: int = 0, arrival_time: Optional[float] = None,
-                    cache_salt: Optional[str] = None, owner: Optional[str] = None) -> str:
+                    cache_salt: Optional[str] = None, owner: Optional[str] = None, lora_request=None) -> str:
         """Queue a request; returns its internal id. Raises ValueError (and queues nothing) when it is
         invalid. `request_id` is the client's label; `owner` groups requests that share a fair share of
-        the seats (default: this request alone)."""
+        the seats (default: this request alone); `lora_request`: the LoRARequest of the adapter to run."""
         if isinstance(params, PoolingParams) or self.config.runner == "pooling":  # a vector, not tokens
             return add_pooling_request(self, request_id, prompt, params, priority, arrival_time, owner)
         text, token_ids = self.tokenize(prompt)
@@ -157,6 +181,13 @@ class LLMEngine:
         elif isinstance(prompt, dict) and prompt.get("multi_modal_data"):  # images: placeholders expanded
             token_ids, mm_inputs = self.multimodal().process(token_ids, prompt["multi_modal_data"])
         self._validate(token_ids, params)
+        lora = None
+        if lora_request is not None:
+            if not getattr(self.config, "enable_lora", False):
+                raise ValueError("a LoRA adapter was requested, but this engine runs without enable_lora "
+                                 "(--enable-lora)")
+            self.add_lora(lora_request)
+            lora = lora_request.to_wire()
         gid = str(next(self._ids))
         label = gid if request_id is None else str(request_id)
         arrival = time.monotonic() if arrival_time is None else arrival_time
@@ -174,7 +205,7 @@ class LLMEngine:
             children.append(child)
             gate = children[0].request_id if i > 0 and self.config.enable_prefix_caching else None
             core_reqs.append(CoreRequest(cid, token_ids, pickle.dumps(p), self.eos_token_id, arrival, priority,
-                                         cache_salt, owner, gate, mm_inputs or None))
+                                         cache_salt, owner, gate, mm_inputs or None, lora))
         self.client.add(core_reqs)
         group = _Group(gid, label, text, token_ids, children, final_only=params.output_kind == "final_only")
         self.groups[gid] = group

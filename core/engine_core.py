@@ -133,7 +133,7 @@ class CoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False)
     ready: Optional[bytes] = None  # the first message: pickled core info, or a start-up error
 
 
-UTILITIES = ("stats", "reset_prefix_cache", "profile", "replay_ms")
+UTILITIES = ("stats", "reset_prefix_cache", "profile", "replay_ms", "add_lora", "remove_lora", "list_loras")
 
 
 # the core -------------------------------------------------------------------------------------------------
@@ -166,6 +166,11 @@ class EngineCore:
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_model_len, config.enable_chunked_prefill, config.scheduling_policy)
         self.requests: dict[str, Request] = {}
+        self.loras = None  # LoRASlots: the adapters read on the host and written into the model's slots
+        if getattr(config, "enable_lora", False):
+            from pageport.core.lora import LoRASlots
+            self.loras = LoRASlots(self.runner.model.lora, config.max_cpu_loras)
+            self.scheduler.max_loras = config.max_loras
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else self.runner.async_copies)
         if self.executor.world_size > 1 and self.async_scheduling:
@@ -222,10 +227,17 @@ class EngineCore:
             if r.mm_inputs:  # the images' content is part of every block's cache key
                 req.mm_inputs = r.mm_inputs
                 req.cache_salt = (r.cache_salt, tuple(m.hash for m in r.mm_inputs))
+            if r.lora:  # so is the adapter: its KV differs from the base model's
+                if self.loras is None:
+                    raise ValueError("a LoRA adapter was requested, but this engine runs without enable_lora")
+                self.loras.acquire(r.lora[1], r.lora[2])
+                req.lora_id = r.lora[1]
+                req.cache_salt = (req.cache_salt, "lora", req.lora_id)
         except Exception as e:  # noqa: BLE001 - this request's own fault
             self._early.append(CoreOutput(r.request_id, finish_reason="error", error=f"{type(e).__name__}: {e}"))
             return
         if r.request_id in self.requests:
+            self._release_lora(req)
             self._early.append(CoreOutput(r.request_id, finish_reason="error", error="duplicate request id"))
             return
         if r.gate is not None:
@@ -240,6 +252,7 @@ class EngineCore:
             except Exception as e:  # noqa: BLE001 - this request's grammar: it fails alone
                 self.requests.pop(r.request_id)
                 self._num_sync -= req.sync
+                self._release_lora(req)
                 self._early.append(CoreOutput(r.request_id, finish_reason="error",
                                               error=f"structured outputs: {type(e).__name__}: {e}"))
                 return
@@ -314,6 +327,12 @@ class EngineCore:
         self._num_sync -= req.sync
         if req.grammar:
             self._grammars.remove(req.request_id)
+        self._release_lora(req)
+
+    def _release_lora(self, req: Request) -> None:
+        if req.lora_id:
+            self.loras.release(req.lora_id)
+            req.lora_id = 0
 
     # the step ------------------------------------------------------------------------------------------
     def step(self) -> list[CoreOutput]:
@@ -332,6 +351,8 @@ class EngineCore:
             self.executor.release(victim.request_id)
         launched = None
         if sched:
+            if self.loras is not None:
+                self._assign_loras(sched)
             ev = None
             if self._timing:
                 ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
@@ -364,6 +385,16 @@ class EngineCore:
         if self.proposer is not None:
             self._propose()
         return outputs
+
+    def _assign_loras(self, sched) -> None:
+        """Each scheduled request's adapter slot for this step (the scheduler admits at most max_loras adapters
+        to the running set, so they fit). A slot that is rewritten was used by no row of this step; the copy is
+        queued on the device after the step in flight, which may still read it."""
+        ids = {s.request.lora_id for s in sched.scheduled if s.request.lora_id}
+        slot_of = self.loras.assign(ids) if ids else {}
+        for s in sched.scheduled:
+            r = s.request
+            r.lora_slot = slot_of[r.lora_id] if r.lora_id else 0
 
     def _propose(self) -> None:
         """Proposals for each running request that decodes next step and whose sampling they cannot change:
@@ -498,6 +529,27 @@ class EngineCore:
     def reset_prefix_cache(self) -> bool:
         self.kv.reset_prefix_cache()
         return True
+
+    def add_lora(self, name: str, lora_id: int, path: str) -> Optional[str]:
+        """Read and check an adapter now (it stays on the host, in the LRU of max_cpu_loras); the error text
+        if it is bad or LoRA is off, else None."""
+        if self.loras is None:
+            return "LoRA adapters need an engine started with enable_lora (--enable-lora)"
+        try:
+            self.loras.load(lora_id, path)
+        except (ValueError, OSError) as e:
+            return f"LoRA adapter {name!r}: {e}"
+        return None
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Forget an adapter (requests still using it finish with it first); False if it was not held."""
+        if self.loras is None or (lora_id not in self.loras.host and not self.loras.users.get(lora_id)):
+            return False
+        self.loras.drop(lora_id)
+        return True
+
+    def list_loras(self) -> list[int]:
+        return [] if self.loras is None else sorted(self.loras.host)
 
     def profile(self, start: bool = False) -> dict:
         """The step-time counters since the last call, then zeroed; `start`: time every step on the device

@@ -53,7 +53,8 @@ class LLM(PoolingAPI):  # embed / classify / score / encode / reward: core/pooli
 
     def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
                  sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, lora_request=None) -> list[RequestOutput]:
+        """`lora_request`: one LoRARequest for every prompt, or a list of them (None: the base model)."""
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params or SamplingParams()
@@ -65,10 +66,13 @@ class LLM(PoolingAPI):  # embed / classify / score / encode / reward: core/pooli
         final = {id(p): p.clone(output_kind=RequestOutputKind.FINAL_ONLY) for p in params
                  if p.output_kind == "cumulative"}
         params = [final.get(id(p), p) for p in params]
+        loras = lora_request if isinstance(lora_request, (list, tuple)) else [lora_request] * len(prompts)
+        if len(loras) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(loras)} LoRA requests")
         ids = []
         try:
-            for prompt, p in zip(prompts, params):
-                ids.append(self.engine.add_request(f"llm-{next(self._ids)}", prompt, p))
+            for prompt, p, lora in zip(prompts, params, loras):
+                ids.append(self.engine.add_request(f"llm-{next(self._ids)}", prompt, p, lora_request=lora))
         except Exception:
             self.engine.abort_request(ids)  # all or nothing
             self._drain()
@@ -98,7 +102,7 @@ class LLM(PoolingAPI):  # embed / classify / score / encode / reward: core/pooli
     def chat(self, messages: Union[Conversation, Sequence[Conversation]],
              sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
              use_tqdm: bool = True, chat_template: Optional[str] = None,
-             add_generation_prompt: bool = True, **template_kwargs) -> list[RequestOutput]:
+             add_generation_prompt: bool = True, lora_request=None, **template_kwargs) -> list[RequestOutput]:
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = []
         for c in conversations:
@@ -113,7 +117,7 @@ class LLM(PoolingAPI):  # embed / classify / score / encode / reward: core/pooli
             if images:
                 p["multi_modal_data"] = {"image": images}
             prompts.append(p)
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request=lora_request)
 
     def render_chat(self, conversation: Conversation, chat_template: Optional[str] = None,
                     add_generation_prompt: bool = True, **template_kwargs) -> dict:

@@ -59,8 +59,8 @@ class LoRASlots:
         self.dropping: set[int] = set()  # unloaded while requests still use them
         self.num_loads = 0  # adapters written into a slot (a test counts the swaps)
 
-    def acquire(self, lora_id: int, path: str) -> None:
-        """A request with this adapter arrived: read and check the folder (ValueError if bad) unless held."""
+    def load(self, lora_id: int, path: str) -> None:
+        """Read and check the folder (ValueError if bad) unless it is held already; no request uses it yet."""
         if lora_id in self.host and self.paths.get(lora_id) != path:
             raise ValueError(f"LoRA id {lora_id} is already loaded from {self.paths[lora_id]!r}, not {path!r}")
         if lora_id not in self.host:
@@ -68,8 +68,16 @@ class LoRASlots:
             self.paths[lora_id] = path
         self.host.move_to_end(lora_id)
         self.dropping.discard(lora_id)
-        self.users[lora_id] += 1
         self._trim()
+
+    def acquire(self, lora_id: int, path: str) -> None:
+        """A request with this adapter arrived: its weights are held on the host until it ends."""
+        self.users[lora_id] += 1  # first, so that trimming keeps it
+        try:
+            self.load(lora_id, path)
+        except BaseException:
+            self.release(lora_id)
+            raise
 
     def release(self, lora_id: int) -> None:
         self.users[lora_id] -= 1

@@ -4,7 +4,8 @@ The inputs live in a persistent batch (`InputBatch`): every running request owns
 is kept across steps and only grows by the blocks it gained; a step gathers its rows with numpy, writes
 them into pinned host buffers (two sets, used in turn, so a step's copies never race the next step's
 preparation) and copies them to the device once, non-blocking. Rows are laid out for several query tokens
-per request (a chunk of a prompt now; proposed tokens later) and carry an adapter index (0 = none).
+per request (a chunk of a prompt, or a token and its proposals) and each token carries its LoRA slot
+(0 = the base model), so one step mixes adapters.
 
 `execute` returns a `StepOutput` whose sampled ids are still on the device: with asynchronous scheduling
 the engine core prepares and launches the next step first, feeding those ids to it on the device, and
@@ -57,12 +58,11 @@ class StepOutput:
 
 
 class InputBatch:
-    """Rows that outlive a step: request id -> row, the row's block table and adapter index."""
+    """Rows that outlive a step: request id -> row and the row's block table."""
 
     def __init__(self, max_rows: int, max_blocks: int):
         self.block_table = np.zeros((max_rows, max_blocks), dtype=np.int32)
         self.num_blocks = [0] * max_rows  # a list: numpy scalar reads cost more than the work they guard
-        self.adapter_index = np.zeros(max_rows, dtype=np.int32)  # per-row adapter (0 = the base model)
         self.row_of: dict[str, int] = {}
         self._free = list(range(max_rows - 1, -1, -1))
 
@@ -103,6 +103,7 @@ class _Staging:
         self.pend_dst = buf(max_rows, dtype=torch.long)
         self.pend_src = buf(max_rows, dtype=torch.long)
         self.sampled = buf(max_rows, dtype=torch.long)  # the step's sampled ids, copied back for the host
+        self.lora = buf(max_tokens, dtype=torch.long)  # each token's LoRA slot (0: the base model)
         # numpy views, made once (each .numpy() call costs microseconds)
         self.np = {k: v.numpy() for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
 
@@ -127,6 +128,7 @@ class ModelRunner:
         self._staging = [_Staging(n_tok, config.max_num_seqs, self.max_blocks, pin) for _ in range(2)]
         self._step = 0
         self.encoder_cache = EncoderCache() if getattr(model, "supports_multimodal", False) else None
+        self.lora = getattr(model, "lora", None)  # models/lora LoRAModel when LoRA is enabled
 
     # KV cache -------------------------------------------------------------------------
     def kv_block_bytes(self) -> int:
@@ -271,11 +273,22 @@ class ModelRunner:
             input_ids[st.pend_dst[:k].to(dev, non_blocking=nb)] = \
                 prev.token_ids[st.pend_src[:k].to(dev, non_blocking=nb)]
 
+        lora = False
+        if self.lora is not None:  # each token's adapter slot, from its row's (the engine core assigned them)
+            slots_l = [s.request.lora_slot for s in scheduled]
+            active = sorted(set(slots_l) - {0})
+            if active:
+                npb["lora"][:total] = slots_l if total == num_rows else np.repeat(slots_l, qlens)
+                self.lora.set_token_index(st.lora[:total].to(dev, non_blocking=nb), active)
+                lora = True
+            else:
+                self.lora.set_token_index(None)
+
         if mm_rows:  # image features in place of their placeholders' embeddings (never for text-only batches)
             hidden = self.model(input_ids, positions, self.kv_caches, self.model.attn_backend.build_metadata(md),
                                 inputs_embeds=self._mm_embeds(input_ids, mm_rows))
         else:
-            hidden = self.graphs.run(input_ids, positions, md) if self.graphs is not None else None
+            hidden = self.graphs.run(input_ids, positions, md) if self.graphs is not None and not lora else None
         if hidden is None:
             hidden = self.model(input_ids, positions, self.kv_caches, self.model.attn_backend.build_metadata(md))
 

@@ -64,6 +64,7 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.max_loras = 0  # > 0: at most this many distinct LoRA adapters in the running set (the model's slots)
 
     # queue -------------------------------------------------------------------------
     def _key(self, req: Request):
@@ -186,12 +187,18 @@ class Scheduler:
 
         now = time.monotonic()
         admitted: list[int] = []
+        adapters = None  # the running set's LoRA adapters, gathered when a waiting request has one
         for j in (self._admission_order() if budget > 0 and len(self.running) < self.max_num_seqs else ()):
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
             req = self.waiting[j]
             if req.num_pending or (req.gate is not None and not (req.gate.prefill_done or req.gate.is_finished)):
                 continue  # its last token is still in flight / n > 1: wait for the first sibling's prompt blocks
+            if req.lora_id and self.max_loras:
+                if adapters is None:
+                    adapters = {r.lora_id for r in self.running if r.lora_id}
+                if req.lora_id not in adapters and len(adapters) >= self.max_loras:
+                    continue  # every slot is taken by other adapters: wait for one to come free
             computed, num_hit = self.kv.get_computed_blocks(req)
             n = req.num_total_tokens - num_hit
             if not self.chunked and n > budget:
@@ -207,6 +214,8 @@ class Scheduler:
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
             self.running.append(req)
+            if adapters is not None and req.lora_id:
+                adapters.add(req.lora_id)
             out.scheduled.append(ScheduledRequest(req, n))
             budget -= n
         if admitted:

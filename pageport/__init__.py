@@ -23,6 +23,7 @@ _EXPORTS = {
     "RequestOutput": "pageport.core.outputs",
     "CompletionOutput": "pageport.core.outputs",
     "BeamSearchParams": "pageport.core.llm",
+    "LoRARequest": "pageport.core.lora",
     "EngineConfig": "pageport.core.config",
     # pooling models
     "PoolingParams": "pageport.core.pooling",

@@ -35,6 +35,9 @@ def build_runner(config: EngineConfig, platform):
     from pageport.models import load_model
 
     loaded = load_model(config, platform)
+    if getattr(config, "enable_lora", False):  # adapter slots on every projection, before profiling and graphs
+        from pageport.models.lora import enable_lora
+        enable_lora(loaded.model, config.max_loras, config.max_lora_rank, platform.ops)
     if config.max_num_batched_tokens is None:
         budget = platform.default_max_num_batched_tokens
         config.max_num_batched_tokens = budget if config.enable_chunked_prefill else max(budget, config.max_model_len)

@@ -138,8 +138,3 @@ def test_bad_adapters_are_clear_errors(setup, tmp_path):
         lora.load(1, str(tmp_path / "wide"))
     assert torch.equal(before, lora.layers["model.layers.0.self_attn.qkv_proj"].lora_a)  # slot left intact
 
-
-def test_enable_lora_is_refused_until_requests_carry_adapters():
-    """A flag that would do nothing is refused, not silently accepted."""
-    with pytest.raises(ValueError, match="LoRA adapters is not supported"):
-        EngineConfig(enable_lora=True)
