@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import itertools
 import logging
 import queue
@@ -256,14 +257,15 @@ class AsyncLLMEngine:
 
     async def add_request(self, prompt, params: SamplingParams, request_id: Optional[str] = None, *,
                           priority: int = 0, arrival_time: Optional[float] = None,
-                          cache_salt: Optional[str] = None, owner: Optional[str] = None) -> RequestStream:
+                          cache_salt: Optional[str] = None, owner: Optional[str] = None,
+                          lora_request=None) -> RequestStream:
         """Queue a request and wait until the engine took it. Raises ValueError for an invalid request,
         EngineDeadError once the engine is dead. Iterate the returned stream for its outputs; the caller
         must iterate it to the end or call `stream.abort()` (see `generate`, which does both)."""
         request_id = f"req-{next(self._ids)}" if request_id is None else str(request_id)
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         stream = RequestStream(self, request_id, params, asyncio.get_running_loop())
-        self._send(("add", stream, prompt, params, priority, arrival_time, cache_salt, owner))
+        self._send(("add", stream, prompt, params, priority, arrival_time, cache_salt, owner, lora_request))
         try:
             await stream._accepted
         except asyncio.CancelledError:
@@ -273,11 +275,12 @@ class AsyncLLMEngine:
 
     async def generate(self, prompt, params: SamplingParams, request_id: Optional[str] = None, *,
                        priority: int = 0, arrival_time: Optional[float] = None,
-                       cache_salt: Optional[str] = None) -> AsyncIterator[RequestOutput]:
+                       cache_salt: Optional[str] = None, lora_request=None) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as they come (params.output_kind="delta" for streaming). Stopping early
         (break, aclose, cancellation) aborts the request."""
         stream = await self.add_request(prompt, params, request_id, priority=priority,
-                                        arrival_time=arrival_time, cache_salt=cache_salt)
+                                        arrival_time=arrival_time, cache_salt=cache_salt,
+                                        lora_request=lora_request)
         try:
             async for out in stream:
                 yield out
@@ -291,6 +294,20 @@ class AsyncLLMEngine:
         async for out in self.generate(prompt, pooling_params, request_id, priority=priority,
                                        arrival_time=arrival_time):
             yield out
+
+    # LoRA adapters, run on the engine thread (it owns the engine) -------------------------------------------
+    def run_in_engine(self, fn, *args) -> concurrent.futures.Future:
+        """`fn(engine, *args)` on the engine thread, between steps; its result (or exception) in the future."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._send(("run", fut, fn, args))
+        return fut
+
+    async def add_lora(self, lora_request) -> bool:
+        """Check an adapter and keep it read in the core (ValueError if it is bad)."""
+        return await asyncio.wrap_future(self.run_in_engine(lambda e, r: e.add_lora(r), lora_request))
+
+    async def remove_lora(self, lora_id: int) -> bool:
+        return await asyncio.wrap_future(self.run_in_engine(lambda e, i: e.remove_lora(i), lora_id))
 
     def abort(self, request_id: str) -> None:
         """Abort every request carrying this client id (thread-safe, never blocks, no-op once they finished
@@ -340,6 +357,14 @@ class AsyncLLMEngine:
                     elif kind == "abort":
                         engine.abort_request(cmd[1])
                         aborted = True
+                    elif kind == "run":
+                        fut, fn, args = cmd[1:]
+                        try:
+                            fut.set_result(fn(engine, *args))
+                        except EngineDeadError:
+                            raise
+                        except Exception as e:  # noqa: BLE001 - the caller's to handle
+                            fut.set_exception(e)
                     elif kind == "abort_stream":
                         stream = cmd[1]
                         stream.cancelled = True
@@ -358,13 +383,15 @@ class AsyncLLMEngine:
             logger.exception("the engine loop died")
             self._die(e)
 
-    def _add(self, stream: RequestStream, prompt, params, priority, arrival_time, cache_salt, owner) -> None:
+    def _add(self, stream: RequestStream, prompt, params, priority, arrival_time, cache_salt, owner,
+             lora_request) -> None:
         if stream.cancelled:
             return
         try:
             stream.engine_id = self.engine.add_request(stream.request_id, prompt, params, priority=priority,
                                                        arrival_time=arrival_time, cache_salt=cache_salt,
-                                                       owner=owner)
+                                                       owner=owner, **({"lora_request": lora_request}
+                                                                       if lora_request is not None else {}))
         except EngineDeadError:
             raise
         except Exception as e:  # invalid request: only its caller hears of it
@@ -427,8 +454,7 @@ class AsyncLLMEngine:
         """Shut down: abort what is in flight (its blocks go back), fail every waiting caller."""
         error = EngineDeadError("the engine was shut down")
         for cmd in leftover:
-            if cmd[0] == "add":
-                self._call(cmd[1].loop, _resolve, cmd[1]._accepted, error)
+            _fail_command(self, cmd, error)
         if self._streams:
             try:
                 self.engine.abort_request(list(self._streams))
@@ -447,8 +473,7 @@ class AsyncLLMEngine:
                 cmd = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            if cmd[0] == "add":
-                self._call(cmd[1].loop, _resolve, cmd[1]._accepted, error)
+            _fail_command(self, cmd, error)
         for stream in streams.values():
             self._call(stream.loop, stream._put, error)
 
@@ -456,6 +481,14 @@ class AsyncLLMEngine:
         with self._lock:
             self._dead = exc
             self._fail_all(EngineDeadError(f"the engine loop died: {exc!r}"))
+
+
+def _fail_command(engine: AsyncLLMEngine, cmd: tuple, error: BaseException) -> None:
+    """A command the engine thread will never take: its caller hears why."""
+    if cmd[0] == "add":
+        engine._call(cmd[1].loop, _resolve, cmd[1]._accepted, error)
+    elif cmd[0] == "run" and not cmd[1].done():
+        cmd[1].set_exception(error)
 
 
 def _resolve(fut: asyncio.Future, error: Optional[BaseException]) -> None:

@@ -172,6 +172,8 @@ class LLMEngine:
         invalid. `request_id` is the client's label; `owner` groups requests that share a fair share of
         the seats (default: this request alone); `lora_request`: the LoRARequest of the adapter to run."""
         if isinstance(params, PoolingParams) or self.config.runner == "pooling":  # a vector, not tokens
+            if lora_request is not None:
+                raise ValueError("LoRA adapters run with generation only, not with pooling requests")
             return add_pooling_request(self, request_id, prompt, params, priority, arrival_time, owner)
         text, token_ids = self.tokenize(prompt)
         token_ids = prepare_request(params, token_ids, self)  # bad words, allowed tokens, truncation...

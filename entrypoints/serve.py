@@ -29,8 +29,7 @@ UNSUPPORTED = [
     ("--pipeline-parallel-size", ("-pp",), True), ("--data-parallel-size", ("-dp",), True),
     ("--data-parallel-address", (), True), ("--data-parallel-rpc-port", (), True),
     ("--distributed-executor-backend", (), True), ("--enable-expert-parallel", ("-ep",), False),
-    ("--enable-lora", (), False), ("--lora-modules", (), "+"), ("--max-loras", (), True),
-    ("--max-lora-rank", (), True), ("--kv-cache-dtype", (), True),
+    ("--kv-cache-dtype", (), True),
     ("--cpu-offload-gb", (), True), ("--swap-space", (), True), ("--limit-mm-per-prompt", (), True),
     ("--mm-processor-kwargs", (), True), ("--hf-overrides", (), True), ("--rope-scaling", (), True),
     ("--kv-transfer-config", (), True), ("--compilation-config", ("-O",), True),
@@ -75,6 +74,10 @@ def add_server_args(parser) -> None:
                         f"given (also ${API_KEY_ENV} or ${VLLM_API_KEY_ENV})")
     g.add_argument("--served-model-name", nargs="+", default=None,
                    help="model name(s) the API answers to (default: the model argument)")
+    g.add_argument("--lora-modules", nargs="+", action="extend", default=None,
+                   help="LoRA adapters to serve (with --enable-lora), each name=path or JSON "
+                        "'{\"name\": ..., \"path\": ..., \"base_model_name\": ...}'; a request picks one by its "
+                        "model field")
     g.add_argument("--root-path", default=None, help="path prefix when behind a proxy that strips it")
     g.add_argument("--ssl-keyfile", default=None)
     g.add_argument("--ssl-certfile", default=None)
@@ -183,6 +186,11 @@ def check_serve_args(args) -> None:
     if args.reasoning_parser:
         from pageport.entrypoints.openai.reasoning_parsers import get_reasoning_parser
         get_reasoning_parser(args.reasoning_parser)
+    if args.lora_modules:
+        from pageport.entrypoints.openai.lora import parse_lora_modules
+        parse_lora_modules(args.lora_modules)
+        if not args.enable_lora:
+            raise ValueError("--lora-modules needs --enable-lora")
     if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
         raise ValueError("--ssl-keyfile and --ssl-certfile go together")
 

@@ -37,6 +37,7 @@ from pageport.entrypoints.openai.protocol import (ChatCompletionRequest, ChatCom
                                                    ErrorResponse, ModelList, TokenizeRequest, TokenizeResponse,
                                                    VersionResponse)
 from pageport.entrypoints.openai.limits import ServerLimits
+from pageport.entrypoints.openai.lora import LoRAModels, parse_lora_modules, register_lora_routes, runtime_updates_allowed
 from pageport.entrypoints.openai.pooling import refuse_generation, register_pooling_routes
 from pageport.entrypoints.openai.responses import ResponsesRequest
 from pageport.entrypoints.openai.serving import OpenAIServing, ServingOptions, engine_dead_error
@@ -253,13 +254,20 @@ def _openapi(app: FastAPI) -> dict:
 
 def build_app(engine: AsyncLLMEngine, served_model_names: Optional[list[str]] = None, api_key=None,
               limits: Optional[ServerLimits] = None, options: Optional[ServingOptions] = None,
-              docs: bool = True) -> FastAPI:
+              docs: bool = True, lora_modules: Optional[list] = None,
+              allow_lora_updates: Optional[bool] = None) -> FastAPI:
     """An app over a running AsyncLLMEngine. Several apps may share one engine (each has its own metrics).
-    `api_key`: one key or a list of keys, any of which is accepted."""
+    `api_key`: one key or a list of keys, any of which is accepted. `lora_modules`: (name, path, base) of the LoRA
+    adapters to serve; `allow_lora_updates` (default: the environment, entrypoints/openai/lora.py) adds the routes
+    that load and unload adapters at run time."""
     limits = limits or ServerLimits()
     inner = getattr(engine, "engine", None)
     names = list(served_model_names or [default_model_name(engine.config)])
     serving = OpenAIServing(engine, names, limits, str(getattr(inner, "model_source", "")), options)
+    if getattr(engine.config, "enable_lora", False) or lora_modules:
+        serving.loras = LoRAModels(engine, names)
+        for name, path, base in lora_modules or ():
+            serving.loras.add_at_start(name, path, base)
     metrics = ServerMetrics(engine, names[0])
     _chain_observer(engine, metrics.observe)
 
@@ -303,7 +311,8 @@ def build_app(engine: AsyncLLMEngine, served_model_names: Optional[list[str]] = 
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": serving.created, "owned_by": "pageport",
              "root": serving.model_source or name, "parent": None, "max_model_len": serving.max_model_len,
-             "permission": []} for name in names]}
+             "permission": []} for name in names]
+            + (serving.loras.cards(serving.created, serving.max_model_len) if serving.loras is not None else [])}
 
     async def _respond(raw: Request, make, body):
         _alive()
@@ -359,6 +368,8 @@ def build_app(engine: AsyncLLMEngine, served_model_names: Optional[list[str]] = 
         tok = serving._need_tokenizer()
         return {"prompt": await serving.in_tokenizer_thread(tok.decode, body.tokens)}
 
+    if serving.loras is not None and (runtime_updates_allowed() if allow_lora_updates is None else allow_lora_updates):
+        register_lora_routes(app, serving.loras, _POST_ERRORS)
     # /v1/embeddings, /pooling, /classify, /score, /rerank (entrypoints/openai/pooling.py)
     app.state.pooling = register_pooling_routes(app, serving, _alive, _unless_disconnected, _POST_ERRORS)
     return app
@@ -474,7 +485,7 @@ def serve(engine: AsyncLLMEngine, args) -> int:
                           max_body_bytes=args.max_request_body_bytes, max_prompt_chars=args.max_prompt_chars,
                           request_body_timeout=args.request_body_timeout)
     app = build_app(engine, args.served_model_name, keys or None, limits, serving_options(args),
-                    docs=not args.disable_fastapi_docs)
+                    docs=not args.disable_fastapi_docs, lora_modules=parse_lora_modules(args.lora_modules))
     app.add_middleware(CORSMiddleware, allow_origins=args.allowed_origins, allow_methods=args.allowed_methods,
                        allow_headers=args.allowed_headers, allow_credentials=args.allow_credentials)
     where = f"unix:{args.uds}" if args.uds else f"http{'s' if args.ssl_certfile else ''}://{args.host}:{args.port}"

@@ -95,6 +95,7 @@ class OpenAIServing:
         self.reasoning_parser_cls = (get_reasoning_parser(options.reasoning_parser) if options.reasoning_parser
                                      else None)
         self.model_names = model_names
+        self.loras = None  # LoRAModels (entrypoints/openai/lora.py): adapters by model name
         self.limits = limits
         self.model_source = model_source
         tok = engine.tokenizer
@@ -134,7 +135,13 @@ class OpenAIServing:
     def check_model(self, name: Optional[str]) -> str:
         if name is None or name in self.model_names:
             return self.model_names[0]
+        if self.loras is not None and name in self.loras.by_name:
+            return name
         raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
+
+    def _lora_kwargs(self, model: Optional[str]) -> dict:
+        lora = self.loras.by_name.get(model) if self.loras is not None and model else None
+        return {"lora_request": lora} if lora is not None else {}
 
     def _need_tokenizer(self):
         if self.tokenizer is None:
@@ -370,7 +377,8 @@ class OpenAIServing:
             *[self.engine.add_request({"prompt": p.text, "prompt_token_ids": p.token_ids,
                                        **({"mm_inputs": p.mm_inputs} if p.mm_inputs else {})}, params, rid,
                                       priority=req.priority, arrival_time=arrival, cache_salt=req.cache_salt,
-                                      owner=base_id)  # one client request: one fair share of the seats
+                                      owner=base_id,  # one client request: one fair share of the seats
+                                      **self._lora_kwargs(req.model))
               for p, rid in zip(prompts, ids)], return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
