@@ -273,22 +273,23 @@ class ModelRunner:
             input_ids[st.pend_dst[:k].to(dev, non_blocking=nb)] = \
                 prev.token_ids[st.pend_src[:k].to(dev, non_blocking=nb)]
 
-        lora = False
+        lora_index = None
         if self.lora is not None:  # each token's adapter slot, from its row's (the engine core assigned them)
             slots_l = [s.request.lora_slot for s in scheduled]
             active = sorted(set(slots_l) - {0})
             if active:
                 npb["lora"][:total] = slots_l if total == num_rows else np.repeat(slots_l, qlens)
-                self.lora.set_token_index(st.lora[:total].to(dev, non_blocking=nb), active)
-                lora = True
-            else:
-                self.lora.set_token_index(None)
+                lora_index = st.lora[:total].to(dev, non_blocking=nb)
+            self.lora.set_token_index(lora_index, active)
 
         if mm_rows:  # image features in place of their placeholders' embeddings (never for text-only batches)
             hidden = self.model(input_ids, positions, self.kv_caches, self.model.attn_backend.build_metadata(md),
                                 inputs_embeds=self._mm_embeds(input_ids, mm_rows))
         else:
-            hidden = self.graphs.run(input_ids, positions, md) if self.graphs is not None and not lora else None
+            hidden = None
+            if self.graphs is not None:
+                hidden = (self.graphs.run(input_ids, positions, md) if lora_index is None
+                          else getattr(self.graphs, "run_lora", _no_graph)(input_ids, positions, md, lora_index))
         if hidden is None:
             hidden = self.model(input_ids, positions, self.kv_caches, self.model.attn_backend.build_metadata(md))
 
@@ -394,6 +395,10 @@ class ModelRunner:
         logits = self._logits(hidden, torch.tensor(rows, device=hidden.device), rows)
         nxt = torch.tensor(r.prompt_token_ids[start + 1:end + 1], device=logits.device)
         return prompt_logprobs(logits, nxt, r.params.prompt_logprobs)
+
+
+def _no_graph(*args):
+    return None  # a graph runner without LoRA graphs: the step runs eagerly
 
 
 def _zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

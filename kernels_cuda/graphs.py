@@ -23,6 +23,9 @@ class CudaGraphRunner(GraphRunner):
 
     Padding rows write to slot -1 (skipped) and attend to one token of the null block 0,
     so their outputs are finite and ignored.
+
+    With LoRA each size is captured twice: without adapters (steps of base rows only pay nothing) and with
+    every slot live, the tokens' slots read from a static buffer (padding rows: slot 0).
     """
 
     def __init__(self, model, kv_caches: list[torch.Tensor], config):
@@ -41,6 +44,10 @@ class CudaGraphRunner(GraphRunner):
                                        device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.lora = getattr(model, "lora", None)  # models/lora LoRAModel
+        self.lora_index = torch.zeros(n, dtype=torch.long, device=dev)
+        self.lora_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.lora_outputs: dict[int, torch.Tensor] = {}
         self.metadata: dict = {}  # keeps each graph's backend buffers (split-KV workspace) alive
 
     def _metadata(self, bs: int) -> AttentionMetadata:
@@ -56,18 +63,37 @@ class CudaGraphRunner(GraphRunner):
         for bs in tqdm(list(reversed(self.sizes)), desc="Capturing CUDA graphs", leave=False):
             md = self.metadata[bs] = self.model.attn_backend.build_metadata(self._metadata(bs))
             args = (self.input_ids[:bs], self.positions[:bs], self.kv_caches, md)
-            self.model(*args)  # warm-up: compile kernels outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[bs] = self.model(*args)
-            pool = graph.pool()
-            self.graphs[bs] = graph
+            pool = self._capture(bs, args, self.graphs, self.outputs, pool)
+            if self.lora is not None:
+                self.lora.set_token_index(self.lora_index[:bs], list(range(1, self.lora.max_loras + 1)))
+                try:
+                    pool = self._capture(bs, args, self.lora_graphs, self.lora_outputs, pool)
+                finally:
+                    self.lora.set_token_index(None)
         torch.cuda.synchronize()
 
+    def _capture(self, bs, args, graphs, outputs, pool):
+        self.model(*args)  # warm-up: compile kernels outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs[bs] = self.model(*args)
+        graphs[bs] = graph
+        return graph.pool()
+
     def run(self, input_ids, positions, md: AttentionMetadata):
+        """The decode step's hidden states, or None when no graph fits."""
+        return self._replay(input_ids, positions, md, None)
+
+    def run_lora(self, input_ids, positions, md: AttentionMetadata, lora_index):
+        """The same for a step with LoRA rows; `lora_index`: each token's slot."""
+        return self._replay(input_ids, positions, md, lora_index)
+
+    def _replay(self, input_ids, positions, md: AttentionMetadata, lora_index):
         n = md.num_seqs
         if md.max_query_len != 1 or n > self.sizes[-1] or md.max_seq_len > self.max_seq_len:
+            return None
+        if lora_index is not None and not self.lora_graphs:
             return None
         bs = next(s for s in self.sizes if s >= n)
         self.input_ids[:n].copy_(input_ids)
@@ -78,5 +104,10 @@ class CudaGraphRunner(GraphRunner):
         self.seq_lens[n:bs].fill_(1)
         self.block_table[:n, :md.block_table.shape[1]].copy_(md.block_table)
         self.block_table[n:bs, 0].fill_(0)
+        if lora_index is not None:
+            self.lora_index[:n].copy_(lora_index)
+            self.lora_index[n:bs].fill_(0)
+            self.lora_graphs[bs].replay()
+            return self.lora_outputs[bs][:n]
         self.graphs[bs].replay()
         return self.outputs[bs][:n]

@@ -44,6 +44,15 @@ class TritonOps(Ops):
         from pageport.kernels_cuda.activation import silu_and_mul
         return silu_and_mul(x)
 
+    def lora_apply(self, y, x, lora_a, lora_b, index, slots):
+        if not self.runs_triton(x) or x.stride(-1) != 1 or y.stride(-1) != 1 or lora_a.stride(-1) != 1:
+            return super().lora_apply(y, x, lora_a, lora_b, index, slots)
+        from pageport.kernels_cuda.lora import lora_apply, lora_prepare
+        cached = getattr(self, "_lora_prepared", None)
+        if cached is None or cached[0] is not index:  # once per step (and per captured graph), for every layer
+            cached = self._lora_prepared = (index, lora_prepare(index, lora_a.shape[0]))
+        return lora_apply(y, x, lora_a, lora_b, cached[1])
+
     def fused_moe(self, x, w13, w2, topk_weights, topk_ids):
         # PAGEPORT_FUSED_MOE=torch: the per-expert loop (the baseline the MoE benchmark compares against)
         if not self.runs_triton(x) or os.environ.get("PAGEPORT_FUSED_MOE") == "torch":

@@ -49,14 +49,32 @@ class Ops(QuantOps):
                    index: torch.Tensor, slots: list[int]) -> torch.Tensor:
         """y + (x A_s^T) B_s^T for the rows whose index is s, for each slot s in `slots` (slot 0: none).
 
-        y [T, N], x [T, K]; lora_a [S, R, K]; lora_b [S, N, R] (scale folded in); index [T]. Returns y
-        (updated in place where it can be)."""
-        for s in slots:
-            rows = (index == s).nonzero().squeeze(1)
-            if rows.numel():
-                xs = x.index_select(0, rows)
-                y = y.index_add(0, rows, F.linear(F.linear(xs, lora_a[s]), lora_b[s]).to(y.dtype))
-        return y
+        y [T, N], x [T, K]; lora_a [S, R, K]; lora_b [S, N, R] (scale folded in, computed in their dtype);
+        index [T]. Returns y, updated in place."""
+        order, segments = self._lora_segments(index, lora_a.shape[0])
+        if not segments:
+            return y
+        xs = x.index_select(0, order).to(lora_a.dtype)  # the adapters' tokens, grouped by slot
+        parts = [F.linear(F.linear(xs[lo:hi], lora_a[s]), lora_b[s]) for s, lo, hi in segments]
+        return y.index_add_(0, order, torch.cat(parts).to(y.dtype))
+
+    def _lora_segments(self, index: torch.Tensor, num_slots: int):
+        """(token positions of slots 1.. grouped by slot, [(slot, start, end)]): sorted once per step's index
+        and reused by every layer."""
+        cached = getattr(self, "_lora_cached", None)
+        if cached is not None and cached[0] is index:
+            return cached[1]
+        idx = index.to(torch.int64)
+        order = idx.argsort(stable=True)
+        counts = torch.bincount(idx, minlength=num_slots).tolist()
+        segments, lo = [], 0
+        for s, c in enumerate(counts[1:], 1):
+            if c:
+                segments.append((s, lo, lo + c))
+            lo += c
+        out = (order[counts[0]:], segments)
+        self._lora_cached = (index, out)
+        return out
 
     def fused_moe(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,8 @@ class LoRALinear(nn.Module):
         n = len(slices)
         dev, dt = w.device if w.device.type != "meta" else torch.device("cpu"), torch.get_default_dtype()
         dt = w.dtype if w.dtype.is_floating_point and w.device.type != "meta" else dt
+        if dev.type == "cpu":  # small bf16 GEMMs are ~4x slower than float32 ones on the CPU (oneDNN): keep float32
+            dt = torch.float32
         self.register_buffer("lora_a", torch.zeros(max_loras + 1, n * max_rank, base.input_size, dtype=dt, device=dev))
         self.register_buffer("lora_b", torch.zeros(max_loras + 1, base.output_size, n * max_rank, dtype=dt,
                                                    device=dev))

@@ -133,3 +133,47 @@ def test_moe_model_runs_in_cuda_graphs_and_matches_transformers(tmp_path, monkey
         got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in ps], params)]
         llm.engine.shutdown()
         assert [g[:len(w)] for g, w in zip(got, want)] == want, f"loop={loop}"  # HF stops at an EOS
+
+
+def test_lora_mixed_batch_in_cuda_graphs_matches_peft(tmp_path):
+    """A tiny random Llama and three PEFT adapters in float32 (IEEE Triton dots): a batch mixing base rows and
+    the adapters over two slots gives PEFT's greedy tokens, with its decode steps replayed from the LoRA graphs."""
+    pytest.importorskip("peft")
+    from pageport.core.config import EngineConfig
+    from pageport.core.engine import LLMEngine
+    from pageport.core.lora import LoRARequest
+    from pageport.core.sampling_params import SamplingParams
+    from tests.models.tiny_lora import greedy, make_adapter, make_tiny_llama
+
+    refs = {0: make_tiny_llama(tmp_path / "base")}
+    loras = {}
+    for i in (1, 2, 3):
+        refs[i] = make_adapter(tmp_path / "base", tmp_path / f"a{i}", 4 * i if i < 3 else 8, seed=i)
+        loras[i] = LoRARequest(f"a{i}", i, str(tmp_path / f"a{i}"))
+    engine = LLMEngine(EngineConfig(model=str(tmp_path / "base"), dtype="float32", enable_lora=True, max_loras=2,
+                                    max_lora_rank=8, max_num_seqs=32), multiprocess=False)
+    graphs = engine.core.runner.graphs
+    assert graphs is not None and graphs.lora_graphs
+    replays = {"lora": 0}
+    real = graphs.run_lora
+
+    def counted(*a):
+        out = real(*a)
+        replays["lora"] += out is not None
+        return out
+    graphs.run_lora = counted
+    g = torch.Generator().manual_seed(4)
+    prompts_ = [torch.randint(0, 128, (int(n),), generator=g).tolist() for n in torch.randint(3, 30, (12,), generator=g)]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    ids = {(k, i % 4): engine.add_request(None, p, params, lora_request=loras.get(i % 4))
+           for k, p in enumerate(prompts_) for i in (k, k + 1)}
+    done = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                done[o.engine_request_id] = list(o.outputs[0].token_ids)
+    refs_cpu = {k: m.float() for k, m in refs.items()}
+    for (k, lid), rid in ids.items():
+        assert done[rid] == greedy(refs_cpu[lid], prompts_[k], 16), (k, lid)
+    assert replays["lora"] > 0
+    engine.shutdown()
