@@ -65,16 +65,23 @@ class CudaGraphRunner(GraphRunner):
             args = (self.input_ids[:bs], self.positions[:bs], self.kv_caches, md)
             pool = self._capture(bs, args, self.graphs, self.outputs, pool)
             if self.lora is not None:
-                self.lora.set_token_index(self.lora_index[:bs], list(range(1, self.lora.max_loras + 1)))
+                slots = list(range(1, self.lora.max_loras + 1))
+                # set again after the warm-up: a new index view, so that what the ops derive from the index once
+                # per step (the tokens sorted by slot) is computed inside the graph, not kept from the warm-up
+                fresh = lambda bs=bs: self.lora.set_token_index(self.lora_index[:bs], slots)  # noqa: E731
                 try:
-                    pool = self._capture(bs, args, self.lora_graphs, self.lora_outputs, pool)
+                    pool = self._capture(bs, args, self.lora_graphs, self.lora_outputs, pool, fresh)
                 finally:
                     self.lora.set_token_index(None)
         torch.cuda.synchronize()
 
-    def _capture(self, bs, args, graphs, outputs, pool):
+    def _capture(self, bs, args, graphs, outputs, pool, fresh=None):
+        if fresh is not None:
+            fresh()
         self.model(*args)  # warm-up: compile kernels outside the capture
         torch.cuda.synchronize()
+        if fresh is not None:
+            fresh()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
             outputs[bs] = self.model(*args)

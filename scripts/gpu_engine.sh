@@ -2,8 +2,9 @@
 # The engine-machine run on one CUDA GPU: offline throughput with the step profile (asynchronous scheduling on
 # and off), Transformers `generate` b256 on the same weights, batch-1 latency, the 8B shape, and `pageport bench
 # serve` at concurrency 256 against offline on the same checkpoint. Every figure lands in OUT/engine_*.json.
-# Usage: bash scripts/gpu_engine.sh OUT_DIR [part...]   parts: tests small steps big serve structured
-# (default: all but structured). structured: 64 json_schema requests against 64 free twins on the serve checkpoint.
+# Usage: bash scripts/gpu_engine.sh OUT_DIR [part...]   parts: tests small steps big serve structured lora
+# (default: all but structured and lora). structured: 64 json_schema requests against 64 free twins on the serve
+# checkpoint. lora: the LoRA GPU tests, then 8 rank-16 adapters over a batch of 256 against the base model alone.
 # Wheels the image lacks (fastapi, uvicorn, pyzmq, msgspec, ...) go in .whl/; a tokenizer folder in .gpu/tok
 # (the default model's, saved with save_pretrained) makes the serve checkpoint.
 set -uo pipefail
@@ -84,6 +85,13 @@ structured)
   timeout 500 python3 benchmarks/structured_vs_free.py --device cuda --model /tmp/llama1b_tok --dtype bfloat16 \
     --out /tmp/pp/structured.json > /tmp/pp/structured.log 2>&1
   grep -v "it/s\]" /tmp/pp/structured.log | tail -16 ;;
+lora)  # peft (and accelerate) wheels in .whl/ for the PEFT comparison
+  timeout 300 python3 -m pytest -q -m gpu tests/kernels_cuda/test_lora_kernel.py tests/e2e/test_gpu.py -k lora \
+    -p no:cacheprovider 2>&1 | tail -5
+  ckpt llama-3.2-1b /tmp/llama1b
+  timeout 500 python3 benchmarks/lora_throughput.py --device cuda --model /tmp/llama1b --dtype bfloat16 \
+    --adapters 8 --rank 16 --batch 256 --input-len 256 --output-len 128 --out /tmp/pp/lora.json > /tmp/pp/lora.log 2>&1
+  grep -v "it/s\]\|Processed" /tmp/pp/lora.log | tail -14 ;;
 esac; done
 python3 - "$OUT" <<'PY'
 import glob, json, os, sys
