@@ -7,8 +7,9 @@ CUDA graph can hold it); then two grouped GEMMs, one program per BLOCK_M tokens 
 - expand: y[tokens of s] += h @ B_s^T, B_s [N, R] (scale folded in; the fused q|k|v and gate|up projections'
   B is block-diagonal over the slices).
 
-Programs of slot 0 are never launched and those past a slot's tokens exit at once, so rows without an adapter
-cost nothing but the launch. Each adapter's weights are read once per BLOCK_M of its tokens, not per token.
+Programs of slot 0 are never launched and shrink programs past a slot's tokens exit at once, so rows without an
+adapter cost nothing but the launch. An expand program owns BLOCK_N columns of one slot and walks all its tokens,
+so each B tile is read once per step; A is read once per BLOCK_M of the slot's tokens.
 """
 from __future__ import annotations
 
@@ -61,22 +62,27 @@ def _shrink_kernel(x, a, h, order, starts, counts, K, R, sx, sa_s, sa_r, sh,
 @triton.jit
 def _expand_kernel(h, b, y, order, starts, counts, N, R, sh, sb_s, sb_n, sy,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
-    s = tl.program_id(2) + 1
-    tok, mask_m, live = _tokens(order, starts, counts, s, tl.program_id(0), BLOCK_M)
-    if live:
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            mask_r = offs_r < R
-            hb = tl.load(h + tok[:, None] * sh + offs_r[None, :], mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-            bb = tl.load(b + s * sb_s + offs_n[None, :] * sb_n + offs_r[:, None],
-                         mask=mask_n[None, :] & mask_r[:, None], other=0.0)
-            if IEEE:
-                acc += tl.dot(hb, bb.to(tl.float32), input_precision="ieee")
-            else:
-                acc += tl.dot(hb.to(bb.dtype), bb)
+    """One program per (BLOCK_N columns, slot): its B tile is loaded once and used for all the slot's tokens."""
+    s = tl.program_id(1) + 1
+    count = tl.load(counts + s)
+    start = tl.load(starts + s)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_r = tl.arange(0, BLOCK_R)  # BLOCK_R >= R: the whole rank at once
+    mask_r = offs_r < R
+    bb = tl.load(b + s * sb_s + offs_n[None, :] * sb_n + offs_r[:, None], mask=mask_n[None, :] & mask_r[:, None],
+                 other=0.0)
+    if IEEE:
+        bb = bb.to(tl.float32)
+    for m0 in range(0, count, BLOCK_M):
+        offs = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs < count
+        tok = tl.load(order + start + offs, mask=mask_m, other=0).to(tl.int64)
+        hb = tl.load(h + tok[:, None] * sh + offs_r[None, :], mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(hb, bb, input_precision="ieee")
+        else:
+            acc = tl.dot(hb.to(bb.dtype), bb)
         yp = y + tok[:, None] * sy + offs_n[None, :]
         mask = mask_m[:, None] & mask_n[None, :]
         old = tl.load(yp, mask=mask, other=0.0)
@@ -104,8 +110,8 @@ def lora_apply(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: t
     _shrink_kernel[(triton.cdiv(t, block_m), triton.cdiv(r, br), num_slots - 1)](
         x, lora_a, h, order, starts, counts, k, r, x.stride(0), lora_a.stride(0), lora_a.stride(1), h.stride(0),
         BLOCK_M=block_m, BLOCK_R=br, BLOCK_K=_pow2(k, 16, 128), IEEE=ieee, num_warps=4)
-    bn = _pow2(n, 16, 128)
-    _expand_kernel[(triton.cdiv(t, block_m), triton.cdiv(n, bn), num_slots - 1)](
+    bn = _pow2(n, 16, 64)
+    _expand_kernel[(triton.cdiv(n, bn), num_slots - 1)](
         h, lora_b, y, order, starts, counts, n, r, h.stride(0), lora_b.stride(0), lora_b.stride(1), y.stride(0),
-        BLOCK_M=block_m, BLOCK_N=bn, BLOCK_R=br, IEEE=ieee, num_warps=4)
+        BLOCK_M=block_m, BLOCK_N=bn, BLOCK_R=_pow2(r, 16, 1 << 30), IEEE=ieee, num_warps=4)
     return y
