@@ -133,7 +133,7 @@ class CoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False)
     ready: Optional[bytes] = None  # the first message: pickled core info, or a start-up error
 
 
-UTILITIES = ("stats", "reset_prefix_cache", "profile", "replay_ms", "add_lora", "remove_lora", "list_loras")
+UTILITIES = ("stats", "reset_prefix_cache", "profile", "replay_ms", "add_lora", "remove_lora")
 
 
 # the core -------------------------------------------------------------------------------------------------
@@ -537,7 +537,7 @@ class EngineCore:
             return "LoRA adapters need an engine started with enable_lora (--enable-lora)"
         try:
             self.loras.load(lora_id, path)
-        except (ValueError, OSError) as e:
+        except Exception as e:  # noqa: BLE001 - a bad file is the caller's error, never the core's end
             return f"LoRA adapter {name!r}: {e}"
         return None
 
@@ -547,9 +547,6 @@ class EngineCore:
             return False
         self.loras.drop(lora_id)
         return True
-
-    def list_loras(self) -> list[int]:
-        return [] if self.loras is None else sorted(self.loras.host)
 
     def profile(self, start: bool = False) -> dict:
         """The step-time counters since the last call, then zeroed; `start`: time every step on the device

@@ -289,7 +289,7 @@ class ModelRunner:
             hidden = None
             if self.graphs is not None:
                 hidden = (self.graphs.run(input_ids, positions, md) if lora_index is None
-                          else getattr(self.graphs, "run_lora", _no_graph)(input_ids, positions, md, lora_index))
+                          else self.graphs.run_lora(input_ids, positions, md, lora_index))
         if hidden is None:
             hidden = self.model(input_ids, positions, self.kv_caches, self.model.attn_backend.build_metadata(md))
 
@@ -395,10 +395,6 @@ class ModelRunner:
         logits = self._logits(hidden, torch.tensor(rows, device=hidden.device), rows)
         nxt = torch.tensor(r.prompt_token_ids[start + 1:end + 1], device=logits.device)
         return prompt_logprobs(logits, nxt, r.params.prompt_logprobs)
-
-
-def _no_graph(*args):
-    return None  # a graph runner without LoRA graphs: the step runs eagerly
 
 
 def _zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -193,3 +193,8 @@ class GraphRunner:
             metadata: AttentionMetadata) -> Optional[torch.Tensor]:
         """Hidden states [num_actual_tokens, hidden] for this step, or None to let the runner go eager."""
         return None
+
+    def run_lora(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata,
+                 lora_index: torch.Tensor) -> Optional[torch.Tensor]:
+        """The same for a step with LoRA rows (`lora_index`: each token's slot); None: eager."""
+        return None
