@@ -153,6 +153,15 @@ class EngineCore:
         self.runner = self.executor.runner  # rank 0's: its sampler, logits hook and graphs are the core's
         # custom logits processors (LLM(logits_processors=[...])): the sampler drives them every step
         self.runner.sampler.logits_processors = build_logits_processors(config, self.platform.device)
+        sc = config.speculative_config
+        self.drafter = None  # speculative decoding with a draft model: its KV cache shares the block pool
+        if sc is not None and sc["method"] == "draft_model":
+            if self.executor.world_size > 1:
+                raise ValueError("speculative decoding with a draft model does not run with tensor parallelism yet")
+            from pageport.core.spec_decode.draft import DraftProposer
+            self.drafter = DraftProposer(config, self.platform, sc)
+            self.drafter.check_vocab(loaded.hf_config, loaded.tokenizer)
+            self.runner.draft = self.drafter.runner
         num_blocks = self.executor.profile_num_blocks()
         t_profile = time.perf_counter()
         capacity = (num_blocks - 1) * config.block_size
@@ -178,11 +187,11 @@ class EngineCore:
             logger.info("tensor parallelism: asynchronous scheduling turned off")
             self.async_scheduling = False
         self.proposer = None  # speculative decoding: proposals need every token on the host, so steps are synchronous
-        if config.speculative_config is not None:
+        if sc is not None:
             from pageport.core.spec_decode import NgramProposer
-            sc = config.speculative_config
-            self.proposer = NgramProposer(sc["num_speculative_tokens"], sc["prompt_lookup_max"],
-                                          sc["prompt_lookup_min"])
+            self.proposer = (self.drafter if self.drafter is not None else
+                             NgramProposer(sc["num_speculative_tokens"], sc["prompt_lookup_max"],
+                                           sc["prompt_lookup_min"]))
             if self.async_scheduling:
                 logger.info("speculative decoding: asynchronous scheduling turned off")
             self.async_scheduling = False
@@ -353,6 +362,8 @@ class EngineCore:
         if sched:
             if self.loras is not None:
                 self._assign_loras(sched)
+            if self.drafter is not None:  # the proposals this step verifies
+                self.drafter.run(sched, self.kv, self._speculable)
             ev = None
             if self._timing:
                 ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
@@ -396,24 +407,28 @@ class EngineCore:
             r = s.request
             r.lora_slot = slot_of[r.lora_id] if r.lora_id else 0
 
+    def _speculable(self, req: Request) -> bool:
+        """Proposals cannot change its sampling: no penalties, grammar, logprobs, bad words / allowed tokens, logit
+        bias, nor custom logits processors."""
+        p = req.params
+        return not (self.runner.sampler.logits_processors is not None or req.sync or req.grammar
+                    or p.logprobs is not None or p.logit_bias or p.allowed_token_ids)
+
     def _propose(self) -> None:
-        """Proposals for each running request that decodes next step and whose sampling they cannot change:
-        not for penalties, grammars, logprobs, bad words / allowed tokens, logit bias, min_tokens still
-        unmet, or when custom logits processors are configured."""
+        """Proposals for each running request that decodes next step, is speculable and has met its min_tokens.
+        A draft model's are placeholders here: it makes them once the step is scheduled (`DraftProposer.run`)."""
         k, max_len = self.proposer.k, self.config.max_model_len
-        procs = self.runner.sampler.logits_processors is not None
         for req in self.scheduler.running:
             req.spec_token_ids = []
             ids, p = req.token_ids, req.params
-            if (procs or req.sync or req.grammar or req.num_pending or req.num_computed_tokens != len(ids) - 1
-                    or p.logprobs is not None or p.logit_bias or p.allowed_token_ids
+            if (req.num_pending or req.num_computed_tokens != len(ids) - 1 or not self._speculable(req)
                     or (p.min_tokens and len(ids) - req.num_prompt_tokens < p.min_tokens)):
                 continue
             n = min(k, max_len - len(ids) - 1)  # the last proposal's position stays inside the context
             if p.max_tokens is not None:  # and the emitted tokens within max_tokens
                 n = min(n, p.max_tokens - (len(ids) - req.num_prompt_tokens) - 1)
             if n > 0:
-                req.spec_token_ids = self.proposer.propose(ids, n)
+                req.spec_token_ids = [0] * n if self.drafter is not None else self.proposer.propose(ids, n)
 
     def _process(self, out: StepOutput) -> list[CoreOutput]:
         """Turn a finished step's samples into outputs; finish the requests they end."""
@@ -498,6 +513,7 @@ class EngineCore:
                 break
         c.spec_num_emitted_tokens += len(o.new_token_ids)
         req.num_computed_tokens = len(ids) - 1  # KV up to the last accepted proposal; the new last token has none
+        req.num_draft_computed = min(req.num_draft_computed, req.num_computed_tokens)  # so is the draft's
         if status is not None:
             self._finish(req, status)
         return o

@@ -129,6 +129,7 @@ class ModelRunner:
         self._step = 0
         self.encoder_cache = EncoderCache() if getattr(model, "supports_multimodal", False) else None
         self.lora = getattr(model, "lora", None)  # models/lora LoRAModel when LoRA is enabled
+        self.draft: Optional[ModelRunner] = None  # a draft model's runner: its KV cache shares this block pool
 
     # KV cache -------------------------------------------------------------------------
     def kv_block_bytes(self) -> int:
@@ -141,9 +142,10 @@ class ModelRunner:
         if self.config.num_gpu_blocks_override:
             return self.config.num_gpu_blocks_override
         peak = self._profile_peak_bytes()
-        model_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        runners = [self] + ([self.draft] if self.draft is not None else [])
+        model_bytes = sum(p.numel() * p.element_size() for r in runners for p in r.model.parameters())
         budget = self.platform.kv_cache_bytes(self.config, model_bytes, peak)
-        return max(2, budget // self.kv_block_bytes())
+        return max(2, budget // sum(r.kv_block_bytes() for r in runners))
 
     def _profile_peak_bytes(self) -> int:
         """Peak activation memory of one full-budget step (0 where the platform cannot measure it)."""
@@ -168,6 +170,8 @@ class ModelRunner:
         m = self.model
         shape = m.attn_backend.kv_cache_shape(num_blocks, self.block_size, m.num_kv_heads, m.head_size)
         self.kv_caches = [_zeros(shape, self.config.kv_cache_torch_dtype(), self.device) for _ in range(m.num_layers)]
+        if self.draft is not None:
+            self.draft.allocate_kv_cache(num_blocks)
         if not self.config.enforce_eager:
             self.graphs = self.platform.graph_runner(m, self.kv_caches, self.config)
             if self.graphs is not None:
@@ -358,7 +362,9 @@ class ModelRunner:
             s, end = scheduled[i], int(qsl[i + 1])
             k = len(s.spec_token_ids)
             if k:
-                spec_rows.append((j, SpecRow(s.request, list(s.spec_token_ids), len(positions))))
+                q = s.request.spec_probs  # a draft model's distributions (None for n-gram proposals)
+                spec_rows.append((j, SpecRow(s.request, list(s.spec_token_ids), len(positions),
+                                             None if q is None else q[:k])))
                 positions += range(end - 1 - k, end)
             else:
                 plain.append((j, len(positions)))

@@ -58,6 +58,9 @@ class Request:
         self.grammar = False  # constrained by a grammar (structured outputs)
         self.num_pending = 0
         self.spec_token_ids: list[int] = []  # proposed tokens for its next step (speculative decoding)
+        self.spec_probs: Optional[torch.Tensor] = None  # a draft model's distributions they were drawn from
+        self.num_draft_computed = 0  # tokens whose KV the draft model has written (core/spec_decode/draft.py)
+        self.draft_generator: Optional[torch.Generator] = None
         self.sample_index = 0  # its row among the samples of the last step it sampled in  # tokens sampled on the device whose ids have not reached the host yet
         self.num_cached_tokens = 0  # of the prompt, found by prefix caching at first admission
         self.block_hashes: list[int] = []  # chained hashes of full blocks, filled by the KV manager

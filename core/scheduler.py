@@ -111,7 +111,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
-        req.num_computed_tokens = 0
+        req.num_computed_tokens = req.num_draft_computed = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
         self._requeue_first(req)

@@ -11,10 +11,12 @@ _KEYS = {"method", "model", "num_speculative_tokens", "prompt_lookup_max", "prom
 
 @dataclass
 class SpeculativeConfig:
-    method: str = "ngram"
+    method: str = "ngram"  # ngram (prompt lookup) | draft_model (a smaller model with the target's vocabulary)
     num_speculative_tokens: int = 3
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
+    model: Optional[str] = None  # draft_model: its checkpoint (the target's own path with `quantization` too)
+    quantization: Optional[str] = None  # draft_model: its linears' format, as the engine's `quantization`
 
     @classmethod
     def parse(cls, value: Union[None, str, dict, "SpeculativeConfig"]) -> Optional["SpeculativeConfig"]:
@@ -32,21 +34,36 @@ class SpeculativeConfig:
         if unknown:
             raise ValueError(f"speculative_config: unknown keys {sorted(unknown)}; known: {sorted(_KEYS)}")
         d: dict[str, Any] = dict(value)
-        method = d.get("method") or ("ngram" if d.get("model") in ("[ngram]", "ngram") else None)
-        if method != "ngram":
-            raise ValueError(f"speculative_config: method {method!r} is not supported; only 'ngram' "
-                             "(prompt lookup) is implemented")
-        if d.get("model") not in (None, "[ngram]", "ngram"):
-            raise ValueError("speculative_config: the ngram method takes no draft model")
-        if d.get("draft_tensor_parallel_size") not in (None, 1) or d.get("quantization") is not None:
-            raise ValueError("speculative_config: draft_tensor_parallel_size and quantization apply to draft "
-                             "models, which are not supported")
+        model = d.get("model")
+        method = d.get("method") or ("ngram" if model in (None, "[ngram]", "ngram") else "draft_model")
+        if method in ("draft", "draft_model"):
+            method = "draft_model"
+        elif method != "ngram":
+            raise ValueError(f"speculative_config: method {method!r} is not supported; choose 'ngram' (prompt "
+                             "lookup) or 'draft_model' (EAGLE, EAGLE-3 and MTP heads are not implemented)")
         if "num_speculative_tokens" not in d:
             raise ValueError("speculative_config: num_speculative_tokens is required")
         k = d["num_speculative_tokens"]
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"speculative_config: num_speculative_tokens must be an integer >= 1, got {k!r}")
+        if d.get("draft_tensor_parallel_size") not in (None, 1):
+            raise ValueError("speculative_config: draft_tensor_parallel_size must be 1 (the draft runs on one "
+                             "device beside the target)")
+        if method == "draft_model":
+            if not isinstance(model, str) or not model or model in ("[ngram]", "ngram"):
+                raise ValueError("speculative_config: method 'draft_model' needs a draft checkpoint in 'model'")
+            q = d.get("quantization")
+            if q is not None:
+                from pageport.models.quantization import QUANTIZATIONS
+                if q not in QUANTIZATIONS:
+                    raise ValueError(f"speculative_config: unknown quantization {q!r}; choose one of "
+                                     f"{', '.join(QUANTIZATIONS)}")
+            return cls("draft_model", k, model=model, quantization=q)
+        if model not in (None, "[ngram]", "ngram") or d.get("quantization") is not None:
+            raise ValueError("speculative_config: the ngram method takes no draft model nor quantization")
         lmax = d.get("prompt_lookup_max", d.get("prompt_lookup_min", 4))
         lmin = d.get("prompt_lookup_min", min(2, lmax) if isinstance(lmax, int) else 2)
-        for name, v in (("num_speculative_tokens", k), ("prompt_lookup_max", lmax), ("prompt_lookup_min", lmin)):
+        for name, v in (("prompt_lookup_max", lmax), ("prompt_lookup_min", lmin)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"speculative_config: {name} must be an integer >= 1, got {v!r}")
         if lmin > lmax:

@@ -6,11 +6,11 @@ give the target's distributions p_0..p_k (p_i: the next token after the context 
 - Greedy rows: a_i = argmax p_i. The longest prefix with d_{i+1} == a_i is accepted and a_j at the first
   mismatch (or a_k when all match: the bonus token) ends the step, so the output is exactly what decoding
   one token a step gives.
-- Sampled rows: standard rejection sampling with the draft distribution q_i. For n-gram proposals q_i is a
-  point mass at d_{i+1}: d_{i+1} is accepted with probability min(1, p_i(d)/q_i(d)) = p_i(d); on the first
-  rejection a token is drawn from the normalised max(p_i - q_i, 0), i.e. p_i with d_{i+1} removed; when
-  all k are accepted a bonus token is drawn from p_k. Each emitted token then has exactly the target's
-  distribution given the ones before it.
+- Sampled rows: standard rejection sampling with the draft distribution q_i: d_{i+1} is accepted with
+  probability min(1, p_i(d)/q_i(d)); on the first rejection a token is drawn from the normalised
+  max(p_i - q_i, 0); when all k are accepted a bonus token is drawn from p_k. Each emitted token then has
+  exactly the target's distribution given the ones before it. For n-gram proposals q_i is a point mass at
+  d_{i+1}: acceptance has probability p_i(d) and a rejection draws from p_i with d_{i+1} removed.
 
 p_i is the distribution the sampler would draw from (temperature, min_p, top-k, top-p, in its order).
 """
@@ -26,10 +26,12 @@ from pageport.core.sampler import apply_min_p, apply_temperature, apply_top_k_to
 
 @dataclass
 class SpecRow:
-    """One request's proposals: its logits are rows offset .. offset + len(draft) of the step's logits."""
+    """One request's proposals: its logits are rows offset .. offset + len(draft) of the step's logits;
+    draft_probs [len(draft), V]: the distributions a draft model drew them from (None: point masses)."""
     request: object
     draft: list[int]
     offset: int
+    draft_probs: Optional[torch.Tensor] = None
 
 
 def processed_probs(logits: torch.Tensor, params: Sequence) -> torch.Tensor:
@@ -62,23 +64,29 @@ def greedy_accept(target_argmax: Sequence[int], draft: Sequence[int]) -> list[in
     return list(target_argmax[:j + 1])
 
 
-def rejection_sample_row(probs: torch.Tensor, draft: Sequence[int],
-                         generator: Optional[torch.Generator] = None) -> list[int]:
-    """probs [k + 1, V]: the target's distributions at the proposed positions; draft [k]: point-mass
-    proposals. Returns the emitted tokens: the accepted proposals, then one drawn token."""
+def rejection_sample_row(probs: torch.Tensor, draft: Sequence[int], generator: Optional[torch.Generator] = None,
+                         draft_probs: Optional[torch.Tensor] = None) -> list[int]:
+    """probs [k + 1, V]: the target's distributions at the proposed positions; draft [k] drawn from draft_probs
+    [k, V] (None: point masses). Returns the emitted tokens: the accepted proposals, then one drawn token."""
     k = len(draft)
     dev = probs.device
     if k:
         u = torch.rand(k, generator=generator, device=dev)
-        p_draft = probs[torch.arange(k, device=dev), torch.tensor(draft, device=dev)]
+        at = (torch.arange(k, device=dev), torch.tensor(draft, device=dev))
+        p_draft = probs[at]
+        if draft_probs is not None:  # accept with probability min(1, p/q): u * q < p
+            u = u * draft_probs[at]
         rejected = (u >= p_draft).tolist()
         j = rejected.index(True) if True in rejected else k
     else:
         j = 0
     if j < k:
-        q = probs[j].clone()
-        q[draft[j]] = 0.0  # max(p - onehot(d), 0), renormalised by the draw below
-        if not bool(q.sum() > 0):  # p was a point mass at d (a rejection then has probability 0)
+        if draft_probs is None:
+            q = probs[j].clone()
+            q[draft[j]] = 0.0  # max(p - onehot(d), 0), renormalised by the draw below
+        else:
+            q = (probs[j] - draft_probs[j].to(probs.dtype)).clamp_min_(0.0)
+        if not bool(q.sum() > 0):  # p <= q everywhere, so p == q: a rejection had probability 0
             q = probs[j]
     else:
         q = probs[k]
@@ -119,6 +127,6 @@ def verify(logits: torch.Tensor, rows: Sequence[SpecRow]) -> list[list[int]]:
                     req.generator = torch.Generator(device=logits.device)
                     req.generator.manual_seed(req.params.seed)
                 gen = req.generator
-            out[i] = rejection_sample_row(probs[pos:pos + n], r.draft, gen)
+            out[i] = rejection_sample_row(probs[pos:pos + n], r.draft, gen, r.draft_probs)
             pos += n
     return out  # type: ignore[return-value]

@@ -27,9 +27,18 @@ def test_ngram_proposes_what_followed_the_suffix():
 def test_speculative_config_keys():
     c = EngineConfig(speculative_config='{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 3}')
     assert c.speculative_config == {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 3,
-                                    "prompt_lookup_min": 2}
+                                    "prompt_lookup_min": 2, "model": None, "quantization": None}
     assert EngineConfig().speculative_config is None
+    # a draft model: vLLM's form names only the model (the method follows from it)
+    d = SpeculativeConfig.parse({"model": "/ckpt/draft", "num_speculative_tokens": 4, "quantization": "int4",
+                                 "draft_tensor_parallel_size": 1})
+    assert (d.method, d.model, d.num_speculative_tokens, d.quantization) == ("draft_model", "/ckpt/draft", 4, "int4")
+    assert SpeculativeConfig.parse({"method": "draft_model", "model": "m", "num_speculative_tokens": 2}).model == "m"
     for bad in ('{"method": "eagle", "num_speculative_tokens": 2}', '{"method": "ngram"}', "{nope",
+                '{"method": "draft_model", "num_speculative_tokens": 2}',
+                '{"model": "m", "num_speculative_tokens": 2, "quantization": "int3"}',
+                '{"model": "m", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 2}',
+                '{"method": "ngram", "num_speculative_tokens": 2, "quantization": "int4"}',
                 '{"method": "ngram", "num_speculative_tokens": 0}', '{"method": "ngram", "num_speculative_tokens": 2, '
                 '"prompt_lookup_min": 5, "prompt_lookup_max": 3}', '{"method": "ngram", "num_speculative_tokens": 2, '
                 '"bogus": 1}'):
@@ -80,6 +89,38 @@ def test_rejection_sampling_keeps_the_target_distribution():
         assert _chi2_sf(stat, V - 1) > 1e-3, (counts, exp, stat)
     # acceptance of the first proposal happens with probability p0[1]
     assert abs(second.sum() / N - 0.25) < 0.02
+
+
+def test_rejection_sampling_with_a_draft_distribution_keeps_the_target_distribution():
+    """A draft model's proposals: each draw takes d_1 ~ q_0 and d_2 ~ q_1 afresh, as the draft does. The first
+    emitted token must follow p_0 and, after an accepted d_1 = a, the second p_1 (chi-square, significance 0.001,
+    20000 draws); acceptance of d_1 has probability sum_x min(p_0(x), q_0(x))."""
+    V, N = 6, 20000
+    p0 = torch.tensor([0.30, 0.25, 0.20, 0.15, 0.07, 0.03])
+    p1 = torch.tensor([0.05, 0.05, 0.40, 0.30, 0.10, 0.10])
+    probs = torch.stack([p0, p1, torch.full((V,), 1 / V)])
+    q0 = torch.tensor([0.05, 0.50, 0.05, 0.20, 0.15, 0.05])  # a draft that is wrong in places
+    q1 = torch.tensor([0.30, 0.00, 0.30, 0.10, 0.20, 0.10])
+    qs = torch.stack([q0, q1])
+    gen = torch.Generator().manual_seed(99)
+    first, second = torch.zeros(V), torch.zeros(V)
+    accepted = 0
+    for _ in range(N):
+        draft = [int(torch.multinomial(q0, 1, generator=gen)), int(torch.multinomial(q1, 1, generator=gen))]
+        toks = rejection_sample_row(probs, draft, gen, qs)
+        first[toks[0]] += 1
+        if len(toks) >= 2:
+            accepted += 1
+            if toks[0] == 1:  # condition on one first token: the second must follow p_1 (which p_1 is in the test)
+                second[toks[1]] += 1
+    for counts, p in ((first, p0), (second, p1)):
+        exp = p * counts.sum()
+        stat = float(((counts - exp) ** 2 / exp).sum())
+        assert _chi2_sf(stat, V - 1) > 1e-3, (counts, exp, stat)
+    assert abs(accepted / N - float(torch.minimum(p0, q0).sum())) < 0.02
+    # a draft equal to the target is always accepted
+    always = rejection_sample_row(probs, [1, 2], gen, probs[:2].clone())
+    assert always[:2] == [1, 2] and len(always) == 3
 
 
 def test_rejection_sampling_detects_a_wrong_distribution():

@@ -1,0 +1,174 @@
+"""Draft-model proposals: a smaller model with the target's vocabulary proposes each request's next k tokens.
+
+The draft shares the target's block pool: its KV cache has as many blocks as the target's and a request's block
+table indexes both, so the scheduler's allocation (a request's tokens plus its proposals) covers the draft's
+writes too and nothing more is bookkept. `Request.num_draft_computed` counts the tokens whose draft KV is
+written; it never runs ahead of the target's (a verify cuts it back to the accepted tokens, a preemption to 0),
+so KV written for proposals the target turned down is rewritten later, as the target's is.
+
+The core gives each request it speculates for a row of placeholder proposals when it schedules the step; the
+draft fills them in just before the target's forward pass:
+
+- round 0: every prefilling row's new chunk (so the draft keeps pace with the prompt) and every proposing row's
+  tokens the draft has not seen (one or two after a verify); the proposing rows take d_1 from the last one;
+- rounds 1 .. k-1: each proposing row's last proposal in, the next one out.
+
+Greedy rows take the draft's argmax. Sampled rows draw from the draft's distribution under their own sampling
+parameters and keep it (q, on the request) for the rejection sampler, which then keeps the target's
+distribution exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from pageport.core.sampler import random_sample
+from pageport.core.spec_decode.rejection import processed_probs
+
+logger = logging.getLogger(__name__)
+
+
+class DraftProposer:
+    def __init__(self, config, platform, spec: dict):
+        from pageport.core.model_runner import ModelRunner
+        from pageport.models import load_model
+
+        self.k = spec["num_speculative_tokens"]
+        # the draft's own engine options: its checkpoint and format, no adapters, no speculation of its own
+        dcfg = dataclasses.replace(config, model=spec["model"], quantization=spec.get("quantization"),
+                                   speculative_config=None, enable_lora=False, tokenizer=None, enforce_eager=True)
+        self.loaded = load_model(dcfg, platform)
+        self.runner = ModelRunner(dcfg, platform, self.loaded.model)
+        self.model = self.loaded.model
+        self.device = platform.device
+        self.block_size = config.block_size
+        self.vocab_size: Optional[int] = None  # the target's, set by the core: draft logits are cut or padded to it
+        logger.info("speculative decoding: draft model %s (%s), %d tokens a step", self.loaded.source,
+                    spec.get("quantization") or self.loaded.load_format, self.k)
+
+    def check_vocab(self, target_hf_config, target_tokenizer) -> None:
+        """The draft must spell tokens as the target does: the same tokenizer vocabulary (sizes may differ by
+        padding rows)."""
+        dt, tt = self.loaded.tokenizer, target_tokenizer
+        if dt is not None and tt is not None and len(dt) != len(tt):
+            raise ValueError(f"speculative_config: the draft model's tokenizer has {len(dt)} tokens, the target's "
+                             f"{len(tt)}: a draft must share the target's vocabulary")
+        self.vocab_size = target_hf_config.vocab_size
+
+    # one step -------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, sched, kv, follows: Callable) -> None:
+        """Fill the placeholder proposals of the step's speculating rows (`s.spec_token_ids`, in place); `follows`
+        (request -> bool) says which other rows' prompt chunks the draft reads along (those it may later
+        propose for)."""
+        bs = self.block_size
+        tables: list[np.ndarray] = []
+        rows = []  # (request, first token to feed, end, proposals to make, scheduled entry)
+        for s in sched.scheduled:
+            r = s.request
+            if s.spec_token_ids:
+                end, m = len(r.token_ids), len(s.spec_token_ids)
+            elif follows(r):
+                end, m = min(r.num_computed_tokens + s.num_tokens, len(r.token_ids)), 0
+            else:
+                continue
+            start = r.num_draft_computed
+            if start >= end:
+                continue
+            rows.append((r, start, end, m, s))
+            tables.append(np.asarray(kv.block_ids(r), dtype=np.int64))
+        if not rows:
+            return
+        # round 0: the unseen tokens of every row
+        ids, pos, slots, qlens, seq_lens = [], [], [], [], []
+        for (r, start, end, _, _), table in zip(rows, tables):
+            p = np.arange(start, end)
+            ids += r.token_ids[start:end]
+            pos.append(p)
+            slots.append(table[p // bs] * bs + p % bs)
+            qlens.append(end - start)
+            seq_lens.append(end)
+        last = np.cumsum(qlens) - 1
+        proposing = [i for i, row in enumerate(rows) if row[3]]
+        logits = self._forward(ids, np.concatenate(pos), np.concatenate(slots), qlens, seq_lens, tables,
+                               last[proposing])
+        for (r, _, end, m, _) in rows:
+            r.num_draft_computed = end + m - 1 if m else end
+        if not proposing:
+            return
+        rows = [rows[i] for i in proposing]
+        tables = [tables[i] for i in proposing]
+        drafts: list[list[int]] = [[] for _ in rows]
+        probs: list[list[torch.Tensor]] = [[] for _ in rows]
+        live = list(range(len(rows)))
+        for i in range(max(row[3] for row in rows)):
+            self._draw(logits, [rows[j][0] for j in live], [drafts[j] for j in live], [probs[j] for j in live])
+            live = [j for j in live if rows[j][3] > i + 1]
+            if not live:
+                break
+            # round i + 1: the proposal just made goes in at position end - 1 + (i + 1)
+            p = np.array([rows[j][2] + i for j in live])
+            slots = np.array([tables[j][q // bs] * bs + q % bs for j, q in zip(live, p)])
+            logits = self._forward([drafts[j][-1] for j in live], p, slots, [1] * len(live), (p + 1).tolist(),
+                                   [tables[j] for j in live], np.arange(len(live)))
+        for (r, _, _, _, s), d, q in zip(rows, drafts, probs):
+            s.spec_token_ids[:] = d
+            r.spec_probs = torch.stack(q) if q else None
+
+    def _forward(self, ids, pos, slots, qlens, seq_lens, tables, logit_rows) -> torch.Tensor:
+        """One ragged forward pass of the draft; float32 logits of `logit_rows`, cut or padded to the target's
+        vocabulary."""
+        dev, bs = self.device, self.block_size
+        width = max(-(-n // bs) for n in seq_lens)
+        table = np.zeros((len(tables), width), dtype=np.int32)
+        for i, t in enumerate(tables):
+            n = min(len(t), width)
+            table[i, :n] = t[:n]
+        qsl = np.zeros(len(qlens) + 1, dtype=np.int32)
+        np.cumsum(qlens, out=qsl[1:])
+        from pageport.platforms import AttentionMetadata
+        md = AttentionMetadata(
+            num_actual_tokens=int(qsl[-1]), query_start_loc=torch.from_numpy(qsl).to(dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev), block_table=torch.from_numpy(table).to(dev),
+            slot_mapping=torch.from_numpy(np.asarray(slots, dtype=np.int64)).to(dev),
+            max_query_len=max(qlens), max_seq_len=max(seq_lens), query_start_loc_cpu=qsl.tolist(),
+            seq_lens_cpu=list(seq_lens), block_size=bs)
+        m = self.model
+        hidden = m(torch.tensor(ids, dtype=torch.long, device=dev),
+                   torch.from_numpy(np.asarray(pos, dtype=np.int64)).to(dev), self.runner.kv_caches,
+                   m.attn_backend.build_metadata(md))
+        logits = m.compute_logits(hidden[torch.from_numpy(np.asarray(logit_rows, dtype=np.int64)).to(dev)]).float()
+        v = self.vocab_size or logits.shape[-1]
+        if logits.shape[-1] > v:
+            logits = logits[:, :v]
+        elif logits.shape[-1] < v:  # tokens the draft cannot produce
+            logits = torch.nn.functional.pad(logits, (0, v - logits.shape[-1]), value=float("-inf"))
+        return logits
+
+    def _draw(self, logits, reqs, drafts, probs) -> None:
+        """Each row's next proposal: the argmax for greedy requests, else a draw from the draft's distribution
+        under the request's sampling parameters (kept for the rejection sampler)."""
+        greedy = [j for j, r in enumerate(reqs) if r.params.greedy]
+        if greedy:
+            am = logits[torch.tensor(greedy, device=logits.device)].argmax(dim=-1).tolist()
+            for j, t in zip(greedy, am):
+                drafts[j].append(t)
+        sampled = [j for j, r in enumerate(reqs) if not r.params.greedy]
+        if sampled:
+            q = processed_probs(logits[torch.tensor(sampled, device=logits.device)], [reqs[j].params for j in sampled])
+            gens = {}
+            for n, j in enumerate(sampled):
+                r = reqs[j]
+                if r.params.seed is not None:  # its own stream: the target's draws stay as without a draft
+                    if r.draft_generator is None:
+                        r.draft_generator = torch.Generator(device=logits.device)
+                        r.draft_generator.manual_seed((r.params.seed + 1) % 2**63)
+                    gens[n] = r.draft_generator
+            toks = random_sample(q, gens).tolist()
+            for n, j in enumerate(sampled):
+                drafts[j].append(toks[n])
+                probs[j].append(q[n])
