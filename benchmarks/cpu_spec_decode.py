@@ -1,11 +1,13 @@
-"""Batch-1 decoding with n-gram prompt lookup against plain decoding, offline on the default model, on prompts whose
-answers copy from the input (repeat a passage, edit code, summarise with quotes). Greedy, the same prompts and
-max_tokens in both engines; the output must be identical. Runs alternate (plain, ngram, plain, ...) over `--repeats`;
-the ratio is the median of the per-repeat ratios of output tokens/s. Also the acceptance counters of the ngram run.
+"""Batch-1 decoding with speculation against plain decoding, offline on the default model, on prompts whose answers
+copy from the input (repeat a passage, edit code, summarise with quotes). Greedy, the same prompts and max_tokens in
+both engines; the output must be identical. Runs alternate (plain, spec, plain, ...) over `--repeats`; the ratio is the
+median of the per-repeat ratios of output tokens/s. Also the acceptance counters of the speculating run.
 
-    OMP_NUM_THREADS=2 python benchmarks/cpu_spec_decode.py
+    OMP_NUM_THREADS=2 python benchmarks/cpu_spec_decode.py                 # n-gram prompt lookup
+    OMP_NUM_THREADS=2 python benchmarks/cpu_spec_decode.py --method draft --dtype bfloat16
+                                          # a draft model: the target's own weights in the CPU's int4
 
-Writes benchmarks/results/cpu_spec_decode.json.
+Writes benchmarks/results/cpu_spec_decode.json (cpu_spec_decode_draft_<quantization>_<dtype>.json for a draft).
 """
 from __future__ import annotations
 
@@ -49,8 +51,19 @@ def core_stats(llm):
     return msgspec.structs.asdict(llm.engine.client.last_stats)
 
 
+def _same_prefix(a: list[list[int]], b: list[list[int]]) -> int:
+    """Output tokens of b that a repeats before the first difference, over all prompts."""
+    n = 0
+    for x, y in zip(a, b):
+        n += next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), min(len(x), len(y)))
+    return n
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--method", choices=("ngram", "draft"), default="ngram")
+    ap.add_argument("--draft-model", default=None, help="draft checkpoint (default: the default model's)")
+    ap.add_argument("--draft-quantization", default="int4", help="the draft's quantization ('none': as stored)")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--lookup-max", type=int, default=4)
@@ -60,25 +73,34 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32",
                     help="float32 by default: in bfloat16 the logits hold exact ties, and a k+1-token verify step "
                          "may round a tie the other way than a 1-token step")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu_spec_decode.json"))
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
     from pageport import LLM, SamplingParams
 
-    spec = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": args.lookup_max,
-            "prompt_lookup_min": args.lookup_min}
+    results = Path(__file__).parent / "results"
+    if args.method == "ngram":
+        spec = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": args.lookup_max,
+                "prompt_lookup_min": args.lookup_min}
+        out = args.out or results / "cpu_spec_decode.json"
+    else:
+        from pageport.models.loader import default_model_path
+        q = None if args.draft_quantization == "none" else args.draft_quantization
+        spec = {"method": "draft_model", "model": args.draft_model or str(default_model_path()),
+                "num_speculative_tokens": args.k, **({"quantization": q} if q else {})}
+        out = args.out or results / f"cpu_spec_decode_draft_{q or 'dense'}_{args.dtype}.json"
     common = dict(device="cpu", dtype=args.dtype, max_num_seqs=4, max_model_len=1024, num_threads=args.threads)
-    plain, ngram = LLM(**common), LLM(**common, speculative_config=spec)
+    plain, spec_llm = LLM(**common), LLM(**common, speculative_config=spec)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
-    for llm in (plain, ngram):  # warm-up: kernels, graphs of the CPU path
+    for llm in (plain, spec_llm):  # warm-up: kernels, graphs of the CPU path
         llm.chat([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
 
     trials, reference = [], None
     for rep in range(args.repeats):
         p_s, p_ids = run(plain, params)
-        before = core_stats(ngram)
-        n_s, n_ids = run(ngram, params)
-        after = core_stats(ngram)
+        before = core_stats(spec_llm)
+        n_s, n_ids = run(spec_llm, params)
+        after = core_stats(spec_llm)
         if reference is None:
             reference = p_ids
         tokens = sum(map(len, p_ids))
@@ -86,8 +108,9 @@ def main() -> None:
         drafts = counters.get("spec_num_drafts", 0)
         trials.append({"repeat": rep, "load_avg_1m": os.getloadavg()[0], "output_tokens": tokens,
                        "identical_output": n_ids == p_ids == reference,
+                       "identical_tokens_fraction": _same_prefix(n_ids, p_ids) / tokens,
                        "plain": {"seconds": p_s, "output_tok_s": tokens / p_s},
-                       "ngram": {"seconds": n_s, "output_tok_s": sum(map(len, n_ids)) / n_s, **counters,
+                       "spec": {"seconds": n_s, "output_tok_s": sum(map(len, n_ids)) / n_s, **counters,
                                  "acceptance_rate": counters.get("spec_num_accepted_tokens", 0)
                                  / max(1, counters.get("spec_num_draft_tokens", 0)),
                                  "mean_acceptance_length": 1 + counters.get("spec_num_accepted_tokens", 0)
@@ -101,11 +124,12 @@ def main() -> None:
               "identical_output": all(t["identical_output"] for t in trials),
               "ratio_median": statistics.median(t["ratio"] for t in trials),
               "plain_tok_s_median": statistics.median(t["plain"]["output_tok_s"] for t in trials),
-              "ngram_tok_s_median": statistics.median(t["ngram"]["output_tok_s"] for t in trials),
+              "spec_tok_s_median": statistics.median(t["spec"]["output_tok_s"] for t in trials),
+              "identical_tokens_fraction": statistics.mean(t["identical_tokens_fraction"] for t in trials),
               "note": "shared 2-core VM: other jobs ran during the measurement (load averages per trial)",
               "trials": trials}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "trials"}, indent=2))
 
 

@@ -208,10 +208,14 @@ def cmd_throughput(args) -> int:
     profiling = args.profile_step and args.backend == "pageport"
     if profiling:
         backend.llm.engine.client.call("profile", True)
+    llm = backend.llm if args.backend == "pageport" else None
+    before = _spec_counters(llm)
     t = time.perf_counter()
     lens = backend(prompts, args.output_len, args.ignore_eos)
     dt = time.perf_counter() - t
     extra = dict(backend.info)
+    if before is not None:
+        extra["spec_decode"] = spec_decode_stats(before, _spec_counters(llm))
     if profiling:
         extra["step_profile"] = step_profile(backend.llm.engine, dt, args.max_num_seqs)
     n_in, n_out = sum(len(p) for p in prompts), sum(lens)
@@ -226,6 +230,26 @@ def cmd_throughput(args) -> int:
           f"  [{args.backend} on {result['machine']}]")
     _write(args.output_json, result)
     return 0
+
+
+def _spec_counters(llm) -> Optional[dict]:
+    """The engine core's speculative-decoding counters (None without speculation)."""
+    if llm is None or llm.engine.config.speculative_config is None:
+        return None
+    import msgspec
+    llm.engine.client.call("stats")
+    return {k: v for k, v in msgspec.structs.asdict(llm.engine.client.last_stats).items() if k.startswith("spec_num_")}
+
+
+def spec_decode_stats(before: dict, after: dict) -> dict:
+    """Proposals over a run, as vLLM reports them: acceptance rate = accepted / proposed tokens, mean acceptance
+    length = tokens a verifying step emitted on average (accepted + 1)."""
+    d = {k.removeprefix("spec_num_"): after[k] - before[k] for k in after}
+    d["acceptance_rate"] = d["accepted_tokens"] / max(1, d["draft_tokens"])
+    d["mean_acceptance_length"] = 1 + d["accepted_tokens"] / max(1, d["drafts"])
+    print(f"speculative decoding: {d['drafts']} verifying steps, acceptance rate {d['acceptance_rate']:.3f}, "
+          f"mean acceptance length {d['mean_acceptance_length']:.2f}")
+    return d
 
 
 def step_profile(engine, wall: float, max_rows: int) -> dict:
@@ -264,11 +288,14 @@ def cmd_latency(args) -> int:
 
     for _ in range(args.num_iters_warmup):
         once()
+    before = _spec_counters(llm)
     times = np.array([once() for _ in range(args.num_iters)])
     pct = {f"p{p}": float(np.percentile(times, p)) for p in (10, 25, 50, 75, 90, 99)}
     result = {"machine": machine(), "batch_size": args.batch_size, "input_len": args.input_len,
               "output_len": args.output_len, "avg_latency": float(times.mean()), "latencies": times.tolist(),
               "percentiles": pct, "decode_tokens_per_second_per_seq": args.output_len / pct["p50"]}
+    if before is not None:
+        result["spec_decode"] = spec_decode_stats(before, _spec_counters(llm))
     print(f"Avg latency: {times.mean():.4f} seconds")
     for k, v in pct.items():
         print(f"{k[1:]}% percentile latency: {v:.4f} seconds")

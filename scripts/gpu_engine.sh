@@ -2,9 +2,11 @@
 # The engine-machine run on one CUDA GPU: offline throughput with the step profile (asynchronous scheduling on
 # and off), Transformers `generate` b256 on the same weights, batch-1 latency, the 8B shape, and `pageport bench
 # serve` at concurrency 256 against offline on the same checkpoint. Every figure lands in OUT/engine_*.json.
-# Usage: bash scripts/gpu_engine.sh OUT_DIR [part...]   parts: tests small steps big serve structured lora
+# Usage: bash scripts/gpu_engine.sh OUT_DIR [part...]   parts: tests small steps big serve structured lora spec
 # (default: all but structured and lora). structured: 64 json_schema requests against 64 free twins on the serve
 # checkpoint. lora: the LoRA GPU tests, then 8 rank-16 adapters over a batch of 256 against the base model alone.
+# spec: the speculative-decoding GPU tests, then 8B-shape latency at batch 1/8/32 plain, n-gram (k=4), a random 1B
+# draft (proposals nearly always wrong) and the 8B as its own draft (always right).
 # Wheels the image lacks (fastapi, uvicorn, pyzmq, msgspec, ...) go in .whl/; a tokenizer folder in .gpu/tok
 # (the default model's, saved with save_pretrained) makes the serve checkpoint.
 set -uo pipefail
@@ -92,6 +94,20 @@ lora)  # peft (and accelerate) wheels in .whl/ for the PEFT comparison
   timeout 500 python3 benchmarks/lora_throughput.py --device cuda --model /tmp/llama1b --dtype bfloat16 \
     --adapters 8 --rank 16 --batch 256 --input-len 256 --output-len 128 --out /tmp/pp/lora.json > /tmp/pp/lora.log 2>&1
   grep -v "it/s\]\|Processed" /tmp/pp/lora.log | tail -14 ;;
+spec)
+  timeout 300 python3 -m pytest -q -m gpu tests/e2e/test_gpu.py -k speculative -p no:cacheprovider 2>&1 | tail -5
+  mkdir -p /tmp/llama8b_cfg /tmp/llama1b_cfg  # random weights; the same vocabulary
+  cp benchmarks/configs/llama-3.1-8b.json /tmp/llama8b_cfg/config.json
+  cp benchmarks/configs/llama-3.2-1b.json /tmp/llama1b_cfg/config.json
+  L="latency --model /tmp/llama8b_cfg --load-format dummy --dtype bfloat16 --input-len 128 --output-len 128 --num-iters 3 --num-iters-warmup 1"
+  NG='{"method": "ngram", "num_speculative_tokens": 4}'
+  BENCH_TAIL=2
+  for b in 1 8 32; do
+    bench spec_plain_b$b $L --batch-size $b
+    bench spec_ngram_b$b $L --batch-size $b --speculative-config "$NG"
+  done
+  bench spec_draft1b_b1 $L --batch-size 1 --speculative-config '{"model": "/tmp/llama1b_cfg", "num_speculative_tokens": 4}'
+  bench spec_self_b1 $L --batch-size 1 --speculative-config '{"model": "/tmp/llama8b_cfg", "num_speculative_tokens": 4}' ;;
 esac; done
 python3 - "$OUT" <<'PY'
 import glob, json, os, sys
@@ -99,7 +115,7 @@ res = {os.path.basename(f)[:-5]: json.load(open(f)) for f in sorted(glob.glob("/
 json.dump(res, open(os.path.join(sys.argv[1], "engine_results.json"), "w"), indent=2)
 for k, v in res.items():
     keep = {x: v[x] for x in ("output_tokens_per_second", "avg_latency", "output_throughput", "median_ttft_ms",
-                              "median_tpot_ms", "p99_ttft_ms", "step_profile") if x in v}
+                              "median_tpot_ms", "p99_ttft_ms", "step_profile", "spec_decode") if x in v}
     print(k, json.dumps(keep))
 PY
 tar czf "$OUT/engine_logs.tgz" -C /tmp/pp $(cd /tmp/pp && ls *.log 2>/dev/null)
