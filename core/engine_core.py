@@ -187,7 +187,12 @@ class EngineCore:
             logger.info("tensor parallelism: asynchronous scheduling turned off")
             self.async_scheduling = False
         self.proposer = None  # speculative decoding: proposals need every token on the host, so steps are synchronous
+        self._async_plain = self.async_scheduling  # while speculation is switched off (it does not pay)
+        self._switch = None
         if sc is not None:
+            from pageport.core.spec_decode.switch import SpecSwitch
+            self._switch = SpecSwitch(1.1 if self._async_plain else 1.02)
+            self._spec_rows, self._t_lookup = 0, 0.0  # rows the last proposing tried for, and its time
             from pageport.core.spec_decode import NgramProposer
             self.proposer = (self.drafter if self.drafter is not None else
                              NgramProposer(sc["num_speculative_tokens"], sc["prompt_lookup_max"],
@@ -227,6 +232,9 @@ class EngineCore:
 
     # requests ---------------------------------------------------------------------------------------
     def add_request(self, r: CoreRequest) -> None:
+        if self._switch is not None and not self.requests and not self._switch.on:
+            self._switch.reset()  # an idle engine starts the next batch speculating
+            self.async_scheduling = False
         try:
             params: SamplingParams = pickle.loads(r.params)
             if params.seed is not None:
@@ -352,6 +360,7 @@ class EngineCore:
                 time.sleep(0.001)  # only grammars compiling: do not spin
         c = self.counters
         t0 = time.perf_counter()
+        t_propose = 0.0
         if self._inflight is not None and (self._num_sync or not self.async_scheduling):
             outputs += self._process(self._inflight)  # these steps need every earlier token on the host
             self._inflight = None
@@ -362,8 +371,10 @@ class EngineCore:
         if sched:
             if self.loras is not None:
                 self._assign_loras(sched)
-            if self.drafter is not None:  # the proposals this step verifies
+            if self.drafter is not None and self._switch.on:  # the proposals this step verifies
+                t = time.perf_counter()
                 self.drafter.run(sched, self.kv, self._speculable)
+                t_propose += time.perf_counter() - t
             ev = None
             if self._timing:
                 ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
@@ -394,8 +405,24 @@ class EngineCore:
             outputs += self._process(self._inflight)
             self._inflight = None
         if self.proposer is not None:
-            self._propose()
+            if launched is not None:
+                self._record_spec(launched, time.perf_counter() - t0 + self._t_lookup, t_propose + self._t_lookup)
+            t = time.perf_counter()
+            self._spec_rows = self._propose() if self._switch.on else 0
+            self._t_lookup = time.perf_counter() - t  # counted with the step it proposes for
         return outputs
+
+    def _record_spec(self, step: StepOutput, t_step: float, t_propose: float) -> None:
+        """Feed the step to the speculation switch; follow it when it flips (core/spec_decode/switch.py)."""
+        sw, was_on = self._switch, self._switch.on
+        sw.record(self._spec_rows, sum(len(t) - 1 for t, _ in (step.spec or {}).values()), t_step, t_propose)
+        if sw.on == was_on:
+            return
+        if not sw.on:
+            for req in self.scheduler.running:
+                req.spec_token_ids = []
+            logger.info("speculative decoding off for %d steps: proposals did not pay", sw.steps_off)
+        self.async_scheduling = self._async_plain and not sw.on
 
     def _assign_loras(self, sched) -> None:
         """Each scheduled request's adapter slot for this step (the scheduler admits at most max_loras adapters
@@ -414,10 +441,12 @@ class EngineCore:
         return not (self.runner.sampler.logits_processors is not None or req.sync or req.grammar
                     or p.logprobs is not None or p.logit_bias or p.allowed_token_ids)
 
-    def _propose(self) -> None:
+    def _propose(self) -> int:
         """Proposals for each running request that decodes next step, is speculable and has met its min_tokens.
-        A draft model's are placeholders here: it makes them once the step is scheduled (`DraftProposer.run`)."""
+        A draft model's are placeholders here: it makes them once the step is scheduled (`DraftProposer.run`).
+        Returns how many requests it tried for (found proposals or not)."""
         k, max_len = self.proposer.k, self.config.max_model_len
+        tried = 0
         for req in self.scheduler.running:
             req.spec_token_ids = []
             ids, p = req.token_ids, req.params
@@ -429,6 +458,8 @@ class EngineCore:
                 n = min(n, p.max_tokens - (len(ids) - req.num_prompt_tokens) - 1)
             if n > 0:
                 req.spec_token_ids = [0] * n if self.drafter is not None else self.proposer.propose(ids, n)
+                tried += 1
+        return tried
 
     def _process(self, out: StepOutput) -> list[CoreOutput]:
         """Turn a finished step's samples into outputs; finish the requests they end."""

@@ -40,12 +40,13 @@ class DraftProposer:
         self.k = spec["num_speculative_tokens"]
         # the draft's own engine options: its checkpoint and format, no adapters, no speculation of its own
         dcfg = dataclasses.replace(config, model=spec["model"], quantization=spec.get("quantization"),
-                                   speculative_config=None, enable_lora=False, tokenizer=None, enforce_eager=True)
+                                   speculative_config=None, enable_lora=False, tokenizer=None)
         self.loaded = load_model(dcfg, platform)
         self.runner = ModelRunner(dcfg, platform, self.loaded.model)
         self.model = self.loaded.model
         self.device = platform.device
         self.block_size = config.block_size
+        self.max_tokens = config.max_num_batched_tokens  # the most tokens one draft pass reads (a long catch-up waits)
         self.vocab_size: Optional[int] = None  # the target's, set by the core: draft logits are cut or padded to it
         logger.info("speculative decoding: draft model %s (%s), %d tokens a step", self.loaded.source,
                     spec.get("quantization") or self.loaded.load_format, self.k)
@@ -63,11 +64,13 @@ class DraftProposer:
     @torch.inference_mode()
     def run(self, sched, kv, follows: Callable) -> None:
         """Fill the placeholder proposals of the step's speculating rows (`s.spec_token_ids`, in place); `follows`
-        (request -> bool) says which other rows' prompt chunks the draft reads along (those it may later
-        propose for)."""
+        (request -> bool) says which other rows' tokens the draft reads along (those it may later propose for).
+        A row further behind than one pass reads (a prefix-cache hit, speculation back on after a pause) catches
+        up over several steps and decodes plainly meanwhile."""
         bs = self.block_size
         tables: list[np.ndarray] = []
         rows = []  # (request, first token to feed, end, proposals to make, scheduled entry)
+        left = self.max_tokens
         for s in sched.scheduled:
             r = s.request
             if s.spec_token_ids:
@@ -77,8 +80,13 @@ class DraftProposer:
             else:
                 continue
             start = r.num_draft_computed
+            if end - start > left:  # read what fits; no proposals this step
+                end, m = start + left, 0
+                if s.spec_token_ids:
+                    s.num_tokens, s.spec_token_ids = 1, []
             if start >= end:
                 continue
+            left -= end - start
             rows.append((r, start, end, m, s))
             tables.append(np.asarray(kv.block_ids(r), dtype=np.int64))
         if not rows:
@@ -102,21 +110,26 @@ class DraftProposer:
             return
         rows = [rows[i] for i in proposing]
         tables = [tables[i] for i in proposing]
-        drafts: list[list[int]] = [[] for _ in rows]
+        k = max(row[3] for row in rows)
+        drafts = torch.zeros(len(rows), k, dtype=torch.long, device=self.device)  # read on the host once, at the end
         probs: list[list[torch.Tensor]] = [[] for _ in rows]
         live = list(range(len(rows)))
-        for i in range(max(row[3] for row in rows)):
-            self._draw(logits, [rows[j][0] for j in live], [drafts[j] for j in live], [probs[j] for j in live])
-            live = [j for j in live if rows[j][3] > i + 1]
-            if not live:
+        for i in range(k):
+            toks = self._draw(logits, [rows[j][0] for j in live], [probs[j] for j in live])
+            drafts[live, i] = toks
+            keep = [n for n, j in enumerate(live) if rows[j][3] > i + 1]  # rows with more proposals to make
+            if len(keep) != len(live):
+                live = [live[n] for n in keep]
+                toks = toks[keep]
+            if not live or i + 1 == k:
                 break
             # round i + 1: the proposal just made goes in at position end - 1 + (i + 1)
             p = np.array([rows[j][2] + i for j in live])
             slots = np.array([tables[j][q // bs] * bs + q % bs for j, q in zip(live, p)])
-            logits = self._forward([drafts[j][-1] for j in live], p, slots, [1] * len(live), (p + 1).tolist(),
-                                   [tables[j] for j in live], np.arange(len(live)))
-        for (r, _, _, _, s), d, q in zip(rows, drafts, probs):
-            s.spec_token_ids[:] = d
+            logits = self._forward(toks, p, slots, [1] * len(live), (p + 1).tolist(), [tables[j] for j in live],
+                                   np.arange(len(live)))
+        for (r, _, _, m, s), d, q in zip(rows, drafts.tolist(), probs):
+            s.spec_token_ids[:] = d[:m]
             r.spec_probs = torch.stack(q) if q else None
 
     def _forward(self, ids, pos, slots, qlens, seq_lens, tables, logit_rows) -> torch.Tensor:
@@ -138,10 +151,15 @@ class DraftProposer:
             max_query_len=max(qlens), max_seq_len=max(seq_lens), query_start_loc_cpu=qsl.tolist(),
             seq_lens_cpu=list(seq_lens), block_size=bs)
         m = self.model
-        hidden = m(torch.tensor(ids, dtype=torch.long, device=dev),
-                   torch.from_numpy(np.asarray(pos, dtype=np.int64)).to(dev), self.runner.kv_caches,
-                   m.attn_backend.build_metadata(md))
-        logits = m.compute_logits(hidden[torch.from_numpy(np.asarray(logit_rows, dtype=np.int64)).to(dev)]).float()
+        ids = ids if isinstance(ids, torch.Tensor) else torch.tensor(ids, dtype=torch.long, device=dev)
+        positions = torch.from_numpy(np.asarray(pos, dtype=np.int64)).to(dev)
+        graphs = self.runner.graphs  # the platform's decode graphs (rounds of one token a row)
+        hidden = graphs.run(ids, positions, md) if graphs is not None else None
+        if hidden is None:
+            hidden = m(ids, positions, self.runner.kv_caches, m.attn_backend.build_metadata(md))
+        if len(logit_rows) != hidden.shape[0]:
+            hidden = hidden[torch.from_numpy(np.asarray(logit_rows, dtype=np.int64)).to(dev)]
+        logits = m.compute_logits(hidden).float()
         v = self.vocab_size or logits.shape[-1]
         if logits.shape[-1] > v:
             logits = logits[:, :v]
@@ -149,14 +167,10 @@ class DraftProposer:
             logits = torch.nn.functional.pad(logits, (0, v - logits.shape[-1]), value=float("-inf"))
         return logits
 
-    def _draw(self, logits, reqs, drafts, probs) -> None:
-        """Each row's next proposal: the argmax for greedy requests, else a draw from the draft's distribution
-        under the request's sampling parameters (kept for the rejection sampler)."""
-        greedy = [j for j, r in enumerate(reqs) if r.params.greedy]
-        if greedy:
-            am = logits[torch.tensor(greedy, device=logits.device)].argmax(dim=-1).tolist()
-            for j, t in zip(greedy, am):
-                drafts[j].append(t)
+    def _draw(self, logits, reqs, probs) -> torch.Tensor:
+        """Each row's next proposal, on the device: the argmax for greedy requests, else a draw from the draft's
+        distribution under the request's sampling parameters (kept for the rejection sampler)."""
+        toks = logits.argmax(dim=-1)
         sampled = [j for j, r in enumerate(reqs) if not r.params.greedy]
         if sampled:
             q = processed_probs(logits[torch.tensor(sampled, device=logits.device)], [reqs[j].params for j in sampled])
@@ -168,7 +182,7 @@ class DraftProposer:
                         r.draft_generator = torch.Generator(device=logits.device)
                         r.draft_generator.manual_seed((r.params.seed + 1) % 2**63)
                     gens[n] = r.draft_generator
-            toks = random_sample(q, gens).tolist()
+            toks[sampled] = random_sample(q, gens)
             for n, j in enumerate(sampled):
-                drafts[j].append(toks[n])
                 probs[j].append(q[n])
+        return toks

@@ -97,6 +97,19 @@ def test_random_draft_greedy_identical_under_preemption(tmp_path_factory, refere
     assert s.spec_num_accepted_tokens < s.spec_num_draft_tokens  # rejections happened
 
 
+def test_proposals_that_never_pay_are_switched_off(tmp_path, llm):
+    """A random draft over a long output: after a window of turned-down proposals the engine decodes plainly for a
+    pause, tries again, pauses longer; the output stays the target's."""
+    folder = _tiny_llama(tmp_path / "draft", seed=1)
+    spec = LLM(dtype="float32", max_model_len=512, speculative_config={"model": folder, "num_speculative_tokens": 3})
+    params = SamplingParams(temperature=0, max_tokens=220, ignore_eos=True)
+    want = llm.generate([PROMPTS[2]], params)[0].outputs[0].token_ids
+    assert spec.generate([PROMPTS[2]], params)[0].outputs[0].token_ids == want
+    s = _stats(spec)
+    # speculating: 16 steps, off 64, 16 more, off 128: far fewer verifying steps than tokens
+    assert 16 <= s.spec_num_drafts <= 48, s.spec_num_drafts
+
+
 def test_draft_with_another_vocabulary_is_refused(tmp_path):
     folder = _tiny_llama(tmp_path / "other", vocab_size=1000)
     import transformers
