@@ -5,8 +5,8 @@
 # Usage: bash scripts/gpu_engine.sh OUT_DIR [part...]   parts: tests small steps big serve structured lora spec
 # (default: all but structured and lora). structured: 64 json_schema requests against 64 free twins on the serve
 # checkpoint. lora: the LoRA GPU tests, then 8 rank-16 adapters over a batch of 256 against the base model alone.
-# spec: the speculative-decoding GPU tests, then 8B-shape latency at batch 1/8/32 plain, n-gram (k=4), a random 1B
-# draft (proposals nearly always wrong) and the 8B as its own draft (always right).
+# spec: the speculative-decoding GPU tests, then benchmarks/spec_decode_gpu.py on the 8B shape: n-gram (k=4) on
+# predictable prompts at batch 1-64 and on random ones, the 8B as its own draft, a random 1B draft.
 # Wheels the image lacks (fastapi, uvicorn, pyzmq, msgspec, ...) go in .whl/; a tokenizer folder in .gpu/tok
 # (the default model's, saved with save_pretrained) makes the serve checkpoint.
 set -uo pipefail
@@ -99,15 +99,9 @@ spec)
   mkdir -p /tmp/llama8b_cfg /tmp/llama1b_cfg  # random weights; the same vocabulary
   cp benchmarks/configs/llama-3.1-8b.json /tmp/llama8b_cfg/config.json
   cp benchmarks/configs/llama-3.2-1b.json /tmp/llama1b_cfg/config.json
-  L="latency --model /tmp/llama8b_cfg --load-format dummy --dtype bfloat16 --input-len 128 --output-len 128 --num-iters 3 --num-iters-warmup 1"
-  NG='{"method": "ngram", "num_speculative_tokens": 4}'
-  BENCH_TAIL=2
-  for b in 1 8 32; do
-    bench spec_plain_b$b $L --batch-size $b
-    bench spec_ngram_b$b $L --batch-size $b --speculative-config "$NG"
-  done
-  bench spec_draft1b_b1 $L --batch-size 1 --speculative-config '{"model": "/tmp/llama1b_cfg", "num_speculative_tokens": 4}'
-  bench spec_self_b1 $L --batch-size 1 --speculative-config '{"model": "/tmp/llama8b_cfg", "num_speculative_tokens": 4}' ;;
+  timeout 560 python3 benchmarks/spec_decode_gpu.py --model /tmp/llama8b_cfg --draft /tmp/llama1b_cfg --self-draft \
+    --out /tmp/pp/spec.json > /tmp/pp/spec.log 2>&1
+  grep -v "it/s\]\|Processed\|Loading\|Capturing" /tmp/pp/spec.log | grep "^{\|Error\|error" | cut -c1-400 | tail -14 ;;
 esac; done
 python3 - "$OUT" <<'PY'
 import glob, json, os, sys
