@@ -2,8 +2,12 @@
 
 The target is a random-weight checkpoint of the given shape (`--load-format dummy`). Random weights continue no
 text, so the predictable prompts are built from the model's own output: P (random ids), then G = the model's
-greedy continuation of P, and the prompt P + G + P, whose continuation tends to repeat G (n-gram lookup finds it;
-the acceptance it gets is measured, not assumed). The unpredictable prompts are random ids.
+greedy continuation of P, and the prompt P + G + P, whose continuation may repeat G (n-gram lookup finds it; the acceptance it gets is measured,
+not assumed). A random model attends to its whole context, so it rarely does; `--markov` zeroes every layer's output
+projections (o_proj, down_proj) after loading: each layer still runs all its matmuls, but adds nothing, so the next
+token depends on the current one alone and P + G + P continues with G exactly. That is the upper bound: proposals that
+cost nothing and are always right, which leaves the cost of verifying. (The engines run in this process there, so
+their weights can be reached.) The unpredictable prompts are random ids.
 
 - n-gram (k = 4) on predictable prompts at batch 1, 4, 16, 64: speed-up, acceptance, mean acceptance length, and
   the batch where speculation stops paying;
@@ -55,8 +59,12 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--markov", action="store_true", help="zero the layers' output projections (see above)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if args.markov:
+        import os
+        os.environ["PAGEPORT_ENGINE_INPROC"] = "1"
 
     import torch
 
@@ -67,10 +75,21 @@ def main() -> None:
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     rng = random.Random(0)
     res: dict = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "model": args.model, "dtype": args.dtype, "k": args.k,
-                 "input_len": args.input_len, "output_len": args.output_len, "repeats": args.repeats}
+                 "input_len": args.input_len, "output_len": args.output_len, "repeats": args.repeats,
+                 "markov": args.markov}
+
+    def make(**kw):
+        llm = LLM(**common, **kw)
+        if args.markov:  # in place: the captured graphs read the same tensors
+            core = llm.engine.core
+            for m in [core.runner.model] + ([core.drafter.model] if core.drafter is not None else []):
+                for name, p in m.named_parameters():
+                    if name.endswith(("o_proj.weight", "down_proj.weight")):
+                        p.data.zero_()
+        return llm
 
     nmax = max(args.batches)
-    plain = LLM(**common)
+    plain = make()
     vocab = plain.engine.vocab_size
 
     def ids(n):
@@ -91,7 +110,7 @@ def main() -> None:
     torch.cuda.empty_cache()
 
     def run_spec(name, spec, cases):
-        llm = LLM(**common, speculative_config=spec)
+        llm = make(speculative_config=spec)
         for kind, b in cases:
             prompts = (predictable if kind == "pred" else unpredictable)[:b]
             before = counters(llm)

@@ -100,7 +100,7 @@ spec)
   cp benchmarks/configs/llama-3.1-8b.json /tmp/llama8b_cfg/config.json
   cp benchmarks/configs/llama-3.2-1b.json /tmp/llama1b_cfg/config.json
   timeout 560 python3 benchmarks/spec_decode_gpu.py --model /tmp/llama8b_cfg --draft /tmp/llama1b_cfg --self-draft \
-    --out /tmp/pp/spec.json > /tmp/pp/spec.log 2>&1
+    ${SPEC_ARGS:---markov} --out /tmp/pp/spec.json > /tmp/pp/spec.log 2>&1
   grep -v "it/s\]\|Processed\|Loading\|Capturing" /tmp/pp/spec.log | grep "^{\|Error\|error" | cut -c1-400 | tail -14 ;;
 esac; done
 python3 - "$OUT" <<'PY'

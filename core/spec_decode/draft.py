@@ -91,19 +91,30 @@ class DraftProposer:
             tables.append(np.asarray(kv.block_ids(r), dtype=np.int64))
         if not rows:
             return
-        # round 0: the unseen tokens of every row
-        ids, pos, slots, qlens, seq_lens = [], [], [], [], []
-        for (r, start, end, _, _), table in zip(rows, tables):
-            p = np.arange(start, end)
-            ids += r.token_ids[start:end]
-            pos.append(p)
-            slots.append(table[p // bs] * bs + p % bs)
-            qlens.append(end - start)
-            seq_lens.append(end)
-        last = np.cumsum(qlens) - 1
         proposing = [i for i, row in enumerate(rows) if row[3]]
-        logits = self._forward(ids, np.concatenate(pos), np.concatenate(slots), qlens, seq_lens, tables,
-                               last[proposing])
+        lens = [end - start for _, start, end, _, _ in rows]
+        if self.runner.graphs is not None and len(proposing) == len(rows) and max(lens) <= 2:
+            # round 0 in one-token passes, which replay the decode graphs (the usual step: one or two new tokens)
+            two = [i for i, n in enumerate(lens) if n == 2]
+            if two:
+                p = np.array([rows[i][1] for i in two])
+                self._forward([rows[i][0].token_ids[rows[i][1]] for i in two], p,
+                              [tables[i][q // bs] * bs + q % bs for i, q in zip(two, p)], [1] * len(two),
+                              (p + 1).tolist(), [tables[i] for i in two], None)
+            p = np.array([end - 1 for _, _, end, _, _ in rows])
+            logits = self._forward([r.token_ids[-1] for r, *_ in rows], p,
+                                   [t[q // bs] * bs + q % bs for t, q in zip(tables, p)], [1] * len(rows),
+                                   (p + 1).tolist(), tables, np.arange(len(rows)))
+        else:  # round 0: the unseen tokens of every row, ragged
+            ids, pos, slots = [], [], []
+            for (r, start, end, _, _), table in zip(rows, tables):
+                q = np.arange(start, end)
+                ids += r.token_ids[start:end]
+                pos.append(q)
+                slots.append(table[q // bs] * bs + q % bs)
+            last = np.cumsum(lens) - 1
+            logits = self._forward(ids, np.concatenate(pos), np.concatenate(slots), lens,
+                                   [end for _, _, end, _, _ in rows], tables, last[proposing] if proposing else None)
         for (r, _, end, m, _) in rows:
             r.num_draft_computed = end + m - 1 if m else end
         if not proposing:
@@ -132,33 +143,47 @@ class DraftProposer:
             s.spec_token_ids[:] = d[:m]
             r.spec_probs = torch.stack(q) if q else None
 
-    def _forward(self, ids, pos, slots, qlens, seq_lens, tables, logit_rows) -> torch.Tensor:
-        """One ragged forward pass of the draft; float32 logits of `logit_rows`, cut or padded to the target's
-        vocabulary."""
+    def _forward(self, ids, pos, slots, qlens, seq_lens, tables, logit_rows) -> Optional[torch.Tensor]:
+        """One ragged forward pass of the draft; float32 logits of `logit_rows` (None: no logits), cut or padded
+        to the target's vocabulary. The pass's integer inputs go to the device in one copy."""
         dev, bs = self.device, self.block_size
+        n_tok, n_rows = len(pos), len(qlens)
         width = max(-(-n // bs) for n in seq_lens)
-        table = np.zeros((len(tables), width), dtype=np.int32)
+        table = np.zeros((n_rows, width), dtype=np.int64)
         for i, t in enumerate(tables):
             n = min(len(t), width)
             table[i, :n] = t[:n]
-        qsl = np.zeros(len(qlens) + 1, dtype=np.int32)
+        qsl = np.zeros(n_rows + 1, dtype=np.int64)
         np.cumsum(qlens, out=qsl[1:])
+        host_ids = not isinstance(ids, torch.Tensor)
+        parts = [pos, slots, seq_lens, qsl, table.ravel()]
+        parts += ([ids] if host_ids else []) + ([logit_rows] if logit_rows is not None else [])
+        buf = torch.from_numpy(np.concatenate([np.asarray(x, dtype=np.int64).ravel() for x in parts]))
+        if self.runner.async_copies:
+            buf = buf.pin_memory().to(dev, non_blocking=True)
+        views, o = [], 0
+        for x in parts:
+            n = np.size(x)
+            views.append(buf[o:o + n])
+            o += n
+        positions, slot_mapping = views[0], views[1]
         from pageport.platforms import AttentionMetadata
         md = AttentionMetadata(
-            num_actual_tokens=int(qsl[-1]), query_start_loc=torch.from_numpy(qsl).to(dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev), block_table=torch.from_numpy(table).to(dev),
-            slot_mapping=torch.from_numpy(np.asarray(slots, dtype=np.int64)).to(dev),
-            max_query_len=max(qlens), max_seq_len=max(seq_lens), query_start_loc_cpu=qsl.tolist(),
-            seq_lens_cpu=list(seq_lens), block_size=bs)
+            num_actual_tokens=n_tok, query_start_loc=views[3].to(torch.int32),
+            seq_lens=views[2].to(torch.int32), block_table=views[4].view(n_rows, width).to(torch.int32),
+            slot_mapping=slot_mapping, max_query_len=max(qlens), max_seq_len=max(seq_lens),
+            query_start_loc_cpu=qsl.tolist(), seq_lens_cpu=list(seq_lens), block_size=bs)
         m = self.model
-        ids = ids if isinstance(ids, torch.Tensor) else torch.tensor(ids, dtype=torch.long, device=dev)
-        positions = torch.from_numpy(np.asarray(pos, dtype=np.int64)).to(dev)
-        graphs = self.runner.graphs  # the platform's decode graphs (rounds of one token a row)
+        if host_ids:
+            ids = views[5]
+        graphs = self.runner.graphs  # the platform's decode graphs (passes of one token a row)
         hidden = graphs.run(ids, positions, md) if graphs is not None else None
         if hidden is None:
             hidden = m(ids, positions, self.runner.kv_caches, m.attn_backend.build_metadata(md))
+        if logit_rows is None:
+            return None
         if len(logit_rows) != hidden.shape[0]:
-            hidden = hidden[torch.from_numpy(np.asarray(logit_rows, dtype=np.int64)).to(dev)]
+            hidden = hidden[views[-1]]
         logits = m.compute_logits(hidden).float()
         v = self.vocab_size or logits.shape[-1]
         if logits.shape[-1] > v:

@@ -122,3 +122,22 @@ def test_draft_with_another_vocabulary_is_refused(tmp_path):
 def _word_tokenizer(n):
     from tokenizers import Tokenizer, models
     return Tokenizer(models.WordLevel({f"w{i}": i for i in range(n)}, unk_token="w0"))
+
+
+class _NoGraphs:
+    """Stands in for a platform's decode graphs: every pass falls back to eager, but the draft takes its path for
+    graph platforms (round 0 in one-token passes)."""
+    calls = 0
+
+    def run(self, input_ids, positions, md):
+        type(self).calls += md.max_query_len == 1
+        return None
+
+
+def test_one_token_passes_of_graph_platforms_keep_greedy_output(monkeypatch, reference):
+    monkeypatch.setenv("PAGEPORT_ENGINE_INPROC", "1")
+    llm = LLM(dtype="float32", max_model_len=1024, speculative_config={
+        "model": str(default_model_path()), "quantization": "int4", "num_speculative_tokens": 3})
+    llm.engine.core.drafter.runner.graphs = _NoGraphs()
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS)] == reference
+    assert _NoGraphs.calls > 0
