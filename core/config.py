@@ -69,7 +69,9 @@ class EngineConfig:
     trust_remote_code: bool = _opt(False, "allow custom code from the model directory")
     speculative_config: Optional[Union[str, dict]] = _opt(None, "speculative decoding, JSON with vLLM's keys: "
                                                                 "{\"method\": \"ngram\", \"num_speculative_tokens\": 3, "
-                                                                "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}")
+                                                                "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2} or a "
+                                                                "draft model: {\"model\": DIR, \"num_speculative_tokens\": "
+                                                                "4, \"quantization\": \"int4\"}")
     limit_mm_per_prompt: Optional[Union[str, dict]] = _opt(None, "vision models: the most images one prompt may "
                                                                  "carry, JSON as vLLM's: {\"image\": 2} (default: "
                                                                  "no limit)")
