@@ -20,6 +20,7 @@ their weights can be reached.) The unpredictable prompts are random ids.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import statistics
@@ -107,7 +108,12 @@ def main() -> None:
     base[("rand", 1)] = timed(plain, unpredictable[:1], params, args.repeats)
     plain.engine.shutdown()
     del plain
+    gc.collect()
     torch.cuda.empty_cache()
+
+    def save():  # after every row: a run cut short keeps what it measured
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=2)
 
     def run_spec(name, spec, cases):
         llm = make(speculative_config=spec)
@@ -123,7 +129,10 @@ def main() -> None:
                    "identical_tokens_fraction": same / (b * args.output_len), **figs}
             res.setdefault("runs", []).append(row)
             print(json.dumps(row), flush=True)
+            save()
         llm.engine.shutdown()
+        del llm
+        gc.collect()  # the next engine profiles the free memory
         torch.cuda.empty_cache()
 
     ngram = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
@@ -135,8 +144,7 @@ def main() -> None:
     paying = [r["batch"] for r in res["runs"] if r["proposer"] == "ngram" and r["prompts"] == "pred"
               and r["speedup"] > 1.0]
     res["ngram_pays_up_to_batch"] = max(paying) if paying else None
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=2)
+    save()
 
 
 if __name__ == "__main__":

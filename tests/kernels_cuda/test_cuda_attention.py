@@ -293,6 +293,31 @@ def test_backend_padded_tokens(device):
     assert (out[:3].double() - ref).abs().max().item() <= ATOL[torch.float32]
 
 
+@pytest.mark.parametrize("heads", [(8, 2), (2, 2)], ids=["gqa4-unified", "mha-decode"])
+def test_graph_layout_ragged_rows_then_empty_ones(device, heads):
+    """The CUDA-graph layout (kernels_cuda/graphs.py): a launch sized for bs rows of q tokens (q = 1 + k, a
+    verifying step) holds n < bs ragged rows, then empty rows (q_len 0), then token slots past every row; the
+    real tokens match the reference and the launch picks what the capture picked (max lengths, not the step's)."""
+    from pageport.kernels_cuda.paged_attention import default_config
+    q_lens, ctx = [5, 1, 3, 5, 2], [30, 7, 0, 61, 18]
+    bs, qmax, max_len = 8, 5, 256
+    b = make_batch(q_lens, ctx, *heads, 64, 16, torch.float32, device, seed=31)
+    t = b["qsl"][-1]
+    n = len(q_lens)
+    table = torch.zeros(bs, max_len // 16, dtype=torch.int32, device=device)
+    table[:n, :b["block_table"].shape[1]] = b["block_table"].clamp(min=0)
+    qsl = torch.tensor(b["qsl"] + [t] * (bs - n), dtype=torch.int32, device=device)
+    seq_lens = torch.tensor(b["seq_lens"] + [1] * (bs - n), dtype=torch.int32, device=device)
+    q = torch.cat([b["q"], torch.randn(bs * qmax - t, heads[0], 64, device=device)])
+    out = torch.full_like(q, float("nan"))
+    config = default_config(group=heads[0] // heads[1], head_size=64, max_query_len=qmax, num_seqs=bs,
+                            num_kv_heads=heads[1], max_seq_len=max_len, device=q.device)
+    paged_attention(q, b["k_cache"], b["v_cache"], out, qsl, seq_lens, table, max_query_len=qmax,
+                    max_seq_len=max_len, scale=0.125, config=config)
+    ref = reference_attention(b["q"], b["k_cache"], b["v_cache"], b["qsl"], b["seq_lens"], b["block_table"], 0.125)
+    assert (out[:t].double() - ref).abs().max().item() <= ATOL[torch.float32]
+
+
 # --------------------------------------------------------------------------------------------
 # GPU: bf16 at real shapes (32 query heads / 8 KV heads, head 128, block 16, contexts to 4k)
 
