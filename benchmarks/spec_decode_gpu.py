@@ -9,7 +9,7 @@ token depends on the current one alone and P + G + P continues with G exactly. T
 cost nothing and are always right, which leaves the cost of verifying. (The engines run in this process there, so
 their weights can be reached.) The unpredictable prompts are random ids.
 
-- n-gram (k = 4) on predictable prompts at batch 1, 4, 16, 64: speed-up, acceptance, mean acceptance length, and
+- n-gram (k = 4) on predictable prompts at batch 1 to 256: speed-up, acceptance, mean acceptance length, and
   the batch where speculation stops paying;
 - n-gram on random prompts at batch 1 (nothing to find: the cost of being ready to speculate);
 - a draft model at batch 1 on random prompts: the target itself (`--self-draft`: every proposal right, the cost
@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64, 128, 256])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--markov", action="store_true", help="zero the layers' output projections (see above)")
     ap.add_argument("--out", required=True)

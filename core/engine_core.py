@@ -233,7 +233,7 @@ class EngineCore:
     # requests ---------------------------------------------------------------------------------------
     def add_request(self, r: CoreRequest) -> None:
         if self._switch is not None and not self.requests and not self._switch.on:
-            self._switch.reset()  # an idle engine starts the next batch speculating
+            self._switch.wake()  # an idle engine starts the next batch speculating
             self.async_scheduling = False
         try:
             params: SamplingParams = pickle.loads(r.params)

@@ -5,8 +5,8 @@
 # Usage: bash scripts/gpu_engine.sh OUT_DIR [part...]   parts: tests small steps big serve structured lora spec
 # (default: all but structured and lora). structured: 64 json_schema requests against 64 free twins on the serve
 # checkpoint. lora: the LoRA GPU tests, then 8 rank-16 adapters over a batch of 256 against the base model alone.
-# spec: the speculative-decoding GPU tests, then benchmarks/spec_decode_gpu.py on the 8B shape: n-gram (k=4) on
-# predictable prompts at batch 1-64 and on random ones, the 8B as its own draft, a random 1B draft.
+# spec: the speculative-decoding GPU tests, then benchmarks/spec_decode_gpu.py --markov on the 8B shape: n-gram (k=4) on
+# predictable prompts at batch 1-256 and on random ones, the 8B as its own draft, a random 1B draft.
 # Wheels the image lacks (fastapi, uvicorn, pyzmq, msgspec, ...) go in .whl/; a tokenizer folder in .gpu/tok
 # (the default model's, saved with save_pretrained) makes the serve checkpoint.
 set -uo pipefail

@@ -5,7 +5,8 @@ passes of its own; when proposals are rarely accepted, plain decoding (asynchron
 is faster. Every WINDOW speculating steps the tokens they emitted per decoding row (1 + accepted) are weighed
 against what proposing cost (the step's time over its time without proposing); below `margin` times that cost
 the engine decodes without proposals for a pause of steps, doubled at each failed try (up to MAX_PAUSE), then
-tries again; an engine that runs dry starts the next batch speculating. The margin stands for what synchronous steps lose: 1.1 where plain decoding would be asynchronous,
+tries again; a try with nothing at all accepted after EARLY steps ends there. An engine that runs dry starts the
+next batch speculating, the pause still as long as the last failures made it. The margin stands for what synchronous steps lose: 1.1 where plain decoding would be asynchronous,
 1.02 where it is synchronous anyway (the CPU). The output is the same either way: only its speed depends on the
 switch.
 """
@@ -13,15 +14,16 @@ from __future__ import annotations
 
 
 class SpecSwitch:
-    WINDOW, FIRST_PAUSE, MAX_PAUSE = 16, 64, 1024
+    WINDOW, EARLY, FIRST_PAUSE, MAX_PAUSE = 16, 4, 64, 1024
 
     def __init__(self, margin: float = 1.1):
         self.margin = margin
-        self.reset()
-
-    def reset(self) -> None:
-        self.on = True
         self.pause = self.FIRST_PAUSE
+        self.wake()
+
+    def wake(self) -> None:
+        """Speculate from the next step (the engine ran dry); the pause keeps its length."""
+        self.on = True
         self.steps_off = 0  # steps still to run without proposals
         self._clear()
 
@@ -43,7 +45,7 @@ class SpecSwitch:
         self.accepted += accepted
         self.t_step += t_step
         self.t_propose += t_propose
-        if self.steps < self.WINDOW:
+        if self.steps < self.WINDOW and not (self.steps == self.EARLY and self.accepted == 0):
             return
         gain = (self.rows + self.accepted) / self.rows
         cost = self.t_step / max(1e-9, self.t_step - self.t_propose)

@@ -17,19 +17,35 @@ def test_switch_stays_on_while_proposals_pay():
 
 def test_switch_pauses_when_nothing_is_accepted_and_backs_off():
     sw = SpecSwitch()
-    _window(sw, accepted_per_step=0)
+    for _ in range(sw.EARLY):  # nothing accepted at all: the try ends early
+        assert sw.on
+        sw.record(2, 0, 1.0, 0.0)
     assert not sw.on and sw.steps_off == sw.FIRST_PAUSE
     for _ in range(sw.FIRST_PAUSE - 1):
         sw.record(2, 0, 1.0, 0.0)
     assert not sw.on
     sw.record(2, 0, 1.0, 0.0)
     assert sw.on  # tries again
-    _window(sw, accepted_per_step=0)
+    for _ in range(sw.EARLY):
+        sw.record(2, 0, 1.0, 0.0)
     assert not sw.on and sw.steps_off == 2 * sw.FIRST_PAUSE  # failed again: twice as long
+    sw.wake()  # the engine ran dry: the next batch speculates, a failure pauses it as long as the last one made it
+    assert sw.on and sw.pause == 4 * sw.FIRST_PAUSE
     while not sw.on:
         sw.record(2, 0, 1.0, 0.0)
     _window(sw, accepted_per_step=3)
     assert sw.on and sw.pause == sw.FIRST_PAUSE  # paid: the pause starts small again
+
+
+def test_a_few_accepted_tokens_get_the_whole_window():
+    """Something accepted in the first EARLY steps: judged over the whole window (gain 1 + 1/32 fails there)."""
+    sw = SpecSwitch()
+    sw.record(2, 1, 1.0, 0.0)
+    for _ in range(sw.WINDOW - 2):
+        sw.record(2, 0, 1.0, 0.0)
+        assert sw.on
+    sw.record(2, 0, 1.0, 0.0)
+    assert not sw.on
 
 
 def test_switch_weighs_the_cost_of_proposing():
@@ -52,7 +68,8 @@ def test_margin_stands_for_the_asynchronous_steps_lost():
 def test_pause_is_capped():
     sw = SpecSwitch()
     for _ in range(12):
-        _window(sw, accepted_per_step=0)
+        while sw.on:
+            sw.record(2, 0, 1.0, 0.0)
         while not sw.on:
             sw.record(2, 0, 1.0, 0.0)
     assert sw.pause == sw.MAX_PAUSE

@@ -1,4 +1,6 @@
 """End to end on a CUDA GPU (run by scripts/gpu_check.sh): a random Llama-shaped model vs Transformers."""
+import gc
+
 import pytest
 import torch
 
@@ -199,20 +201,26 @@ def test_speculative_decoding_keeps_greedy_output(checkpoint, tmp_path, method, 
     plain.engine.shutdown()
     monkeypatch.setenv("PAGEPORT_ENGINE_INPROC", "1")  # the core in this process, to count its graph replays
     llm = LLM(str(path), device="cuda", dtype="float32", gpu_memory_utilization=0.3, speculative_config=spec)
-    got = [o.outputs[0].token_ids for o in llm.generate(ps, SamplingParams(temperature=0, max_tokens=40,
-                                                                            ignore_eos=True))]
-    compared = 0
-    for r, g in zip(ref, got):
-        assert len(g) == 40
-        for x, y, lp in zip(r.token_ids, g, r.logprobs):
-            if x != y:
-                assert y in lp and lp[x].logprob - lp[y].logprob < 1e-3  # a near-tie
-                break
-            compared += 1
-    assert compared >= 6 * 20
-    llm.engine.client.call("stats")
-    s = msgspec.structs.asdict(llm.engine.client.last_stats)
-    assert s["spec_num_drafts"] > 0 and s["spec_num_accepted_tokens"] > 0
-    if method == "draft":  # the draft is the target: it is (nearly) always right
-        assert s["spec_num_accepted_tokens"] > 0.8 * s["spec_num_draft_tokens"], s
-    assert llm.engine.core.runner.graphs.replays[5] > 0
+    try:
+        got = [o.outputs[0].token_ids for o in llm.generate(ps, SamplingParams(temperature=0, max_tokens=40,
+                                                                                ignore_eos=True))]
+        compared = 0
+        for r, g in zip(ref, got):
+            assert len(g) == 40
+            for x, y, lp in zip(r.token_ids, g, r.logprobs):
+                if x != y:
+                    assert y in lp and lp[x].logprob - lp[y].logprob < 1e-3  # a near-tie
+                    break
+                compared += 1
+        assert compared >= 6 * 20
+        llm.engine.client.call("stats")
+        s = msgspec.structs.asdict(llm.engine.client.last_stats)
+        assert s["spec_num_drafts"] > 0 and s["spec_num_accepted_tokens"] > 0
+        if method == "draft":  # the draft is the target: it is (nearly) always right
+            assert s["spec_num_accepted_tokens"] > 0.8 * s["spec_num_draft_tokens"], s
+        assert llm.engine.core.runner.graphs.replays[5] > 0
+    finally:  # the core lives in this process: free its memory for the next test's engine
+        llm.engine.shutdown()
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()

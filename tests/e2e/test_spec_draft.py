@@ -98,7 +98,7 @@ def test_random_draft_greedy_identical_under_preemption(tmp_path_factory, refere
 
 
 def test_proposals_that_never_pay_are_switched_off(tmp_path, llm):
-    """A random draft over a long output: after a window of turned-down proposals the engine decodes plainly for a
+    """A random draft over a long output: after a few steps with nothing accepted the engine decodes plainly for a
     pause, tries again, pauses longer; the output stays the target's."""
     folder = _tiny_llama(tmp_path / "draft", seed=1)
     spec = LLM(dtype="float32", max_model_len=512, speculative_config={"model": folder, "num_speculative_tokens": 3})
@@ -106,8 +106,9 @@ def test_proposals_that_never_pay_are_switched_off(tmp_path, llm):
     want = llm.generate([PROMPTS[2]], params)[0].outputs[0].token_ids
     assert spec.generate([PROMPTS[2]], params)[0].outputs[0].token_ids == want
     s = _stats(spec)
-    # speculating: 16 steps, off 64, 16 more, off 128: far fewer verifying steps than tokens
-    assert 16 <= s.spec_num_drafts <= 48, s.spec_num_drafts
+    # speculating: 4 steps, off 64, 4 more, off 128, 4 more (an accidental acceptance: a window of 16): far fewer
+    # verifying steps than tokens
+    assert 12 <= s.spec_num_drafts <= 48, s.spec_num_drafts
 
 
 def test_draft_with_another_vocabulary_is_refused(tmp_path):
