@@ -24,7 +24,8 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _shutdown_engines(monkeypatch):
-    """Each LLM's engine core is a process holding its share of the GPU: end them with the test."""
+    """Each LLM's engine core is a process holding its share of the GPU (or, in-process, this process's memory):
+    end them with the test and give the memory back."""
     from pageport.core import llm as llm_module
     made = []
     real_init = llm_module.LLM.__init__
@@ -36,6 +37,10 @@ def _shutdown_engines(monkeypatch):
     yield
     for x in made:
         x.engine.shutdown()
+    made.clear()
+    gc.collect()
+    torch.cuda.empty_cache()
+
 
 def prompts(n, lo=20, hi=300, seed=1):
     g = torch.Generator().manual_seed(seed)
@@ -201,26 +206,20 @@ def test_speculative_decoding_keeps_greedy_output(checkpoint, tmp_path, method, 
     plain.engine.shutdown()
     monkeypatch.setenv("PAGEPORT_ENGINE_INPROC", "1")  # the core in this process, to count its graph replays
     llm = LLM(str(path), device="cuda", dtype="float32", gpu_memory_utilization=0.3, speculative_config=spec)
-    try:
-        got = [o.outputs[0].token_ids for o in llm.generate(ps, SamplingParams(temperature=0, max_tokens=40,
-                                                                                ignore_eos=True))]
-        compared = 0
-        for r, g in zip(ref, got):
-            assert len(g) == 40
-            for x, y, lp in zip(r.token_ids, g, r.logprobs):
-                if x != y:
-                    assert y in lp and lp[x].logprob - lp[y].logprob < 1e-3  # a near-tie
-                    break
-                compared += 1
-        assert compared >= 6 * 20
-        llm.engine.client.call("stats")
-        s = msgspec.structs.asdict(llm.engine.client.last_stats)
-        assert s["spec_num_drafts"] > 0 and s["spec_num_accepted_tokens"] > 0
-        if method == "draft":  # the draft is the target: it is (nearly) always right
-            assert s["spec_num_accepted_tokens"] > 0.8 * s["spec_num_draft_tokens"], s
-        assert llm.engine.core.runner.graphs.replays[5] > 0
-    finally:  # the core lives in this process: free its memory for the next test's engine
-        llm.engine.shutdown()
-        del llm
-        gc.collect()
-        torch.cuda.empty_cache()
+    got = [o.outputs[0].token_ids for o in llm.generate(ps, SamplingParams(temperature=0, max_tokens=40,
+                                                                            ignore_eos=True))]
+    compared = 0
+    for r, g in zip(ref, got):
+        assert len(g) == 40
+        for x, y, lp in zip(r.token_ids, g, r.logprobs):
+            if x != y:
+                assert y in lp and lp[x].logprob - lp[y].logprob < 1e-3  # a near-tie
+                break
+            compared += 1
+    assert compared >= 6 * 20
+    llm.engine.client.call("stats")
+    s = msgspec.structs.asdict(llm.engine.client.last_stats)
+    assert s["spec_num_drafts"] > 0 and s["spec_num_accepted_tokens"] > 0
+    if method == "draft":  # the draft is the target: it is (nearly) always right
+        assert s["spec_num_accepted_tokens"] > 0.8 * s["spec_num_draft_tokens"], s
+    assert llm.engine.core.runner.graphs.replays[5] > 0
