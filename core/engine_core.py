@@ -133,7 +133,7 @@ class CoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False)
     ready: Optional[bytes] = None  # the first message: pickled core info, or a start-up error
 
 
-UTILITIES = ("stats", "reset_prefix_cache", "profile", "replay_ms", "add_lora", "remove_lora")
+UTILITIES = ("stats", "reset_prefix_cache", "profile", "replay_ms", "graph_replays", "add_lora", "remove_lora")
 
 
 # the core -------------------------------------------------------------------------------------------------
@@ -605,12 +605,16 @@ class EngineCore:
         self._timing = start and self.platform.device.type == "cuda"
         return out
 
+    def graph_replays(self) -> dict:
+        """Steps replayed from captured graphs so far, by query tokens a row ("1": decode, "1+k": verifying)."""
+        return {str(q): n for q, n in getattr(self.runner.graphs, "replays", {}).items()}
+
     def replay_ms(self, batch: int, iters: int = 50) -> Optional[float]:
         """Median-free mean time of replaying the captured decode graph of `batch` rows alone (None: none)."""
         graphs = getattr(self.runner.graphs, "graphs", None)
-        if not graphs or batch not in graphs:
+        if not graphs or (batch, 1) not in graphs:
             return None
-        g = graphs[batch]
+        g = graphs[batch, 1]
         for _ in range(5):
             g.replay()
         t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

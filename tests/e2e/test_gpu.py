@@ -187,7 +187,7 @@ def test_lora_mixed_batch_in_cuda_graphs_matches_peft(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["draft", "ngram"])
-def test_speculative_decoding_keeps_greedy_output(checkpoint, tmp_path, method, monkeypatch):
+def test_speculative_decoding_keeps_greedy_output(checkpoint, tmp_path, method):
     """float32, a draft (the same checkpoint: it proposes what the target would say) or n-gram lookup on prompts
     that repeat: tokens equal to plain decoding up to a float near-tie (a 1 + k token verify may round a tie the
     other way than a 1-token step); proposals verified and accepted, the verifying steps (ragged: rows with 0..k
@@ -204,7 +204,6 @@ def test_speculative_decoding_keeps_greedy_output(checkpoint, tmp_path, method, 
     ref = [o.outputs[0] for o in plain.generate(ps, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
                                                                    logprobs=2))]
     plain.engine.shutdown()
-    monkeypatch.setenv("PAGEPORT_ENGINE_INPROC", "1")  # the core in this process, to count its graph replays
     llm = LLM(str(path), device="cuda", dtype="float32", gpu_memory_utilization=0.3, speculative_config=spec)
     got = [o.outputs[0].token_ids for o in llm.generate(ps, SamplingParams(temperature=0, max_tokens=40,
                                                                             ignore_eos=True))]
@@ -222,4 +221,4 @@ def test_speculative_decoding_keeps_greedy_output(checkpoint, tmp_path, method, 
     assert s["spec_num_drafts"] > 0 and s["spec_num_accepted_tokens"] > 0
     if method == "draft":  # the draft is the target: it is (nearly) always right
         assert s["spec_num_accepted_tokens"] > 0.8 * s["spec_num_draft_tokens"], s
-    assert llm.engine.core.runner.graphs.replays[5] > 0
+    assert llm.engine.client.call("graph_replays")["5"] > 0
