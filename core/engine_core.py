@@ -457,7 +457,12 @@ class EngineCore:
             if p.max_tokens is not None:  # and the emitted tokens within max_tokens
                 n = min(n, p.max_tokens - (len(ids) - req.num_prompt_tokens) - 1)
             if n > 0:
-                req.spec_token_ids = [0] * n if self.drafter is not None else self.proposer.propose(ids, n)
+                if self.drafter is not None:
+                    req.spec_token_ids = [0] * n
+                else:
+                    if req.ngram_index is None:
+                        req.ngram_index = self.proposer.new_index()
+                    req.spec_token_ids = self.proposer.propose(ids, n, req.ngram_index)
                 tried += 1
         return tried
 

@@ -24,6 +24,33 @@ def test_ngram_proposes_what_followed_the_suffix():
     assert NgramProposer(4, 2, 2).propose([1, 2, 1, 2, 1, 2]) == [1, 2, 1, 2]
 
 
+def _scan(seq, k, lo, hi):
+    """The rule by brute force: for n from hi down to lo, every earlier window equal to the suffix."""
+    for n in range(min(hi, len(seq) - 1), lo - 1, -1):
+        hits = [s for s in range(len(seq) - n) if seq[s:s + n] == seq[len(seq) - n:]]
+        if hits:
+            full = [s for s in hits if s + n + k <= len(seq)]
+            start = (full[-1] if full else hits[0]) + n
+            return seq[start:start + k]
+    return []
+
+
+@pytest.mark.parametrize("vocab", [2, 3, 8])
+def test_ngram_index_grown_step_by_step_matches_a_full_scan(vocab):
+    """The index a request keeps across steps (a short or a long prompt, hashed in bulk, then tokens appended 1..5
+    at a time, k varying per call) proposes what a scan of the whole sequence does; small vocabularies make long
+    runs and many overlapping matches."""
+    g = torch.Generator().manual_seed(vocab)
+    for lo, hi, k, prompt in ((2, 4, 4, 6), (1, 3, 2, 150), (3, 3, 5, 90), (2, 4, 4, 200)):
+        p = NgramProposer(k, prompt_lookup_max=hi, prompt_lookup_min=lo)
+        seq = torch.randint(0, vocab, (prompt,), generator=g).tolist()
+        index = p.new_index()
+        for _ in range(60):
+            kk = int(torch.randint(1, k + 1, (1,), generator=g))
+            assert p.propose(seq, kk, index) == _scan(seq, kk, lo, hi), (seq, kk)
+            seq += torch.randint(0, vocab, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
+
+
 def test_speculative_config_keys():
     c = EngineConfig(speculative_config='{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 3}')
     assert c.speculative_config == {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 3,
