@@ -375,6 +375,8 @@ class EngineCore:
                 t = time.perf_counter()
                 self.drafter.run(sched, self.kv, self._speculable)
                 t_propose += time.perf_counter() - t
+            if self._grammars is not None and self.proposer is not None:
+                self._check_proposals(sched)
             ev = None
             if self._timing:
                 ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
@@ -435,11 +437,19 @@ class EngineCore:
             r.lora_slot = slot_of[r.lora_id] if r.lora_id else 0
 
     def _speculable(self, req: Request) -> bool:
-        """Proposals cannot change its sampling: no penalties, grammar, logprobs, bad words / allowed tokens, logit
-        bias, nor custom logits processors."""
+        """Proposals cannot change its sampling: no penalties, logprobs, bad words / allowed tokens, logit bias,
+        nor custom logits processors (a grammar is checked along the proposals: `_check_proposals`)."""
         p = req.params
-        return not (self.runner.sampler.logits_processors is not None or req.sync or req.grammar
+        return not (self.runner.sampler.logits_processors is not None or req.sync
                     or p.logprobs is not None or p.logit_bias or p.allowed_token_ids)
+
+    def _check_proposals(self, sched) -> None:
+        """A constrained row's grammar masks at each position the step verifies (the runner applies them before
+        the rejection sampler, which then turns down the first proposal the grammar refuses)."""
+        for s in sched.scheduled:
+            r = s.request
+            r.spec_mask = (self._grammars.spec_bitmask(r.request_id, s.spec_token_ids)
+                           if r.grammar and s.spec_token_ids else None)
 
     def _propose(self) -> int:
         """Proposals for each running request that decodes next step, is speculable and has met its min_tokens.
@@ -538,6 +548,11 @@ class EngineCore:
             if num_out == 1:
                 o.num_cached_tokens = req.num_cached_tokens
                 o.first_scheduled_time = req.first_scheduled_time or -1.0
+            if req.grammar and not self._grammars.advance([req.request_id], [tok])[0]:
+                o.finish_reason = "stop"  # the grammar is complete
+                o.stop_reason = None if tok == req.eos_token_id else tok
+                status = RequestStatus.FINISHED_STOPPED
+                break
             if tok in req.stop_token_ids and num_out >= p.min_tokens:
                 o.finish_reason = "stop"
                 o.stop_reason = None if tok == req.eos_token_id and tok not in p.stop_token_ids else tok

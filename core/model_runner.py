@@ -381,6 +381,13 @@ class ModelRunner:
             sampled = self.sampler(sub, sub_reqs)
             for m, (tok, (j, _)) in enumerate(zip(sampled.token_ids.tolist(), plain)):
                 token_ids[j], logprobs[j], chosen[j] = tok, sampled.logprobs[m], sampled.chosen_logprobs[m]
+        masked = [row for _, row in spec_rows if row.request.spec_mask is not None]
+        if masked:  # constrained rows: their grammar's masks at every verified position
+            from pageport.core.structured_output import apply_bitmask
+            mask = torch.full((logits.shape[0], masked[0].request.spec_mask.shape[1]), -1, dtype=torch.int32)
+            for row in masked:
+                mask[row.offset:row.offset + 1 + len(row.draft)] = row.request.spec_mask
+            apply_bitmask(logits, mask)
         spec: dict[int, tuple[list[int], int]] = {}
         for (j, row), toks in zip(spec_rows, verify(logits, [r for _, r in spec_rows])):
             token_ids[j] = toks[-1]

@@ -113,6 +113,29 @@ class StructuredOutputManager:
                 m.fill_bitmask(mask, i)
         return mask
 
+    def spec_bitmask(self, req_id: str, proposals: list[int]) -> torch.Tensor:
+        """int32 [1 + k, width]: the masks of a speculating row's verified positions, the grammar's next tokens
+        now and after each proposal it takes. Rows past a proposal it refuses allow everything: that proposal
+        gets probability 0 under its row's mask, so verification stops there and samples from that row (the
+        rejection sampler's arithmetic holds for any draft distribution); past one that completes the grammar the
+        request ends. The matcher is left where it was."""
+        m = self._matcher(req_id)
+        mask = torch.full((1 + len(proposals), bitmask_width(self.vocab_size)), -1, dtype=torch.int32)
+        if m is None or m.is_terminated():
+            return mask
+        m.fill_bitmask(mask, 0)
+        taken = 0
+        for t in proposals:
+            if not m.accept_token(int(t)):
+                break
+            taken += 1
+            if m.is_terminated():
+                break
+            m.fill_bitmask(mask, taken)
+        if taken:
+            m.rollback(taken)
+        return mask
+
     def accept(self, req_id: str, token_ids: list[int]) -> bool:
         """Advance the request's grammar by the sampled tokens; False when one of them breaks it (the matcher
         then stays where it was)."""

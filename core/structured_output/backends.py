@@ -14,6 +14,7 @@ from pageport.core.sampling_params import StructuredOutputsParams
 class GrammarMatcher(Protocol):
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None: ...
     def accept_token(self, token_id: int) -> bool: ...
+    def rollback(self, num_tokens: int) -> None: ...  # undo the last accepted tokens (checking proposals)
     def is_terminated(self) -> bool: ...
 
 
@@ -139,6 +140,9 @@ class _XgrammarMatcher:
     def accept_token(self, token_id: int) -> bool:
         return self._m.accept_token(token_id)
 
+    def rollback(self, num_tokens: int) -> None:
+        self._m.rollback(num_tokens)
+
     def is_terminated(self) -> bool:
         return self._m.is_terminated()
 
@@ -181,6 +185,9 @@ class _LlguidanceMatcher:
     def accept_token(self, token_id: int) -> bool:
         # checked first: a refused token would leave llguidance's matcher in its error state
         return self._m.validate_tokens([token_id]) == 1 and bool(self._m.consume_token(token_id))
+
+    def rollback(self, num_tokens: int) -> None:
+        self._m.rollback(num_tokens)
 
     def is_terminated(self) -> bool:
         return self._m.is_stopped()

@@ -155,6 +155,40 @@ def test_advance_takes_a_step_of_tokens_at_once(manager, default_tokenizer):
         manager.remove(r)
 
 
+def test_spec_bitmask_masks_each_verified_position(manager, default_tokenizer):
+    """A speculating row's masks: row i is what the grammar allows after proposals 0..i-1 (as a twin request
+    advanced token by token says); the first refused proposal has probability 0 in its row, the rows after it
+    allow everything; after a proposal that completes the grammar, likewise; the matcher stays where it was."""
+    tok = default_tokenizer
+    text = tok.encode('{"name": "Al", "age": 7, "ok": true}', add_special_tokens=False)
+    for r in ("spec", "twin"):
+        manager.add_request(r, StructuredOutputsParams(json=SCHEMA))
+    _wait_ready(manager, ["spec", "twin"])
+    bad = tok.encode("hello", add_special_tokens=False)[0]
+    proposals = text[:3] + [bad] + text[3:5]
+    start = manager.bitmask(["spec"]).clone()
+    mask = manager.spec_bitmask("spec", proposals)
+    assert mask.shape == (1 + len(proposals), bitmask_width(VOCAB))
+    for i in range(4):  # the state after text[:i]
+        assert torch.equal(mask[i], manager.bitmask(["twin"])[0]), i
+        if i < 3:
+            assert manager.accept("twin", [text[i]])
+    assert not (mask[3, bad // 32] >> (bad % 32)) & 1  # refused: probability 0 there
+    assert (mask[4:] == -1).all()  # never read: verification stops at row 3
+    assert torch.equal(manager.bitmask(["spec"]), start)  # rolled back
+    # a proposal that completes the grammar: the rows after it allow everything
+    assert manager.accept("twin", text[3:])
+    assert manager.accept("spec", text[:-1])
+    mask = manager.spec_bitmask("spec", [text[-1], tok.eos_token_id, text[0]])
+    assert (mask[0] != -1).any() and (mask[2:] == -1).all()
+    # complete JSON: only EOS allowed next, or (llguidance) the matcher already stopped: nothing to mask
+    assert manager.spec_bitmask("twin", [tok.eos_token_id]).ne(-1).any() != manager.is_terminated("twin")
+    assert manager.accept("spec", [text[-1]])  # rolled back to before text[-1]
+    assert manager.is_terminated("spec") == manager.is_terminated("twin")
+    for r in ("spec", "twin"):
+        manager.remove(r)
+
+
 def test_no_grammar_rows_cost_nothing(manager):
     assert manager.bitmask([None, None, "never-added"]) is None
     logits = torch.randn(3, VOCAB)

@@ -66,6 +66,28 @@ def test_int4_draft_greedy_identical_in_a_mixed_batch(int4_draft, reference):
     assert emitted <= sum(len(o.outputs[0].token_ids) - 1 for o in outs)
 
 
+def test_int4_draft_constrained_rows_keep_their_output(int4_draft, llm):
+    """A draft drafts without the grammar; its proposals are verified under the grammar's masks: greedy
+    json_schema output equal to plain constrained decoding, sampled output valid."""
+    import json
+
+    pytest.importorskip("xgrammar")
+    from pageport.core.sampling_params import StructuredOutputsParams
+    so = StructuredOutputsParams(json={"type": "object", "properties": {"name": {"type": "string"},
+                                                                        "age": {"type": "integer"}},
+                                       "required": ["name", "age"], "additionalProperties": False})
+    prompts = ["Describe Ann, who is 31, as JSON:", "Give a person as JSON:"]
+    greedy = SamplingParams(temperature=0, max_tokens=40, structured_outputs=so)
+    ref = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
+    before = _stats(int4_draft)
+    outs = int4_draft.generate(prompts + prompts[:1], [greedy, greedy, SamplingParams(
+        temperature=0.8, seed=2, max_tokens=40, structured_outputs=so)])
+    assert [o.outputs[0].token_ids for o in outs[:2]] == ref
+    for o in outs:
+        assert set(json.loads(o.outputs[0].text)) == {"name", "age"}
+    assert _stats(int4_draft).spec_num_accepted_tokens > before.spec_num_accepted_tokens
+
+
 def test_int4_draft_stop_token_and_max_tokens_exact(int4_draft, reference):
     stop = reference[0][9]
     params = SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[stop])
