@@ -142,42 +142,76 @@ class PoolerConfig:
     normalize: bool = True
     is_matryoshka: bool = False
     matryoshka_dimensions: Optional[list[int]] = None
+    dense: list[str] = field(default_factory=list)  # sentence-transformers Dense module folders, in order
     source: str = "default"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
+_ST_MODES = {"mean": "MEAN", "cls": "CLS", "lasttoken": "LAST", "max": "MAX", "mean_sqrt_len_tokens": "MEAN_SQRT",
+             "weightedmean": "WEIGHTED_MEAN"}
+_ST_MODE_FLAGS = (("CLS", "pooling_mode_cls_token"), ("MEAN", "pooling_mode_mean_tokens"),
+                  ("LAST", "pooling_mode_lasttoken"), ("MAX", "pooling_mode_max_tokens"),
+                  ("MEAN_SQRT", "pooling_mode_mean_sqrt_len_tokens"), ("WEIGHTED_MEAN", "pooling_mode_weightedmean_tokens"))
+
+
 def read_sentence_transformers_pooling(folder: Path) -> Optional[dict]:
-    """{"pooling_type", "normalize"} from sentence-transformers' modules.json, or None when there is none.
-    Modules pageport does not run (Dense projections, ...) are refused rather than skipped."""
+    """{"pooling_type", "normalize", "dense"} from sentence-transformers' modules.json, or None when there is
+    none. The pipeline must read Transformer, Pooling, then any Dense projections, then Normalize; modules
+    pageport does not run are refused rather than skipped."""
     modules_file = folder / "modules.json"
     if not modules_file.is_file():
         return None
     modules = json.loads(modules_file.read_text())
-    found: dict = {"normalize": False}
+    found: dict = {"normalize": False, "dense": []}
     for m in modules:
         kind = m.get("type", "").rsplit(".", 1)[-1]
         if kind == "Transformer":
             continue
+        if kind in ("Dense", "Pooling") and found["normalize"] or kind == "Dense" and "pooling_type" not in found:
+            raise ValueError(f"{modules_file}: a {kind} module at that place in the pipeline is not supported "
+                             "(Transformer, Pooling, Dense..., Normalize are)")
         if kind == "Normalize":
             found["normalize"] = True
+        elif kind == "Dense":
+            found["dense"].append(str(folder / m.get("path", "")))
         elif kind == "Pooling":
             cfg_file = folder / m.get("path", "") / "config.json"
             cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-            modes = [name for name, key in (("CLS", "pooling_mode_cls_token"), ("MEAN", "pooling_mode_mean_tokens"),
-                                            ("LAST", "pooling_mode_lasttoken"), ("MAX", "pooling_mode_max_tokens"),
-                                            ("MEAN_SQRT", "pooling_mode_mean_sqrt_len_tokens"),
-                                            ("WEIGHTED_MEAN", "pooling_mode_weightedmean_tokens"))
-                     if cfg.get(key)]
+            mode = cfg.get("pooling_mode")  # sentence-transformers >= 6 names it (or them); earlier, one flag each
+            modes = ([_ST_MODES.get(n, n.upper()) for n in ([mode] if isinstance(mode, str) else mode)]
+                     if mode is not None else [name for name, key in _ST_MODE_FLAGS if cfg.get(key)])
             if len(modes) != 1 or modes[0] not in POOLING_TYPES:
                 raise ValueError(f"{cfg_file}: pooling modes {modes or 'none'} are not supported "
                                  f"(one of cls, mean, lasttoken)")
             found["pooling_type"] = modes[0]
         else:
             raise ValueError(f"{modules_file}: sentence-transformers module {m.get('type')!r} is not supported "
-                             f"(Transformer, Pooling and Normalize are)")
+                             f"(Transformer, Pooling, Dense and Normalize are)")
     return found
+
+
+_DENSE_ACTIVATIONS = ("Identity", "Tanh", "ReLU", "GELU", "Sigmoid", "SiLU")
+
+
+def load_dense(folder: str, device: torch.device) -> torch.nn.Module:
+    """One sentence-transformers Dense module (config.json + model.safetensors or pytorch_model.bin): a linear
+    projection of the pooled embedding and its activation, in float32."""
+    path = Path(folder)
+    cfg = json.loads((path / "config.json").read_text())
+    act = str(cfg.get("activation_function", "torch.nn.modules.linear.Identity")).rsplit(".", 1)[-1]
+    if act not in _DENSE_ACTIVATIONS:
+        raise ValueError(f"{path}: Dense activation {cfg.get('activation_function')!r} is not supported "
+                         f"({', '.join(_DENSE_ACTIVATIONS)} are)")
+    linear = torch.nn.Linear(cfg["in_features"], cfg["out_features"], bias=cfg.get("bias", True))
+    if (path / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+        state = load_file(str(path / "model.safetensors"))
+    else:
+        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    linear.load_state_dict({k.removeprefix("linear."): v for k, v in state.items()})
+    return torch.nn.Sequential(linear, getattr(torch.nn, act)()).to(device, torch.float32).eval()
 
 
 def sentence_transformers_max_seq_length(folder: Path) -> Optional[int]:
@@ -195,6 +229,7 @@ def resolve_pooler_config(hf_config, folder: Optional[Path], default_type: str,
     if st:
         cfg.pooling_type = st.get("pooling_type", cfg.pooling_type)
         cfg.normalize = st["normalize"]
+        cfg.dense = st["dense"]
         cfg.source = "sentence-transformers"
     dims = getattr(hf_config, "matryoshka_dimensions", None)
     cfg.matryoshka_dimensions = list(dims) if dims else None
@@ -204,7 +239,7 @@ def resolve_pooler_config(hf_config, folder: Optional[Path], default_type: str,
         unknown = set(values) - {f.name for f in dataclasses.fields(PoolerConfig)} - {"source"}
         if unknown:
             raise ValueError(f"pooler_config: unknown field(s) {', '.join(sorted(unknown))}; known: pooling_type, "
-                             "normalize, is_matryoshka, matryoshka_dimensions")
+                             "normalize, is_matryoshka, matryoshka_dimensions, dense")
         for k, v in values.items():
             setattr(cfg, k, v)
         cfg.pooling_type = str(cfg.pooling_type).upper()

@@ -26,7 +26,7 @@ from pageport.core.engine_core import CoreOutput, CoreRequest, CoreStats, Engine
 from pageport.core.executor import UniExecutor
 from pageport.core.kv_cache import KVCacheManager
 from pageport.core.pooling import (PoolerConfig, PoolingParams, check_dimensions, classification_activation,
-                                   finish_embedding, pool, resolve_pooler_config,
+                                   finish_embedding, load_dense, pool, resolve_pooler_config,
                                    sentence_transformers_max_seq_length, tensor_to_bytes)
 from pageport.core.request import Request, RequestStatus
 from pageport.core.sampling_params import SamplingParams
@@ -104,8 +104,14 @@ class PoolingModelRunner:
         self.device = platform.device
         self.block_size = config.block_size
         self.encoder = bool(getattr(model, "is_encoder", False))
+        self.dense = [load_dense(d, self.device) for d in pooler.dense]  # projections of the pooled embedding
         self.graphs = None
         self.kv_caches: list[torch.Tensor] = []
+
+    @property
+    def embedding_size(self) -> int:
+        """An embedding's length: the model's hidden size, or the last Dense projection's."""
+        return self.dense[-1][0].out_features if self.dense else self.model.hidden_size
 
     def num_blocks(self) -> int:
         """Enough blocks for the fullest step (its requests all finish with it): nothing is ever preempted."""
@@ -180,7 +186,10 @@ class PoolingModelRunner:
             params = s.request.pooling_params
             h = hidden[starts[i]:starts[i + 1]]
             if params.task == "embed":
-                results[i] = finish_embedding(pool(h, pooler.pooling_type), params, pooler)
+                vec = pool(h, pooler.pooling_type)
+                for dense in self.dense:
+                    vec = dense(vec.float())
+                results[i] = finish_embedding(vec, params, pooler)
             elif params.task == "token_embed":
                 results[i] = finish_embedding(h.float(), params, pooler)
             elif params.task == "token_classify":
@@ -265,7 +274,7 @@ class PoolingEngineCore(EngineCore):
                 "platform": self.platform.name, "attention": "bidirectional (torch SDPA)" if self.runner.encoder
                 else self.runner.model.attn_backend.name, "graphs": False,
                 "pooling": {"tasks": list(self.tasks), "pooler": self.pooler.to_dict(),
-                            "hidden_size": self.runner.model.hidden_size, "num_labels": num_labels,
+                            "embedding_size": self.runner.embedding_size, "num_labels": num_labels,
                             "id2label": {int(k): v for k, v in labels.items()} if num_labels else {},
                             "encoder": self.runner.encoder}}
 
@@ -279,7 +288,7 @@ class PoolingEngineCore(EngineCore):
             if params.task not in self.tasks:
                 raise ValueError(f"task {params.task!r} is not served by this model (it serves "
                                  f"{', '.join(self.tasks)})")
-            check_dimensions(params.dimensions, self.pooler, self.runner.model.hidden_size)
+            check_dimensions(params.dimensions, self.pooler, self.runner.embedding_size)
             if params.token_type_ids is not None and len(params.token_type_ids) != len(r.prompt_token_ids):
                 raise ValueError("token_type_ids must have one entry per prompt token")
             if not 0 < len(r.prompt_token_ids) <= self.config.max_model_len:

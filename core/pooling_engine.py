@@ -61,7 +61,7 @@ def prepare_pooling_prompt(engine, prompt, params: PoolingParams) -> tuple[Optio
     task = params.task or info["tasks"][0]
     if task not in info["tasks"]:
         raise ValueError(f"task {task!r} is not served by this model (it serves {', '.join(info['tasks'])})")
-    check_dimensions(params.dimensions, PoolerConfig(**info["pooler"]), info["hidden_size"])
+    check_dimensions(params.dimensions, PoolerConfig(**info["pooler"]), info["embedding_size"])
     return text, token_ids, params.clone(task=task, token_type_ids=list(token_types) if token_types else None,
                                          truncate_prompt_tokens=None)
 

@@ -29,20 +29,28 @@ NORMALIZE = {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_tra
 
 
 @pytest.mark.parametrize("mode, expected", [("pooling_mode_mean_tokens", "MEAN"), ("pooling_mode_cls_token", "CLS"),
-                                            ("pooling_mode_lasttoken", "LAST")])
+                                            ("pooling_mode_lasttoken", "LAST"), ("mean", "MEAN"), ("cls", "CLS"),
+                                            ("lasttoken", "LAST")])
 def test_sentence_transformers_pooling_modes(tmp_path, mode, expected):
-    folder = _st_folder(tmp_path, [TRANSFORMER, POOLING, NORMALIZE], {"word_embedding_dimension": 8, mode: True})
-    assert read_sentence_transformers_pooling(folder) == {"pooling_type": expected, "normalize": True}
+    """Both ways sentence-transformers writes the mode: a flag each (before 6) or `pooling_mode` by name."""
+    cfg = {mode: True} if mode.startswith("pooling_mode_") else {"pooling_mode": mode}
+    folder = _st_folder(tmp_path, [TRANSFORMER, POOLING, NORMALIZE], {"word_embedding_dimension": 8, **cfg})
+    assert read_sentence_transformers_pooling(folder) == {"pooling_type": expected, "normalize": True, "dense": []}
     cfg = resolve_pooler_config(object(), folder, "CLS")
     assert (cfg.pooling_type, cfg.normalize, cfg.source) == (expected, True, "sentence-transformers")
 
 
 def test_sentence_transformers_without_normalize_and_unsupported_modules(tmp_path):
     folder = _st_folder(tmp_path, [TRANSFORMER, POOLING], {"pooling_mode_mean_tokens": True})
-    assert read_sentence_transformers_pooling(folder) == {"pooling_type": "MEAN", "normalize": False}
+    assert read_sentence_transformers_pooling(folder) == {"pooling_type": "MEAN", "normalize": False, "dense": []}
     dense = dict(POOLING, type="sentence_transformers.models.Dense", path="2_Dense")
     _st_folder(tmp_path, [TRANSFORMER, POOLING, dense])
-    with pytest.raises(ValueError, match="Dense"):
+    assert read_sentence_transformers_pooling(folder)["dense"] == [str(tmp_path / "2_Dense")]
+    _st_folder(tmp_path, [TRANSFORMER, POOLING, NORMALIZE, dense])  # a projection after normalising
+    with pytest.raises(ValueError, match="Dense module at that place"):
+        read_sentence_transformers_pooling(folder)
+    _st_folder(tmp_path, [TRANSFORMER, POOLING, dict(POOLING, type="sentence_transformers.models.LayerNorm")])
+    with pytest.raises(ValueError, match="LayerNorm"):
         read_sentence_transformers_pooling(folder)
     (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_max_tokens": True}))
     _st_folder(tmp_path, [TRANSFORMER, POOLING])

@@ -127,6 +127,36 @@ def test_matryoshka_dimensions(monkeypatch):
         llm.embed("hi", pooling_params=PoolingParams(dimensions=1000), use_tqdm=False)
 
 
+def test_dense_projections_equal_sentence_transformers(tmp_path):
+    """MiniLM with two sentence-transformers Dense modules after its pooling (384 -> 96 tanh, 96 -> 48 without bias
+    nor activation), then Normalize, saved by sentence-transformers: pageport's vectors equal its encode's."""
+    st_lib = pytest.importorskip("sentence_transformers")
+    from pageport import LLM
+    base = st_lib.SentenceTransformer(str(minilm_dir()), device="cpu")
+    torch.manual_seed(3)
+    dense = [st_lib.models.Dense(384, 96, activation_function=torch.nn.Tanh()),
+             st_lib.models.Dense(96, 48, bias=False, activation_function=torch.nn.Identity())]
+    model = st_lib.SentenceTransformer(modules=[base[0], base[1], *dense, st_lib.models.Normalize()], device="cpu")
+    model.save(str(tmp_path))
+    want = torch.from_numpy(model.encode(SENTENCES, convert_to_numpy=True, batch_size=4))
+    assert want.shape[1] == 48
+    llm = LLM(str(tmp_path), dtype="float32", num_threads=1)
+    got = torch.stack([torch.tensor(o.outputs.embedding) for o in llm.embed(SENTENCES, use_tqdm=False)])
+    llm.engine.shutdown()
+    assert got.shape == want.shape and torch.allclose(got, want, atol=2e-5), (got - want).abs().max()
+
+
+def test_dense_module_in_an_unsupported_place_is_refused(tmp_path):
+    import json
+
+    from pageport.core.pooling import read_sentence_transformers_pooling
+    (tmp_path / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Dense", "type": "sentence_transformers.models.Dense"}]))
+    with pytest.raises(ValueError, match="Dense module at that place"):
+        read_sentence_transformers_pooling(tmp_path)
+
+
 # cross-encoders ------------------------------------------------------------------------------------------------
 def _tiny_encoder(tmp_path: Path, kind: str, num_labels: int) -> Path:
     """A random *ForSequenceClassification checkpoint with MiniLM's tokenizer (so the vocabulary is real)."""
