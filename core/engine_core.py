@@ -155,11 +155,16 @@ class EngineCore:
         self.runner.sampler.logits_processors = build_logits_processors(config, self.platform.device)
         sc = config.speculative_config
         self.drafter = None  # speculative decoding with a draft model: its KV cache shares the block pool
-        if sc is not None and sc["method"] == "draft_model":
+        if sc is not None and sc["method"] in ("draft_model", "eagle"):
             if self.executor.world_size > 1:
                 raise ValueError("speculative decoding with a draft model does not run with tensor parallelism yet")
-            from pageport.core.spec_decode.draft import DraftProposer
-            self.drafter = DraftProposer(config, self.platform, sc)
+            if sc["method"] == "eagle":
+                from pageport.core.spec_decode.eagle import EagleProposer
+                self.drafter = EagleProposer(config, self.platform, sc, loaded.model, self._speculable)
+                self.runner.hidden_hook = self.drafter.stash
+            else:
+                from pageport.core.spec_decode.draft import DraftProposer
+                self.drafter = DraftProposer(config, self.platform, sc)
             self.drafter.check_vocab(loaded.hf_config, loaded.tokenizer)
             self.runner.draft = self.drafter.runner
         num_blocks = self.executor.profile_num_blocks()

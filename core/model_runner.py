@@ -119,6 +119,7 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.graphs = None  # the platform's GraphRunner, if it has one
         self.logits_hook = None  # (logits, requests) -> None, in place, before sampling
+        self.hidden_hook = None  # (hidden, scheduled, query_start_loc) -> None, after the forward pass (EAGLE)
         self.max_blocks = -(-config.max_model_len // config.block_size) + 1
         self.batch = InputBatch(config.max_num_seqs, self.max_blocks)
         # the device copies from pinned host memory asynchronously; on the CPU a "copy" is the buffer itself
@@ -296,6 +297,8 @@ class ModelRunner:
                           else self.graphs.run_lora(input_ids, positions, md, lora_index))
         if hidden is None:
             hidden = self.model(input_ids, positions, self.kv_caches, self.model.attn_backend.build_metadata(md))
+        if self.hidden_hook is not None:
+            self.hidden_hook(hidden, scheduled, qsl)
 
         sampling = [i for i, s in enumerate(scheduled) if s.samples]
         reqs = [scheduled[i].request for i in sampling]

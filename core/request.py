@@ -62,6 +62,7 @@ class Request:
         self.num_draft_computed = 0  # tokens whose KV the draft model has written (core/spec_decode/draft.py)
         self.draft_generator: Optional[torch.Generator] = None
         self.ngram_index = None  # n-gram lookup's index of token_ids (core/spec_decode/ngram.py)
+        self.eagle_hidden = None  # (first position, the target's hidden states from there) for an EAGLE head
         self.spec_mask: Optional[torch.Tensor] = None  # its grammar's masks at the positions a step verifies
         self.sample_index = 0  # its row among the samples of the last step it sampled in  # tokens sampled on the device whose ids have not reached the host yet
         self.num_cached_tokens = 0  # of the prompt, found by prefix caching at first admission

@@ -145,7 +145,13 @@ class DraftProposer:
 
     def _forward(self, ids, pos, slots, qlens, seq_lens, tables, logit_rows) -> Optional[torch.Tensor]:
         """One ragged forward pass of the draft; float32 logits of `logit_rows` (None: no logits), cut or padded
-        to the target's vocabulary. The pass's integer inputs go to the device in one copy."""
+        to the target's vocabulary."""
+        hidden = self._pass(ids, pos, slots, qlens, seq_lens, tables, logit_rows)
+        return None if hidden is None else self._logits(hidden)
+
+    def _pass(self, ids, pos, slots, qlens, seq_lens, tables, logit_rows, features=None) -> Optional[torch.Tensor]:
+        """The pass itself: the hidden states of `logit_rows` (None: none). Its integer inputs go to the device
+        in one copy; `features`: the rows' input features (an EAGLE head's)."""
         dev, bs = self.device, self.block_size
         n_tok, n_rows = len(pos), len(qlens)
         width = max(-(-n // bs) for n in seq_lens)
@@ -179,12 +185,14 @@ class DraftProposer:
         graphs = self.runner.graphs  # the platform's decode graphs (passes of one token a row)
         hidden = graphs.run(ids, positions, md) if graphs is not None else None
         if hidden is None:
-            hidden = m(ids, positions, self.runner.kv_caches, m.attn_backend.build_metadata(md))
+            extra = () if features is None else (features,)
+            hidden = m(ids, positions, self.runner.kv_caches, m.attn_backend.build_metadata(md), *extra)
         if logit_rows is None:
             return None
-        if len(logit_rows) != hidden.shape[0]:
-            hidden = hidden[views[-1]]
-        logits = m.compute_logits(hidden).float()
+        return hidden[views[-1]] if len(logit_rows) != hidden.shape[0] else hidden
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.model.compute_logits(hidden).float()
         v = self.vocab_size or logits.shape[-1]
         if logits.shape[-1] > v:
             logits = logits[:, :v]

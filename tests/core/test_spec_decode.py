@@ -61,7 +61,11 @@ def test_speculative_config_keys():
                                  "draft_tensor_parallel_size": 1})
     assert (d.method, d.model, d.num_speculative_tokens, d.quantization) == ("draft_model", "/ckpt/draft", 4, "int4")
     assert SpeculativeConfig.parse({"method": "draft_model", "model": "m", "num_speculative_tokens": 2}).model == "m"
+    e = SpeculativeConfig.parse({"method": "eagle", "model": "/ckpt/eagle", "num_speculative_tokens": 3})
+    assert (e.method, e.model, e.num_speculative_tokens) == ("eagle", "/ckpt/eagle", 3)
     for bad in ('{"method": "eagle", "num_speculative_tokens": 2}', '{"method": "ngram"}', "{nope",
+                '{"method": "eagle3", "model": "m", "num_speculative_tokens": 2}',
+                '{"method": "eagle", "model": "m", "num_speculative_tokens": 2, "quantization": "int4"}',
                 '{"method": "draft_model", "num_speculative_tokens": 2}',
                 '{"model": "m", "num_speculative_tokens": 2, "quantization": "int3"}',
                 '{"model": "m", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 2}',
