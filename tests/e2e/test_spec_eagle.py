@@ -129,3 +129,25 @@ def test_eagle_head_of_another_width_is_refused(models, tmp_path):
     with pytest.raises(ValueError, match="hidden size"):
         LLMEngine(EngineConfig(model=str(models[0]), dtype="float32", max_model_len=256, speculative_config={
             "method": "eagle", "model": str(tmp_path), "num_speculative_tokens": 2}), multiprocess=False)
+
+
+def test_eagle_sampled_rows_verify_and_seeds_repeat(models):
+    """Sampled rows draw their proposals from the head's distribution (kept for the rejection sampler); a seeded
+    request gives the same tokens twice, beside greedy rows."""
+    engine = _engine(models)
+    engine.core._switch.record = lambda *a: None
+
+    def run():
+        params = [SamplingParams(temperature=0.9, seed=7, max_tokens=20, ignore_eos=True),
+                  SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)]
+        ids = [engine.add_request(None, p, q) for p, q in zip(PROMPTS[:2], params)]
+        done = {}
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.finished:
+                    done[o.engine_request_id] = list(o.outputs[0].token_ids)
+        return [done[i] for i in ids]
+    first, second = run(), run()
+    assert first == second and all(len(t) == 20 for t in first)
+    assert engine.core.counters.spec_num_drafts > 0
+    engine.shutdown()
