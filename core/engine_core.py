@@ -160,7 +160,8 @@ class EngineCore:
                 raise ValueError("speculative decoding with a draft model does not run with tensor parallelism yet")
             if sc["method"] == "eagle":
                 from pageport.core.spec_decode.eagle import EagleProposer
-                self.drafter = EagleProposer(config, self.platform, sc, loaded.model, self._speculable)
+                self.drafter = EagleProposer(config, self.platform, sc, loaded.model, self._speculable,
+                                             lambda: self._switch.on)
                 self.runner.hidden_hook = self.drafter.stash
             else:
                 from pageport.core.spec_decode.draft import DraftProposer

@@ -7,7 +7,8 @@ the forward pass), and the next step's round 0 feeds them, from the first positi
 the last one the target computed, whose output proposes the token after the newest. Rounds 1 .. k-1 feed the
 last proposal with the head's own output in place of the target's state. The head's KV for those positions is
 rewritten from the target's states in the next step (`num_draft_computed` stays at the target's count).
-Positions whose states were never kept (a prefix-cache hit) are skipped: proposals may suffer, the output not.
+Positions whose states were never kept (a prefix-cache hit, steps while the speculation switch was off) are
+skipped: proposals may suffer, the output not.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 
 class EagleProposer(DraftProposer):
-    def __init__(self, config, platform, spec: dict, target: torch.nn.Module, follows: Callable):
+    def __init__(self, config, platform, spec: dict, target: torch.nn.Module, follows: Callable,
+                 active: Callable[[], bool] = lambda: True):
         import transformers
 
         from pageport.core.model_runner import ModelRunner
@@ -49,6 +51,7 @@ class EagleProposer(DraftProposer):
         self.max_tokens = config.max_num_batched_tokens
         self.vocab_size = target.config.vocab_size
         self.follows = follows
+        self.active = active  # speculation on: while the switch keeps it off nothing is kept (nothing reads it)
         self.loaded = None
         logger.info("speculative decoding: EAGLE head %s (%d layer(s)), %d tokens a step", folder,
                     hf.num_hidden_layers, self.k)
@@ -59,6 +62,8 @@ class EagleProposer(DraftProposer):
     def stash(self, hidden: torch.Tensor, scheduled, qsl) -> None:
         """After a target pass: keep each followed row's hidden states, at positions num_computed_tokens on
         (what a verify turns down is cut when the next pass appends at the accepted count)."""
+        if not self.active():
+            return
         for i, s in enumerate(scheduled):
             r = s.request
             if not (s.spec_token_ids or self.follows(r)):

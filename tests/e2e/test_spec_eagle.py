@@ -151,3 +151,32 @@ def test_eagle_sampled_rows_verify_and_seeds_repeat(models):
     assert first == second and all(len(t) == 20 for t in first)
     assert engine.core.counters.spec_num_drafts > 0
     engine.shutdown()
+
+
+def test_eagle_keeps_no_states_while_the_switch_is_off_and_resumes(models):
+    """While the switch keeps speculation off the target's states are not kept (they would pile up unread); when
+    it comes back on, the head skips what it missed and proposes again; the output stays the target's."""
+    plain = _engine(models, spec=False)
+    want = _run(plain, PROMPTS, 60)
+    plain.shutdown()
+    engine = _engine(models)
+    sw, steps = engine.core._switch, {"n": 0, "kept_while_off": 0, "drafts_before_on": None}
+
+    def scripted(*a):  # off from the 5th step to the 20th, on otherwise
+        steps["n"] += 1
+        sw.on = not 5 <= steps["n"] < 20
+        if steps["n"] == 20:
+            steps["drafts_before_on"] = engine.core.counters.spec_num_drafts
+    sw.record = scripted
+    real_stash = engine.core.drafter.stash
+
+    def stash(hidden, scheduled, qsl):
+        before = [s.request.eagle_hidden for s in scheduled]
+        real_stash(hidden, scheduled, qsl)
+        if not sw.on:
+            steps["kept_while_off"] += sum(b is not s.request.eagle_hidden for b, s in zip(before, scheduled))
+    engine.core.runner.hidden_hook = stash
+    assert _run(engine, PROMPTS, 60) == want
+    assert steps["kept_while_off"] == 0 and steps["n"] > 25
+    assert engine.core.counters.spec_num_drafts > steps["drafts_before_on"]  # proposing again after the pause
+    engine.shutdown()
