@@ -169,7 +169,9 @@ def read_sentence_transformers_pooling(folder: Path) -> Optional[dict]:
         kind = m.get("type", "").rsplit(".", 1)[-1]
         if kind == "Transformer":
             continue
-        if kind in ("Dense", "Pooling") and found["normalize"] or kind == "Dense" and "pooling_type" not in found:
+        misplaced = (kind in ("Dense", "Pooling") and found["normalize"]) or (kind == "Dense"
+                                                                              and "pooling_type" not in found)
+        if misplaced:
             raise ValueError(f"{modules_file}: a {kind} module at that place in the pipeline is not supported "
                              "(Transformer, Pooling, Dense..., Normalize are)")
         if kind == "Normalize":

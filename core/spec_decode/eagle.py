@@ -52,7 +52,6 @@ class EagleProposer(DraftProposer):
         self.vocab_size = target.config.vocab_size
         self.follows = follows
         self.active = active  # speculation on: while the switch keeps it off nothing is kept (nothing reads it)
-        self.loaded = None
         logger.info("speculative decoding: EAGLE head %s (%d layer(s)), %d tokens a step", folder,
                     hf.num_hidden_layers, self.k)
 

@@ -70,9 +70,10 @@ def _engine(models, spec=True, **kw):
     return LLMEngine(EngineConfig(**cfg), multiprocess=False)
 
 
-def _run(engine, prompts, max_tokens):
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    ids = [engine.add_request(None, p, params) for p in prompts]
+def _run(engine, prompts, max_tokens, params=None):
+    """Each prompt's tokens, greedy unless `params` (one per prompt) say otherwise."""
+    params = params or [SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)] * len(prompts)
+    ids = [engine.add_request(None, p, q) for p, q in zip(prompts, params)]
     done = {}
     while engine.has_unfinished_requests():
         for o in engine.step():
@@ -137,17 +138,9 @@ def test_eagle_sampled_rows_verify_and_seeds_repeat(models):
     engine = _engine(models)
     engine.core._switch.record = lambda *a: None
 
-    def run():
-        params = [SamplingParams(temperature=0.9, seed=7, max_tokens=20, ignore_eos=True),
-                  SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)]
-        ids = [engine.add_request(None, p, q) for p, q in zip(PROMPTS[:2], params)]
-        done = {}
-        while engine.has_unfinished_requests():
-            for o in engine.step():
-                if o.finished:
-                    done[o.engine_request_id] = list(o.outputs[0].token_ids)
-        return [done[i] for i in ids]
-    first, second = run(), run()
+    params = [SamplingParams(temperature=0.9, seed=7, max_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)]
+    first, second = _run(engine, PROMPTS[:2], 20, params), _run(engine, PROMPTS[:2], 20, params)
     assert first == second and all(len(t) == 20 for t in first)
     assert engine.core.counters.spec_num_drafts > 0
     engine.shutdown()
