@@ -39,6 +39,12 @@ class EngineDeadError(RuntimeError):
 def make_client(config: EngineConfig, multiprocess: Optional[bool] = None):
     if multiprocess is None:
         multiprocess = os.environ.get("PAGEPORT_ENGINE_INPROC", "0") in ("", "0", "false")
+    if config.data_parallel_size > 1:
+        if not multiprocess:
+            raise ValueError(f"data_parallel_size {config.data_parallel_size} runs one engine-core process per "
+                             "rank: it has no in-process mode (unset PAGEPORT_ENGINE_INPROC)")
+        from pageport.core.dp_client import DPClient
+        return DPClient(config)
     return MPClient(config) if multiprocess else InprocClient(config)
 
 
@@ -79,7 +85,9 @@ class InprocClient:
 class MPClient:
     multiprocess = True
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, wait: bool = True):
+        """Start the core process; `wait=False` returns at once (several cores start side by side), and
+        `wait_ready` then waits for it to load."""
         import zmq
 
         self._dir = tempfile.mkdtemp(prefix="pageport-")
@@ -114,6 +122,12 @@ class MPClient:
         self.proc.stdin.close()
         self._finalizer = weakref.finalize(self, _stop, self.proc, self._input, self._output, self._ctx, self._dir,
                                            self._wakeup)
+        self.info = None
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Wait for the core's first message: its info, or the exception its start-up raised."""
         msg = self._recv(None)
         self.last_stats = msg.stats
         status, *rest = pickle.loads(msg.ready)
@@ -152,6 +166,19 @@ class MPClient:
                 self._check()
             if deadline is not None and time.monotonic() >= deadline:
                 return None
+
+    def take_nowait(self) -> Optional[CoreOutputs]:
+        """An output message that is already here, or None (never waits)."""
+        if self._backlog:
+            msg = self._backlog.popleft()
+        elif self._output.poll(0):
+            msg = self._decoder.decode(self._output.recv(copy=False).buffer)
+        else:
+            self._check()
+            return None
+        if msg.stats is not None:
+            self.last_stats = msg.stats
+        return msg
 
     def wake(self) -> None:
         """End a `get_outputs` wait in progress (or the next one) early; callable from any thread."""

@@ -57,6 +57,11 @@ class EngineConfig:
     num_threads: Optional[int] = _opt(None, "CPU threads (default: OMP_NUM_THREADS or all cores)")
     tensor_parallel_size: int = _opt(1, "devices to shard the model over (one process each; on the CPU, gloo "
                                         "between processes)")
+    data_parallel_size: int = _opt(1, "engine cores behind one front end, each a full copy of the model with its "
+                                      "own devices (tensor_parallel_size each) and KV cache; requests go to the "
+                                      "least loaded core, or to one that holds their prompt's prefix")
+    # this core's place among them: set by the front end for each core it starts, never by a user
+    data_parallel_rank: int = _opt(0, "", cli=False)
     distributed_executor_backend: Optional[str] = _opt(None, "uni (the model in the engine core process) | mp "
                                                              "(a worker process per further rank) | ray; default: "
                                                              "mp when tensor_parallel_size > 1, else uni",
@@ -105,6 +110,8 @@ class EngineConfig:
             raise ValueError(f"unknown kv_cache_dtype {self.kv_cache_dtype!r}; choose auto, {', '.join(_KV_DTYPES)}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.data_parallel_size < 1 or not 0 <= self.data_parallel_rank < self.data_parallel_size:
+            raise ValueError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
         if self.distributed_executor_backend is None:  # as vLLM: one process unless the model is sharded
             self.distributed_executor_backend = "mp" if self.tensor_parallel_size > 1 else "uni"
         if self.distributed_executor_backend not in ("uni", "mp", "ray"):
@@ -165,6 +172,8 @@ class EngineConfig:
         for f in dataclasses.fields(cls):
             meta = dict(f.metadata)
             help_ = meta.pop("help")
+            if not meta.pop("cli", True):
+                continue
             if meta.pop("positional", False):
                 if model_positional:
                     parser.add_argument(f.name, nargs="?", default=f.default, help=help_)

@@ -30,7 +30,7 @@ import msgspec
 import torch
 
 from pageport.core.config import EngineConfig
-from pageport.core.executor import ExecutorError, make_executor
+from pageport.core.executor import ExecutorError, make_executor, place_rank
 from pageport.core.kv_cache import KVCacheManager
 from pageport.core.logits_processors import build_logits_processors
 from pageport.core.logits_processors import needs_host_state as _needs_host_tokens  # bad words, processors
@@ -144,6 +144,7 @@ class EngineCore:
         self.platform = resolve_platform(config.device)
         config.resolve_dtype(self.platform.supported_dtypes)
         self.platform.check_config(config)
+        place_rank(config, self.platform)
         self.platform.seed(config.seed)
 
         # uni: the model runner here; mp: this process is rank 0 of a tensor-parallel group (core/executor/)

@@ -23,7 +23,7 @@ import torch
 
 from pageport.core.config import EngineConfig
 from pageport.core.engine_core import CoreOutput, CoreRequest, CoreStats, EngineCore
-from pageport.core.executor import UniExecutor
+from pageport.core.executor import UniExecutor, place_rank
 from pageport.core.kv_cache import KVCacheManager
 from pageport.core.pooling import (PoolerConfig, PoolingParams, check_dimensions, classification_activation,
                                    finish_embedding, load_dense, pool, resolve_pooler_config,
@@ -220,6 +220,7 @@ class PoolingEngineCore(EngineCore):
         self.platform = resolve_platform(config.device)
         config.resolve_dtype(self.platform.supported_dtypes)
         self.platform.check_config(config)
+        place_rank(config, self.platform)
         self.platform.seed(config.seed)
         path = resolve_model_path(config.model)
         folder = path if path.is_dir() else path.parent

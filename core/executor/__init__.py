@@ -28,6 +28,28 @@ class ExecutorError(RuntimeError):
     """A rank other than this one failed or died: the step cannot complete, nor can any later one."""
 
 
+def place_rank(config: EngineConfig, platform, rank: int = 0) -> None:
+    """Put this process on its device: data-parallel rank d's tensor-parallel rank r takes device
+    d * tensor_parallel_size + r. On the CPU the ranks share the host's cores instead: each takes its part (unless
+    the threads are set), so they do not oversubscribe them all."""
+    import os
+    import torch
+    world = config.tensor_parallel_size
+    index = config.data_parallel_rank * world + rank
+    if platform.device.type == "cpu":
+        ranks = world * config.data_parallel_size
+        if ranks > 1 and not config.num_threads and "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // ranks))
+        return
+    count = platform.device_count()
+    if index >= count:
+        raise ValueError(f"data-parallel rank {config.data_parallel_rank}, tensor-parallel rank {rank} needs "
+                         f"{platform.name} device {index}, but {count} are visible "
+                         f"(data_parallel_size x tensor_parallel_size = "
+                         f"{config.data_parallel_size * world})")
+    platform.set_device(index)
+
+
 def build_runner(config: EngineConfig, platform):
     """Load the model (this rank's shards) and make its runner; fills config.max_model_len and the step's token
     budget. The same in the core process and in every worker, so all ranks agree on both."""

@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 
 from pageport.core.config import EngineConfig
-from pageport.core.executor import ExecutorError, UniExecutor, build_runner
+from pageport.core.executor import ExecutorError, UniExecutor, build_runner, place_rank
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +67,6 @@ def check_model(model: torch.nn.Module, tp: int) -> None:
 def _init_rank(config: EngineConfig, platform, rank: int, world: int, store: str) -> None:
     """Join the group and tell the model layers this rank's place in it (before the model is built)."""
     from pageport.models.layers import set_tensor_parallel
-    if platform.device.type == "cpu" and not config.num_threads and "OMP_NUM_THREADS" not in os.environ:
-        # the ranks share the host's cores: each takes its part instead of oversubscribing them all
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world))
     torch.distributed.init_process_group(platform.dist_backend, init_method=store, rank=rank, world_size=world,
                                          timeout=datetime.timedelta(seconds=DIST_TIMEOUT_S))
     set_tensor_parallel(rank, world, platform.all_reduce)
@@ -313,7 +310,7 @@ def _worker_main(config: EngineConfig, rank: int, world: int, store: str, conn, 
         platform = resolve_platform(config.device)
         config.resolve_dtype(platform.supported_dtypes)
         platform.check_config(config)
-        platform.set_device(rank)
+        place_rank(config, platform, rank)
         platform.seed(config.seed)
         conn.send(("hello",))
         _init_rank(config, platform, rank, world, store)
