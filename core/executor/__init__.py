@@ -12,7 +12,7 @@ The engine core calls the same few methods whatever the backend, so one code pat
 `uni` (`UniExecutor`): the model runner in the core process, as with one device. `mp`
 (`core/executor/mp.py`): a tensor-parallel group of `tensor_parallel_size` processes over torch.distributed with
 the platform's `dist_backend` (gloo on the CPU); the core process is rank 0 and spawns a worker per further
-rank. `ray` is refused: Ray is not a dependency (yet).
+rank. `ray` (`core/executor/ray.py`): the same group, its ranks beyond 0 Ray actors (one host or a cluster).
 """
 from __future__ import annotations
 
@@ -104,9 +104,10 @@ def make_executor(config: EngineConfig, platform) -> UniExecutor:
         try:
             import ray  # noqa: F401
         except ImportError:
-            raise ValueError("distributed_executor_backend='ray' needs Ray, which is not installed; use 'mp' "
-                             "(one host)") from None
-        raise ValueError("distributed_executor_backend='ray' is not implemented yet; use 'mp' (one host)")
+            raise ValueError("distributed_executor_backend='ray' needs Ray: pip install 'pageport[ray]' (or use "
+                             "'mp' on one host)") from None
+        from pageport.core.executor.ray import RayExecutor
+        return RayExecutor(config, platform)
     if backend == "mp":
         from pageport.core.executor.mp import MultiprocExecutor
         return MultiprocExecutor(config, platform)

@@ -296,6 +296,65 @@ def _recv(conn, parent_pid: int):
     return pickle.loads(conn.recv_bytes())
 
 
+class WorkerRank:
+    """A rank other than 0: its platform, runner and KV cache, and mirror `Request`s made from the core's
+    deltas. The `mp` executor drives it over a pipe (`_worker_main`), the `ray` one through a Ray actor's calls;
+    the steps are the same."""
+
+    def __init__(self, config: EngineConfig, rank: int, device_index: Optional[int] = None):
+        from pageport.platforms import resolve_platform
+        self.config, self.rank = config, rank
+        self.platform = platform = resolve_platform(config.device)
+        config.resolve_dtype(platform.supported_dtypes)
+        platform.check_config(config)
+        if device_index is None:
+            place_rank(config, platform, rank)
+        else:  # a device another scheduler (Ray) assigned
+            platform.set_device(device_index)
+        platform.seed(config.seed)
+        self.runner = None
+        self.kv, self.reqs = _BlockView(), {}
+
+    def start(self, world: int, store: str) -> int:
+        """Join the group, load this rank's shards; the KV blocks this rank can hold."""
+        _init_rank(self.config, self.platform, self.rank, world, store)
+        _, self.runner = build_runner(self.config, self.platform)
+        self.runner.sampler = _LogitsOnly()
+        return self.runner.profile_num_blocks()
+
+    def allocate(self, num_blocks: int) -> None:
+        self.runner.allocate_kv_cache(num_blocks)
+
+    def step(self, msg: tuple) -> None:
+        """Mirror what changed (`MultiprocExecutor._delta`) and run the same step as rank 0."""
+        from pageport.core.request import Request
+        from pageport.core.scheduler import ScheduledRequest, SchedulerOutput
+
+        _, released, entries = msg
+        kv, reqs = self.kv, self.reqs
+        for rid in released:
+            self.runner.release(rid)
+            reqs.pop(rid, None)
+            kv.req_blocks.pop(rid, None)
+        scheduled = []
+        for rid, head, toks, reset, new_blocks, computed, n, samples, spec in entries:
+            r = reqs.get(rid)
+            if r is None:
+                num_prompt, params, eos = head
+                r = reqs[rid] = Request(rid, toks[:num_prompt], params, eos)
+                r.token_ids = list(toks)
+                kv.req_blocks[rid] = []
+            elif toks:
+                r.token_ids += toks
+            blocks = kv.req_blocks[rid]
+            if reset:
+                blocks.clear()
+            blocks += [_Block(b) for b in new_blocks]
+            r.num_computed_tokens = computed
+            scheduled.append(ScheduledRequest(r, n, samples, spec))
+        self.runner.execute(SchedulerOutput(scheduled), self.kv)
+
+
 def _worker_main(config: EngineConfig, rank: int, world: int, store: str, conn, parent_pid: int, level: int) -> None:
     import signal
     _die_with_parent()
@@ -303,52 +362,19 @@ def _worker_main(config: EngineConfig, rank: int, world: int, store: str, conn, 
     logging.basicConfig(format=f"%(levelname)s %(asctime)s [tp rank {rank}] %(name)s: %(message)s")
     logging.getLogger("pageport").setLevel(level)
     try:
-        from pageport.core.request import Request
-        from pageport.core.scheduler import ScheduledRequest, SchedulerOutput
-        from pageport.platforms import resolve_platform
-
-        platform = resolve_platform(config.device)
-        config.resolve_dtype(platform.supported_dtypes)
-        platform.check_config(config)
-        place_rank(config, platform, rank)
-        platform.seed(config.seed)
+        worker = WorkerRank(config, rank)
         conn.send(("hello",))
-        _init_rank(config, platform, rank, world, store)
-        _, runner = build_runner(config, platform)
-        runner.sampler = _LogitsOnly()
-        conn.send(("blocks", runner.profile_num_blocks()))
+        conn.send(("blocks", worker.start(world, store)))
         msg = _recv(conn, parent_pid)
         if msg[0] != "allocate":
             os._exit(0)
-        runner.allocate_kv_cache(msg[1])
+        worker.allocate(msg[1])
         conn.send(("ready",))
-        kv, reqs = _BlockView(), {}
         while True:
             msg = _recv(conn, parent_pid)
             if msg[0] != "step":
                 break
-            _, released, entries = msg
-            for rid in released:
-                runner.release(rid)
-                reqs.pop(rid, None)
-                kv.req_blocks.pop(rid, None)
-            scheduled = []
-            for rid, head, toks, reset, new_blocks, computed, n, samples, spec in entries:
-                r = reqs.get(rid)
-                if r is None:
-                    num_prompt, params, eos = head
-                    r = reqs[rid] = Request(rid, toks[:num_prompt], params, eos)
-                    r.token_ids = list(toks)
-                    kv.req_blocks[rid] = []
-                elif toks:
-                    r.token_ids += toks
-                blocks = kv.req_blocks[rid]
-                if reset:
-                    blocks.clear()
-                blocks += [_Block(b) for b in new_blocks]
-                r.num_computed_tokens = computed
-                scheduled.append(ScheduledRequest(r, n, samples, spec))
-            runner.execute(SchedulerOutput(scheduled), kv)
+            worker.step(msg)
     except BaseException as e:  # noqa: BLE001 - reported to rank 0, which fails the requests with it
         logging.getLogger(__name__).error("tensor-parallel rank %d failed:\n%s", rank, traceback.format_exc())
         try:

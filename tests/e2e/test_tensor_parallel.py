@@ -224,7 +224,89 @@ def test_executor_options():
 
     from pageport.core.executor import make_executor
     from pageport.core.executor.mp import check_tensor_parallel
-    with pytest.raises(ValueError, match="Ray"):
-        make_executor(EngineConfig(tensor_parallel_size=2, distributed_executor_backend="ray"), None)
+    import builtins
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:  # without Ray installed: said at once, with what to install
+        mp.setattr(builtins, "__import__", no_ray)
+        with pytest.raises(ValueError, match=r"needs Ray: pip install 'pageport\[ray\]'"):
+            make_executor(EngineConfig(tensor_parallel_size=2, distributed_executor_backend="ray"), None)
     with pytest.raises(ValueError, match="quantization is not supported with tensor_parallel_size 2"):
         check_tensor_parallel(EngineConfig(tensor_parallel_size=2, quantization="fp8"))
+
+
+# the Ray executor, on a Ray instance of its own on loopback --------------------------------------------------------
+def _ray_actor_pids() -> list[int]:
+    """Live processes of this host that run a rank's Ray actor."""
+    pids = []
+    for p in psutil.process_iter(["pid", "cmdline", "status"]):
+        if p.info["status"] != psutil.STATUS_ZOMBIE and "_RankActor" in " ".join(p.info["cmdline"] or []):
+            pids.append(p.info["pid"])
+    return pids
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """`ray start --head` on 127.0.0.1 (2 CPUs, no token: loopback only), RAY_ADDRESS pointing at it, `ray stop`
+    after."""
+    pytest.importorskip("ray")
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.entrypoints.live_server import free_port
+    ray_cli = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
+    port = free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # a loopback instance of this test's own
+    subprocess.run([ray_cli, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                    "--num-cpus", "2", "--num-gpus", "0", "--include-dashboard", "false", "--disable-usage-stats"],
+                   check=True, capture_output=True, timeout=120, env=env)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        yield
+    subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120, env=env)
+
+
+@pytest.mark.timeout(300)
+def test_ray_executor_matches_tp1(tiny, ray_cluster):
+    path, hf = tiny
+    kw = dict(dtype="float32", max_num_batched_tokens=32, num_gpu_blocks_override=12, block_size=8)
+    llm = LLM(path, tensor_parallel_size=2, distributed_executor_backend="ray", **kw)
+    try:
+        assert len(_ray_actor_pids()) == 1  # rank 1; rank 0 is the engine core
+        out = _generate(llm)
+        assert llm.engine.core_stats().num_preemptions > 0
+        assert out == hf
+        assert _generate(llm) == hf
+    finally:
+        llm.engine.shutdown()
+    _assert_gone(set(_ray_actor_pids()))  # the actor ended with its core
+
+
+@pytest.mark.timeout(300)
+def test_ray_killed_actor_fails_the_requests(tiny, ray_cluster):
+    from pageport.core.client import EngineDeadError
+    llm = LLM(tiny[0], tensor_parallel_size=2, distributed_executor_backend="ray", dtype="float32")
+    try:
+        assert _generate(llm)
+        (pid,) = _ray_actor_pids()
+        os.kill(pid, signal.SIGKILL)
+        _assert_gone({pid}, 10)
+        t0 = time.monotonic()
+        try:
+            outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
+            for o in outs:
+                assert o.outputs[0].finish_reason == "error" and "rank 1" in o.error, o.error
+        except EngineDeadError:
+            pass
+        assert time.monotonic() - t0 < 60  # no hang
+        with pytest.raises(EngineDeadError):
+            llm.generate([{"prompt_token_ids": [1, 2]}], GREEDY, use_tqdm=False)
+    finally:
+        llm.engine.shutdown()
