@@ -57,6 +57,8 @@ class EngineConfig:
     num_threads: Optional[int] = _opt(None, "CPU threads (default: OMP_NUM_THREADS or all cores)")
     tensor_parallel_size: int = _opt(1, "devices to shard the model over (one process each; on the CPU, gloo "
                                         "between processes)")
+    pipeline_parallel_size: int = _opt(1, "stages to split the model's layers over (one process each, contiguous "
+                                          "layers; activations passed point to point)")
     data_parallel_size: int = _opt(1, "engine cores behind one front end, each a full copy of the model with its "
                                       "own devices (tensor_parallel_size each) and KV cache; requests go to the "
                                       "least loaded core, or to one that holds their prompt's prefix")
@@ -108,25 +110,29 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in _KV_DTYPES:
             raise ValueError(f"unknown kv_cache_dtype {self.kv_cache_dtype!r}; choose auto, {', '.join(_KV_DTYPES)}")
-        if self.tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size and pipeline_parallel_size must be >= 1, got "
+                             f"{self.tensor_parallel_size} and {self.pipeline_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.pipeline_parallel_size > 1:
+            raise ValueError("tensor and pipeline parallelism together are not supported yet: choose one")
         if self.data_parallel_size < 1 or not 0 <= self.data_parallel_rank < self.data_parallel_size:
             raise ValueError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
-        if self.distributed_executor_backend is None:  # as vLLM: one process unless the model is sharded
-            self.distributed_executor_backend = "mp" if self.tensor_parallel_size > 1 else "uni"
+        if self.distributed_executor_backend is None:  # as vLLM: one process unless the model is split
+            self.distributed_executor_backend = "mp" if self.world_size > 1 else "uni"
         if self.distributed_executor_backend not in ("uni", "mp", "ray"):
             raise ValueError(f"unknown distributed_executor_backend {self.distributed_executor_backend!r}; "
                              f"choose uni, mp or ray")
-        if self.distributed_executor_backend == "uni" and self.tensor_parallel_size > 1:
+        if self.distributed_executor_backend == "uni" and self.world_size > 1:
             raise ValueError("distributed_executor_backend='uni' runs one process: tensor_parallel_size "
-                             f"{self.tensor_parallel_size} needs 'mp' (or 'ray')")
+                             f"{self.tensor_parallel_size} x pipeline_parallel_size {self.pipeline_parallel_size} "
+                             "needs 'mp' (or 'ray')")
         if self.enable_lora:
             if self.max_loras < 1 or self.max_lora_rank < 1:
                 raise ValueError("max_loras and max_lora_rank must be >= 1")
             if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
                 raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
-            if self.tensor_parallel_size > 1:  # the LoRA layers wrap whole projections, not shards (yet)
-                raise ValueError("enable_lora does not work with tensor_parallel_size > 1 yet")
+            if self.world_size > 1:  # the LoRA layers wrap whole projections, not shards (yet)
+                raise ValueError("enable_lora does not work with tensor or pipeline parallelism yet")
         if self.speculative_config is not None:  # checked here; kept as a dict (it crosses to the core process)
             from pageport.core.spec_decode.config import SpeculativeConfig
             self.speculative_config = dataclasses.asdict(SpeculativeConfig.parse(self.speculative_config))
@@ -146,6 +152,11 @@ class EngineConfig:
             self.task = None  # said once, in runner/convert
         if self.runner == "generate" and self.convert not in ("auto", "none"):
             raise ValueError(f"convert={self.convert!r} makes a pooling model: use runner='pooling' (or 'auto')")
+
+    @property
+    def world_size(self) -> int:
+        """Processes that one engine core's model runs in: tensor x pipeline ranks."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     def resolve_dtype(self, supported: tuple[torch.dtype, ...]) -> None:
         """Turn `dtype` into a torch.dtype; auto takes the platform's first supported dtype."""

@@ -131,12 +131,14 @@ class ModelRunner:
         self.encoder_cache = EncoderCache() if getattr(model, "supports_multimodal", False) else None
         self.lora = getattr(model, "lora", None)  # models/lora LoRAModel when LoRA is enabled
         self.draft: Optional[ModelRunner] = None  # a draft model's runner: its KV cache shares this block pool
+        self.pipeline = None  # a pipeline stage's link to the others (core/executor PipelineLink)
 
     # KV cache -------------------------------------------------------------------------
     def kv_block_bytes(self) -> int:
         m = self.model
         shape = m.attn_backend.kv_cache_shape(1, self.block_size, m.num_kv_heads, m.head_size)
-        return math.prod(shape) * self.config.kv_cache_torch_dtype().itemsize * m.num_layers
+        layers = len(getattr(m, "layer_range", range(m.num_layers)))  # a pipeline stage caches its own layers
+        return math.prod(shape) * self.config.kv_cache_torch_dtype().itemsize * layers
 
     def profile_num_blocks(self) -> int:
         """Blocks that fit the platform's KV budget after a worst-case forward pass."""
@@ -162,15 +164,23 @@ class ModelRunner:
         blocks = list(range(1, 2 + n // self.block_size))
         md = self._metadata_from_lists([n], [n], [blocks], [blocks[p // self.block_size] * self.block_size
                                                             + p % self.block_size for p in range(n)])
+        stage = {}
+        if self.pipeline is not None and self.pipeline.stage > 0:  # the activations a previous stage would send
+            h = torch.zeros(n, m.config.hidden_size, dtype=self.config.dtype, device=self.device)
+            stage = {"intermediate": (h, h.clone())}
         hidden = m(torch.zeros(n, dtype=torch.long, device=self.device),
-                   torch.arange(n, device=self.device), caches, md)
-        m.compute_logits(hidden[-min(n, self.config.max_num_seqs):])
+                   torch.arange(n, device=self.device), caches, md, **stage)
+        if not stage:
+            m.compute_logits(hidden[-min(n, self.config.max_num_seqs):])
         self.platform.synchronize()
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         m = self.model
         shape = m.attn_backend.kv_cache_shape(num_blocks, self.block_size, m.num_kv_heads, m.head_size)
-        self.kv_caches = [_zeros(shape, self.config.kv_cache_torch_dtype(), self.device) for _ in range(m.num_layers)]
+        owned = getattr(m, "layer_range", range(m.num_layers))
+        dtype = self.config.kv_cache_torch_dtype()
+        self.kv_caches = [_zeros(shape, dtype, self.device) if i in owned else torch.empty(0, dtype=dtype, device=self.device)
+                          for i in range(m.num_layers)]
         if self.draft is not None:
             self.draft.allocate_kv_cache(num_blocks)
         if not self.config.enforce_eager:
@@ -295,7 +305,12 @@ class ModelRunner:
             if self.graphs is not None:
                 hidden = (self.graphs.run(input_ids, positions, md) if lora_index is None
                           else self.graphs.run_lora(input_ids, positions, md, lora_index))
-        if hidden is None:
+        if hidden is None and self.pipeline is not None:
+            hidden = self.pipeline.forward(self.model, input_ids, positions, self.kv_caches,
+                                           self.model.attn_backend.build_metadata(md))
+            if hidden is None:  # a later pipeline stage: its part is done, stage 0 samples
+                return StepOutput([], torch.zeros(0, dtype=torch.long, device=dev))
+        elif hidden is None:
             hidden = self.model(input_ids, positions, self.kv_caches, self.model.attn_backend.build_metadata(md))
         if self.hidden_hook is not None:
             self.hidden_hook(hidden, scheduled, qsl)

@@ -79,8 +79,8 @@ def resolve_runner(config: EngineConfig) -> None:
 
 def make_engine_core(config: EngineConfig) -> EngineCore:
     resolve_runner(config)
-    if config.runner == "pooling" and config.tensor_parallel_size > 1:
-        raise ValueError("tensor parallelism is not supported for pooling models yet")
+    if config.runner == "pooling" and config.world_size > 1:
+        raise ValueError("tensor and pipeline parallelism are not supported for pooling models yet")
     return PoolingEngineCore(config) if config.runner == "pooling" else EngineCore(config)
 
 

@@ -144,6 +144,8 @@ def _engine_aliases(parser) -> None:
     g = parser.add_argument_group("engine (vLLM's short names)")
     g.add_argument("-tp", dest="tensor_parallel_size", type=int, default=argparse.SUPPRESS,
                    help="--tensor-parallel-size")
+    g.add_argument("-pp", dest="pipeline_parallel_size", type=int, default=argparse.SUPPRESS,
+                   help="--pipeline-parallel-size")
     g.add_argument("-dp", dest="data_parallel_size", type=int, default=argparse.SUPPRESS,
                    help="--data-parallel-size")
     choices = next(f.metadata.get("choices") for f in dataclasses.fields(EngineConfig) if f.name == "quantization")

@@ -42,6 +42,34 @@ def get_tensor_parallel() -> tuple[int, int]:
     return _TP_RANK, _TP_SIZE
 
 
+# Pipeline parallelism ------------------------------------------------------------------------
+_PP_STAGE, _PP_SIZE = 0, 1
+
+
+def set_pipeline_parallel(stage: int, size: int) -> None:
+    """Set this process's pipeline stage before building a model (the executor, as for tensor parallelism)."""
+    global _PP_STAGE, _PP_SIZE
+    if not 0 <= stage < size:
+        raise ValueError(f"pipeline stage {stage} is outside a pipeline of {size}")
+    _PP_STAGE, _PP_SIZE = stage, size
+
+
+def get_pipeline_parallel() -> tuple[int, int]:
+    """(stage, size) of the pipeline."""
+    return _PP_STAGE, _PP_SIZE
+
+
+def stage_layers(num_layers: int, stage: int, size: int) -> range:
+    """The contiguous layers of `stage`: an even split, the remainder on the last stages (stage 0 also runs the
+    embedding, the LM head and the sampler)."""
+    if num_layers < size:
+        raise ValueError(f"{num_layers} layers cannot be split over {size} pipeline stages")
+    base, extra = divmod(num_layers, size)
+    first_big = size - extra
+    start = stage * base + max(0, stage - first_big)
+    return range(start, start + base + (1 if stage >= first_big else 0))
+
+
 def _all_reduce(x: torch.Tensor) -> torch.Tensor:
     if _TP_SIZE > 1:
         (_ALL_REDUCE or torch.distributed.all_reduce)(x)

@@ -18,7 +18,7 @@ from torch import nn
 
 from pageport.models.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, ReplicatedLinear,
                                     RMSNorm, RotaryEmbedding, RowParallelLinear, VocabParallelEmbedding,
-                                    default_dtype, get_tensor_parallel)
+                                    default_dtype, get_pipeline_parallel, get_tensor_parallel, stage_layers)
 from pageport.models.moe import FusedMoE
 from pageport.platforms import AttentionBackend, AttentionMetadata, Platform
 from pageport.platforms.ops import Ops
@@ -164,20 +164,33 @@ class LlamaModel(nn.Module):
         super().__init__()
         # one compiled function serves every layer (the layer's weights are its inputs)
         head_dim = _head_dim(config)
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        # a pipeline stage builds its own layers only (placeholders keep the others' indices); the first stage
+        # the embedding, the last the final norm
+        stage, stages = get_pipeline_parallel()
+        n = config.num_hidden_layers
+        self.layer_range = stage_layers(n, stage, stages) if stages > 1 else range(n)
+        self.first_stage, self.last_stage = stage == 0, stage == stages - 1
+        self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, config.hidden_size) if self.first_stage
+                             else None)
         rotary = RotaryEmbedding(config, head_dim, config.max_position_embeddings, ops)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, ops, rotary, backends[i], i)
-                                    for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, ops, rotary, backends[i], i) if i in self.layer_range
+                                    else nn.Identity() for i in range(n))
         # routed experts pick their rows at run time (data-dependent shapes): their layers stay eager after attention
-        moe = any(isinstance(layer.mlp, SparseMoeBlock) for layer in self.layers)
+        moe = any(isinstance(getattr(layer, "mlp", None), SparseMoeBlock) for layer in self.layers)
         self.pre = platform.compile(pre_attention)
         self.post = post_attention if moe else platform.compile(post_attention)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
 
-    def forward(self, input_ids, positions, kv_caches, attn_metadata):
-        hidden, residual = self.embed_tokens(input_ids), None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, attn_metadata, self.pre, self.post)
+    def forward(self, input_ids, positions, kv_caches, attn_metadata, intermediate=None):
+        """`intermediate`: (hidden, residual) from the previous pipeline stage, in place of the embedding; a
+        stage before the last returns them for the next one."""
+        hidden, residual = (self.embed_tokens(input_ids), None) if intermediate is None else intermediate
+        layers = self.layers
+        for i in self.layer_range:
+            hidden, residual = layers[i](positions, hidden, residual, kv_caches[i], attn_metadata, self.pre,
+                                         self.post)
+        if not self.last_stage:
+            return hidden, residual
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -213,18 +226,29 @@ class LlamaForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         with torch.device(platform.device), default_dtype(dtype):
             self.model = self.model_cls(hf_config, ops, self.attn_backends, platform)
-        # a tied head is built on "meta" (no memory) and then shares the embedding's weight
-        with torch.device("meta" if self.tie_word_embeddings else platform.device), default_dtype(dtype):
-            self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size)
-        if self.tie_word_embeddings:
-            self.lm_head.tie(self.model.embed_tokens)
+        self.layer_range = getattr(self.model, "layer_range", range(self.num_layers))  # this pipeline stage's
+        self.lm_head = None  # pipeline stages after the first: the first samples
+        if get_pipeline_parallel()[0] == 0:
+            # a tied head is built on "meta" (no memory) and then shares the embedding's weight
+            with torch.device("meta" if self.tie_word_embeddings else platform.device), default_dtype(dtype):
+                self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size)
+            if self.tie_word_embeddings:
+                self.lm_head.tie(self.model.embed_tokens)
 
     def attention_scale(self, hf_config) -> float:
         return self.head_size ** -0.5
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_caches, attn_metadata)
+                attn_metadata: AttentionMetadata, **kw) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, attn_metadata, **kw)
+
+    def _owns(self, name: str) -> bool:
+        """Whether this pipeline stage holds the checkpoint tensor `name` (every stage does at size 1)."""
+        if name.startswith("model.layers."):
+            return int(name.split(".", 3)[2]) in self.layer_range
+        if name.startswith(("model.embed_tokens.", "lm_head.")):
+            return getattr(self.model, "first_stage", True)
+        return True
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
@@ -254,7 +278,7 @@ class LlamaForCausalLM(nn.Module):
         for name, w in weights:
             if "rotary_emb." in name:  # inv_freq / cos_cached buffers of old checkpoints
                 continue
-            if name == "lm_head.weight" and self.tie_word_embeddings:
+            if (name == "lm_head.weight" and self.tie_word_embeddings) or not self._owns(name):
                 continue
             name = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's name for the MoE block
             shard = None

@@ -30,11 +30,11 @@ class ExecutorError(RuntimeError):
 
 def place_rank(config: EngineConfig, platform, rank: int = 0) -> None:
     """Put this process on its device: data-parallel rank d's tensor-parallel rank r takes device
-    d * tensor_parallel_size + r. On the CPU the ranks share the host's cores instead: each takes its part (unless
+    d * world_size + r (world_size: tensor x pipeline ranks). On the CPU the ranks share the host's cores instead: each takes its part (unless
     the threads are set), so they do not oversubscribe them all."""
     import os
     import torch
-    world = config.tensor_parallel_size
+    world = config.world_size
     index = config.data_parallel_rank * world + rank
     if platform.device.type == "cpu":
         ranks = world * config.data_parallel_size
@@ -45,8 +45,7 @@ def place_rank(config: EngineConfig, platform, rank: int = 0) -> None:
     if index >= count:
         raise ValueError(f"data-parallel rank {config.data_parallel_rank}, tensor-parallel rank {rank} needs "
                          f"{platform.name} device {index}, but {count} are visible "
-                         f"(data_parallel_size x tensor_parallel_size = "
-                         f"{config.data_parallel_size * world})")
+                         f"(data_parallel_size x world_size = {config.data_parallel_size * world})")
     platform.set_device(index)
 
 
@@ -63,7 +62,47 @@ def build_runner(config: EngineConfig, platform):
     if config.max_num_batched_tokens is None:
         budget = platform.default_max_num_batched_tokens
         config.max_num_batched_tokens = budget if config.enable_chunked_prefill else max(budget, config.max_model_len)
-    return loaded, ModelRunner(config, platform, loaded.model)
+    runner = ModelRunner(config, platform, loaded.model)
+    if config.pipeline_parallel_size > 1:
+        from pageport.models.layers import get_pipeline_parallel
+        stage, size = get_pipeline_parallel()
+        runner.pipeline = PipelineLink(stage, size, loaded.hf_config.hidden_size, config.dtype, platform.device)
+    return loaded, runner
+
+
+class PipelineLink:
+    """A pipeline stage's point-to-point link. Stage 0 runs its layers, sends (hidden, residual) on and receives
+    the last stage's final hidden states, which it turns into logits and samples; stage s > 0 receives from s - 1
+    and sends to s + 1, the last one back to stage 0. Every stage builds the same step metadata from the same
+    scheduler output, so the shapes need no message of their own."""
+
+    def __init__(self, stage: int, size: int, hidden_size: int, dtype, device):
+        self.stage, self.size = stage, size
+        self.hidden_size, self.dtype, self.device = hidden_size, dtype, device
+
+    def _empty(self, *shape):
+        import torch
+        return torch.empty(*shape, self.hidden_size, dtype=self.dtype, device=self.device)
+
+    def forward(self, model, input_ids, positions, kv_caches, attn_metadata):
+        """Stage 0: the final hidden states of the step; a later stage: None, once it passed its part on."""
+        import torch
+        import torch.distributed as dist
+        n = input_ids.shape[0]
+        if self.stage == 0:
+            hidden, residual = model(input_ids, positions, kv_caches, attn_metadata)
+            dist.send(torch.stack((hidden, residual)), 1)
+            out = self._empty(n)
+            dist.recv(out, self.size - 1)
+            return out
+        incoming = self._empty(2, n)
+        dist.recv(incoming, self.stage - 1)
+        out = model(input_ids, positions, kv_caches, attn_metadata, intermediate=(incoming[0], incoming[1]))
+        if self.stage == self.size - 1:
+            dist.send(out.contiguous(), 0)
+        else:
+            dist.send(torch.stack(out), self.stage + 1)
+        return None
 
 
 class UniExecutor:
@@ -98,7 +137,7 @@ class UniExecutor:
 
 def make_executor(config: EngineConfig, platform) -> UniExecutor:
     """The executor `config.distributed_executor_backend` names (EngineConfig settles auto: mp when
-    tensor_parallel_size > 1)."""
+    tensor_parallel_size x pipeline_parallel_size > 1)."""
     backend: Optional[str] = config.distributed_executor_backend or "uni"
     if backend == "ray":
         try:

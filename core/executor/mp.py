@@ -43,33 +43,43 @@ DIST_TIMEOUT_S = float(os.environ.get("PAGEPORT_DIST_TIMEOUT", "300"))
 START_TIMEOUT_S = float(os.environ.get("PAGEPORT_WORKER_START_TIMEOUT", "600"))
 
 
-def check_tensor_parallel(config: EngineConfig) -> None:
-    """Options whose code paths are not sharded (or not tested sharded) are refused at tensor_parallel_size > 1."""
-    tp = config.tensor_parallel_size
+def check_parallel_options(config: EngineConfig) -> None:
+    """Options whose code paths are not split over ranks (or not tested so) are refused at world size > 1."""
+    what = (f"pipeline_parallel_size {config.pipeline_parallel_size}" if config.pipeline_parallel_size > 1
+            else f"tensor_parallel_size {config.tensor_parallel_size}")
     refused = [("quantization", config.quantization), ("speculative_config", config.speculative_config),
                ("limit_mm_per_prompt", config.limit_mm_per_prompt), ("enable_lora", getattr(config, "enable_lora", False))]
     for name, value in refused:
         if value:
-            raise ValueError(f"{name} is not supported with tensor_parallel_size {tp} yet")
+            raise ValueError(f"{name} is not supported with {what} yet")
+    if config.pipeline_parallel_size > 1 and not config.enforce_eager:
+        logger.info("pipeline parallelism: no graphs (each stage runs eagerly)")
+        config.enforce_eager = True  # a captured graph would hold the whole model's forward pass
 
 
-def check_model(model: torch.nn.Module, tp: int) -> None:
-    """Tensor parallelism is built and tested for the dense Llama family (models/llama.py)."""
-    from pageport.models.llama import LlamaForCausalLM
+def check_model(model: torch.nn.Module, config: EngineConfig) -> None:
+    """Tensor and pipeline parallelism are built and tested for the dense Llama family (models/llama.py)."""
+    from pageport.models.llama import LlamaForCausalLM, LlamaModel
     from pageport.models.moe import FusedMoE
-    if not isinstance(model, LlamaForCausalLM) or getattr(model, "supports_multimodal", False):
-        raise ValueError(f"tensor_parallel_size {tp} is supported for the Llama family's dense decoders only, "
+    what = (f"pipeline_parallel_size {config.pipeline_parallel_size}" if config.pipeline_parallel_size > 1
+            else f"tensor_parallel_size {config.tensor_parallel_size}")
+    if not isinstance(model, LlamaForCausalLM) or getattr(model, "supports_multimodal", False) or (
+            config.pipeline_parallel_size > 1 and type(model.model) is not LlamaModel):
+        raise ValueError(f"{what} is supported for the Llama family's dense decoders only, "
                          f"not {type(model).__name__}")
     if any(isinstance(m, FusedMoE) for m in model.modules()):
-        raise ValueError(f"tensor_parallel_size {tp} is not supported for mixture-of-experts models yet")
+        raise ValueError(f"{what} is not supported for mixture-of-experts models yet")
 
 
 def _init_rank(config: EngineConfig, platform, rank: int, world: int, store: str) -> None:
     """Join the group and tell the model layers this rank's place in it (before the model is built)."""
-    from pageport.models.layers import set_tensor_parallel
+    from pageport.models.layers import set_pipeline_parallel, set_tensor_parallel
     torch.distributed.init_process_group(platform.dist_backend, init_method=store, rank=rank, world_size=world,
                                          timeout=datetime.timedelta(seconds=DIST_TIMEOUT_S))
-    set_tensor_parallel(rank, world, platform.all_reduce)
+    if config.pipeline_parallel_size > 1:  # one rank per stage (tensor x pipeline together is refused)
+        set_pipeline_parallel(rank, world)
+    else:
+        set_tensor_parallel(rank, world, platform.all_reduce)
 
 
 class _Block:
@@ -96,8 +106,9 @@ class MultiprocExecutor(UniExecutor):
     def __init__(self, config: EngineConfig, platform):
         import multiprocessing
 
-        check_tensor_parallel(config)
-        self.world_size = world = config.tensor_parallel_size
+        check_parallel_options(config)
+        self.world_size = world = config.world_size
+        self.kind = "pipeline" if config.pipeline_parallel_size > 1 else "tensor-parallel"
         self._dir = tempfile.mkdtemp(prefix="pageport-tp-")
         store = f"file://{self._dir}/store"
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: fork is unsafe once OpenMP ran here
@@ -120,11 +131,12 @@ class MultiprocExecutor(UniExecutor):
                 self._expect(w, "hello", START_TIMEOUT_S)
             _init_rank(config, platform, 0, world, store)
             super().__init__(config, platform)
-            check_model(self.loaded.model, world)
+            check_model(self.loaded.model, config)
         except BaseException:
             self.shutdown()
             raise
-        logger.info("tensor parallelism: %s", self.layout())
+        logger.info("%s: %s", "pipeline parallelism" if config.pipeline_parallel_size > 1 else
+                    "tensor parallelism", self.layout())
 
     def layout(self) -> str:
         pids = ", ".join(f"rank {w.rank} pid {w.proc.pid}" for w in self.workers)
@@ -142,19 +154,19 @@ class MultiprocExecutor(UniExecutor):
                 except EOFError:
                     raise self._dead(w) from None
                 if msg[0] == "error":
-                    raise ExecutorError(f"tensor-parallel rank {w.rank} failed: {msg[1]}")
+                    raise ExecutorError(f"{self.kind} rank {w.rank} failed: {msg[1]}")
                 if msg[0] == tag:
                     return msg
             elif not w.proc.is_alive():
                 raise self._dead(w)
             elif time.monotonic() > deadline:
-                raise ExecutorError(f"tensor-parallel rank {w.rank} did not report {tag!r} in {timeout:.0f} s")
+                raise ExecutorError(f"{self.kind} rank {w.rank} did not report {tag!r} in {timeout:.0f} s")
 
     def _dead(self, w: _Worker) -> ExecutorError:
         w.proc.join(1)
         code = w.proc.exitcode
         how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-        return ExecutorError(f"tensor-parallel worker rank {w.rank} (pid {w.proc.pid}) died ({how})")
+        return ExecutorError(f"{self.kind} worker rank {w.rank} (pid {w.proc.pid}) died ({how})")
 
     def profile_num_blocks(self) -> int:
         mine = self.runner.profile_num_blocks()
@@ -221,7 +233,7 @@ class MultiprocExecutor(UniExecutor):
                     try:
                         msg = w.conn.recv()
                         if msg[0] == "error":
-                            reason = f"tensor-parallel rank {w.rank} failed: {msg[1]}"
+                            reason = f"{self.kind} rank {w.rank} failed: {msg[1]}"
                             break
                     except (EOFError, OSError):
                         pass
@@ -231,7 +243,7 @@ class MultiprocExecutor(UniExecutor):
             else:
                 time.sleep(0.05)
         if reason is None:
-            reason = f"tensor-parallel step failed: {type(exc).__name__}: {exc}"
+            reason = f"{self.kind} step failed: {type(exc).__name__}: {exc}"
         self._failed = reason
         logger.error("%s", reason)
         return ExecutorError(reason)
@@ -376,7 +388,7 @@ def _worker_main(config: EngineConfig, rank: int, world: int, store: str, conn, 
                 break
             worker.step(msg)
     except BaseException as e:  # noqa: BLE001 - reported to rank 0, which fails the requests with it
-        logging.getLogger(__name__).error("tensor-parallel rank %d failed:\n%s", rank, traceback.format_exc())
+        logging.getLogger(__name__).error("rank %d failed:\n%s", rank, traceback.format_exc())
         try:
             conn.send(("error", f"{type(e).__name__}: {e}"))
         except Exception:  # noqa: BLE001 - the core is gone too

@@ -24,7 +24,7 @@ import torch
 from pageport.core.config import EngineConfig
 from pageport.core.executor import ExecutorError, UniExecutor
 from pageport.core.executor.mp import (START_TIMEOUT_S, MultiprocExecutor, WorkerRank, _init_rank, check_model,
-                                       check_tensor_parallel)
+                                       check_parallel_options)
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +67,10 @@ class RayExecutor(MultiprocExecutor):
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        check_tensor_parallel(config)
+        check_parallel_options(config)
         self.config, self.platform = config, platform
-        self.world_size = world = config.tensor_parallel_size
+        self.world_size = world = config.world_size
+        self.kind = "pipeline" if config.pipeline_parallel_size > 1 else "tensor-parallel"
         self._failed: Optional[str] = None
         self._sent: dict[str, list[int]] = {}
         self._released: list[str] = []
@@ -109,11 +110,11 @@ class RayExecutor(MultiprocExecutor):
             self._starts = [(r, a.start.remote(world, store)) for r, a in enumerate(self.actors, 1)]
             _init_rank(config, platform, 0, world, store)
             UniExecutor.__init__(self, config, platform)
-            check_model(self.loaded.model, world)
+            check_model(self.loaded.model, config)
         except BaseException:
             self.shutdown()
             raise
-        logger.info("tensor parallelism: %s", self.layout())
+        logger.info("%s over Ray: %s", self.kind, self.layout())
 
     def _set_rank0_device(self, gpu_id: str) -> None:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -134,10 +135,10 @@ class RayExecutor(MultiprocExecutor):
             try:
                 results.append(ray.get(ref, timeout=timeout))
             except ray.exceptions.GetTimeoutError:
-                raise ExecutorError(f"tensor-parallel rank {rank} (Ray actor) did not answer in {timeout:.0f} s") \
+                raise ExecutorError(f"{self.kind} rank {rank} (Ray actor) did not answer in {timeout:.0f} s") \
                     from None
             except ray.exceptions.RayError as e:
-                raise ExecutorError(f"tensor-parallel rank {rank} (Ray actor) failed: {_reason(e)}") from None
+                raise ExecutorError(f"{self.kind} rank {rank} (Ray actor) failed: {_reason(e)}") from None
         return results
 
     def _reap(self, timeout: float) -> None:
@@ -180,7 +181,7 @@ class RayExecutor(MultiprocExecutor):
     def _failure(self, exc: Optional[BaseException]) -> ExecutorError:
         try:
             self._reap(5)
-            reason = f"tensor-parallel step failed: {type(exc).__name__}: {exc}"
+            reason = f"{self.kind} step failed: {type(exc).__name__}: {exc}"
         except ExecutorError as e:
             reason = str(e)
         self._failed = reason

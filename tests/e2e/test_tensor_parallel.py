@@ -223,7 +223,7 @@ def test_executor_options():
     assert (cfg.tensor_parallel_size, cfg.distributed_executor_backend) == (2, "mp")
 
     from pageport.core.executor import make_executor
-    from pageport.core.executor.mp import check_tensor_parallel
+    from pageport.core.executor.mp import check_parallel_options
     import builtins
     real_import = builtins.__import__
 
@@ -237,7 +237,7 @@ def test_executor_options():
         with pytest.raises(ValueError, match=r"needs Ray: pip install 'pageport\[ray\]'"):
             make_executor(EngineConfig(tensor_parallel_size=2, distributed_executor_backend="ray"), None)
     with pytest.raises(ValueError, match="quantization is not supported with tensor_parallel_size 2"):
-        check_tensor_parallel(EngineConfig(tensor_parallel_size=2, quantization="fp8"))
+        check_parallel_options(EngineConfig(tensor_parallel_size=2, quantization="fp8"))
 
 
 # the Ray executor, on a Ray instance of its own on loopback --------------------------------------------------------
