@@ -66,7 +66,7 @@ class EngineConfig:
     data_parallel_rank: int = _opt(0, "", cli=False)
     distributed_executor_backend: Optional[str] = _opt(None, "uni (the model in the engine core process) | mp "
                                                              "(a worker process per further rank) | ray; default: "
-                                                             "mp when tensor_parallel_size > 1, else uni",
+                                                             "mp when tensor x pipeline ranks > 1, else uni",
                                                        choices=("uni", "mp", "ray"))
     scheduling_policy: str = _opt("fcfs", "fcfs | priority", choices=("fcfs", "priority"))
     max_logprobs: int = _opt(20, "most logprobs a request may ask for (-1: no limit, needed for logprobs=-1)")

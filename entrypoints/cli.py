@@ -35,8 +35,15 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_platforms(args) -> int:
-    from pageport.platforms import platforms_table
+    from pageport.core.executor import format_world
+    from pageport.platforms import platforms_table, resolve_platform
     print(platforms_table())
+    config = EngineConfig(device=args.device, tensor_parallel_size=args.tensor_parallel_size,
+                          pipeline_parallel_size=args.pipeline_parallel_size,
+                          data_parallel_size=args.data_parallel_size,
+                          distributed_executor_backend=args.distributed_executor_backend)
+    print()
+    print(format_world(config, resolve_platform(config.device)))
     return 0
 
 
@@ -92,7 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="pageport's own log level (others log warnings)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("platforms", help="list every registered platform, available or not, and why")
+    p = sub.add_parser("platforms", help="list every registered platform, available or not, and why; then where "
+                                         "each rank of the given world would run")
+    p.add_argument("--device", default="auto")
+    p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
+    p.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1)
+    p.add_argument("-dp", "--data-parallel-size", type=int, default=1)
+    p.add_argument("--distributed-executor-backend", choices=("uni", "mp", "ray"), default=None)
     p.set_defaults(func=cmd_platforms)
 
     p = sub.add_parser("generate", help="complete prompts (batched) and print the outputs")

@@ -26,10 +26,8 @@ VLLM_API_KEY_ENV = "VLLM_API_KEY"
 
 # vLLM flags pageport cannot honour yet: (flag, aliases, takes a value)
 UNSUPPORTED = [
-    ("--pipeline-parallel-size", ("-pp",), True), ("--data-parallel-size", ("-dp",), True),
     ("--data-parallel-address", (), True), ("--data-parallel-rpc-port", (), True),
-    ("--distributed-executor-backend", (), True), ("--enable-expert-parallel", ("-ep",), False),
-    ("--kv-cache-dtype", (), True),
+    ("--data-parallel-size-local", (), True), ("--enable-expert-parallel", ("-ep",), False),
     ("--cpu-offload-gb", (), True), ("--swap-space", (), True), ("--limit-mm-per-prompt", (), True),
     ("--mm-processor-kwargs", (), True), ("--hf-overrides", (), True), ("--rope-scaling", (), True),
     ("--kv-transfer-config", (), True), ("--compilation-config", ("-O",), True),
@@ -42,7 +40,7 @@ UNSUPPORTED = [
     ("--preemption-mode", (), True), ("--long-prefill-token-threshold", (), True),
     ("--otlp-traces-endpoint", (), True), ("--disable-custom-all-reduce", (), False),
 ]
-_UNSUPPORTED_VALUES = {"--kv-cache-dtype": "auto", "--chat-template-content-format": "auto",
+_UNSUPPORTED_VALUES = {"--chat-template-content-format": "auto",
                        "--response-role": "assistant"}  # these values pageport does honour
 
 

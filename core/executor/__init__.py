@@ -10,9 +10,11 @@ The engine core calls the same few methods whatever the backend, so one code pat
     shutdown()
 
 `uni` (`UniExecutor`): the model runner in the core process, as with one device. `mp`
-(`core/executor/mp.py`): a tensor-parallel group of `tensor_parallel_size` processes over torch.distributed with
-the platform's `dist_backend` (gloo on the CPU); the core process is rank 0 and spawns a worker per further
-rank. `ray` (`core/executor/ray.py`): the same group, its ranks beyond 0 Ray actors (one host or a cluster).
+(`core/executor/mp.py`): a group of `world_size` processes (tensor-parallel ranks or pipeline stages) over
+torch.distributed with the platform's `dist_backend` (gloo on the CPU); the core process is rank 0 and spawns a
+worker per further rank. `ray` (`core/executor/ray.py`): the same group, its ranks beyond 0 Ray actors (one host
+or a cluster). Data parallelism is above the executors: N engine cores, each with its own group
+(`core/dp_client.py`).
 """
 from __future__ import annotations
 
@@ -28,22 +30,71 @@ class ExecutorError(RuntimeError):
     """A rank other than this one failed or died: the step cannot complete, nor can any later one."""
 
 
-def place_rank(config: EngineConfig, platform, rank: int = 0) -> None:
-    """Put this process on its device: data-parallel rank d's tensor-parallel rank r takes device
-    d * world_size + r (world_size: tensor x pipeline ranks). On the CPU the ranks share the host's cores instead: each takes its part (unless
-    the threads are set), so they do not oversubscribe them all."""
+def _cpu_threads(config: EngineConfig) -> int:
+    """Torch threads for each rank on the CPU: the host's cores shared by every rank of every core (unless set)."""
     import os
+    ranks = config.world_size * config.data_parallel_size
+    if config.num_threads:
+        return config.num_threads
+    if ranks > 1 and "OMP_NUM_THREADS" not in os.environ:
+        return max(1, len(os.sched_getaffinity(0)) // ranks)
+    return 0  # torch's own choice
+
+
+def world_layout(config: EngineConfig, platform) -> list[dict]:
+    """Every rank of every engine core and where it runs: data-parallel core d's rank r takes device
+    d * world_size + r (world_size: tensor x pipeline ranks); on the CPU all share the host's cores."""
+    tp, world = config.tensor_parallel_size, config.world_size
+    cpu = platform.device.type == "cpu"
+    count = None if cpu else platform.device_count()
+    rows = []
+    for core in range(config.data_parallel_size):
+        for rank in range(world):
+            index = core * world + rank
+            row = {"core": core, "rank": rank, "stage": rank // tp, "tp_rank": rank % tp,
+                   "process": "engine core" if rank == 0 else
+                   ("Ray actor" if config.distributed_executor_backend == "ray" else "worker")}
+            if cpu:
+                row["device"] = "cpu"
+                row["threads"] = _cpu_threads(config) or None
+            else:
+                row["device"] = f"{platform.device.type}:{index}" if index < count else None
+            rows.append(row)
+    return rows
+
+
+def format_world(config: EngineConfig, platform) -> str:
+    """The world layout as `pageport platforms` prints it."""
+    rows = world_layout(config, platform)
+    head = (f"world on {platform.name}: {config.data_parallel_size} engine core(s) x {config.pipeline_parallel_size} "
+            f"pipeline stage(s) x {config.tensor_parallel_size} tensor-parallel rank(s) = {len(rows)} process(es); "
+            f"executor {config.distributed_executor_backend}" +
+            (f", {platform.dist_backend}" if config.world_size > 1 else ""))
+    lines = [head, "CORE  RANK  STAGE  TP  PROCESS      DEVICE"]
+    for r in rows:
+        where = r["device"] or "missing"
+        if r["device"] == "cpu":
+            where = f"cpu, {r['threads']} threads" if r["threads"] else "cpu, torch's threads"
+        lines.append(f"{r['core']:<5} {r['rank']:<5} {r['stage']:<6} {r['tp_rank']:<3} {r['process']:<12} {where}")
+    missing = sum(r["device"] is None for r in rows)
+    if missing:
+        lines.append(f"{missing} rank(s) lack a device: {len(rows)} needed, {platform.device_count()} visible")
+    return "\n".join(lines)
+
+
+def place_rank(config: EngineConfig, platform, rank: int = 0) -> None:
+    """Put this process on its device (see world_layout); on the CPU, set its share of the host's cores."""
     import torch
+    if platform.device.type == "cpu":
+        threads = _cpu_threads(config)
+        if threads and not config.num_threads:  # an explicit num_threads is applied by the platform itself
+            torch.set_num_threads(threads)
+        return
     world = config.world_size
     index = config.data_parallel_rank * world + rank
-    if platform.device.type == "cpu":
-        ranks = world * config.data_parallel_size
-        if ranks > 1 and not config.num_threads and "OMP_NUM_THREADS" not in os.environ:
-            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // ranks))
-        return
     count = platform.device_count()
     if index >= count:
-        raise ValueError(f"data-parallel rank {config.data_parallel_rank}, tensor-parallel rank {rank} needs "
+        raise ValueError(f"data-parallel rank {config.data_parallel_rank}, rank {rank} needs "
                          f"{platform.name} device {index}, but {count} are visible "
                          f"(data_parallel_size x world_size = {config.data_parallel_size * world})")
     platform.set_device(index)

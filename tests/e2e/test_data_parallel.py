@@ -170,3 +170,52 @@ def test_data_parallel_options():
     from pageport.core.client import make_client
     with pytest.raises(ValueError, match="no in-process mode"):
         make_client(EngineConfig(data_parallel_size=2), multiprocess=False)
+
+
+# the world layout ---------------------------------------------------------------------------------------------
+class _FakeGPUs:
+    """A platform with `count` devices, recording the one a rank takes."""
+    name, dist_backend = "cuda", "nccl"
+
+    def __init__(self, count):
+        import torch
+        self.device, self.count, self.taken = torch.device("cuda"), count, []
+
+    def device_count(self):
+        return self.count
+
+    def set_device(self, index):
+        self.taken.append(index)
+
+
+def test_each_rank_of_each_core_takes_its_own_device():
+    from pageport.core.config import EngineConfig
+    from pageport.core.executor import format_world, place_rank, world_layout
+
+    gpus = _FakeGPUs(3)
+    cfg = EngineConfig(tensor_parallel_size=2, data_parallel_size=2)
+    assert [(r["core"], r["rank"], r["tp_rank"], r["device"]) for r in world_layout(cfg, gpus)] == [
+        (0, 0, 0, "cuda:0"), (0, 1, 1, "cuda:1"), (1, 0, 0, "cuda:2"), (1, 1, 1, None)]
+    assert "1 rank(s) lack a device: 4 needed, 3 visible" in format_world(cfg, gpus)
+    cfg.data_parallel_rank = 1
+    place_rank(cfg, gpus, 0)
+    assert gpus.taken == [2]
+    with pytest.raises(ValueError, match="data-parallel rank 1, rank 1 needs cuda device 3, but 3 are visible"):
+        place_rank(cfg, gpus, 1)
+    pp = EngineConfig(pipeline_parallel_size=2, distributed_executor_backend="ray")
+    assert [(r["stage"], r["process"], r["device"]) for r in world_layout(pp, _FakeGPUs(2))] == [
+        (0, "engine core", "cuda:0"), (1, "Ray actor", "cuda:1")]
+
+
+def test_platforms_command_prints_the_world(capsys, monkeypatch):
+    from pageport.entrypoints.cli import main
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    assert main(["platforms", "--device", "cpu", "-tp", "2", "-dp", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "world on cpu: 2 engine core(s) x 1 pipeline stage(s) x 2 tensor-parallel rank(s) = 4 process(es); " \
+           "executor mp, gloo" in out
+    rows = [line.split() for line in out.splitlines() if line.endswith("2 threads")]  # 8 cores / 4 ranks
+    assert [(r[0], r[1], r[4]) for r in rows] == [("0", "0", "engine"), ("0", "1", "worker"), ("1", "0", "engine"),
+                                                  ("1", "1", "worker")]
