@@ -16,6 +16,7 @@ output; an exception out of a step is an engine fault and ends the process.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import pickle
@@ -34,7 +35,7 @@ from pageport.core.executor import ExecutorError, make_executor, place_rank
 from pageport.core.kv_cache import KVCacheManager
 from pageport.core.logits_processors import build_logits_processors
 from pageport.core.logits_processors import needs_host_state as _needs_host_tokens  # bad words, processors
-from pageport.core.model_runner import StepOutput
+from pageport.core.model_runner import PendingStep, StepOutput
 from pageport.core.outputs import Logprob
 from pageport.core.request import _FINISHED, Request, RequestStatus
 from pageport.core.sampling_params import SamplingParams
@@ -208,6 +209,11 @@ class EngineCore:
                 logger.info("speculative decoding: asynchronous scheduling turned off")
             self.async_scheduling = False
         self._inflight: Optional[StepOutput] = None
+        # pipeline parallelism: the steps in flight (micro-batches) and their requests
+        pp = config.pipeline_parallel_size  # PAGEPORT_PP_MICRO_BATCHES=1: one step at a time (to compare)
+        self._depth = max(1, min(pp, int(os.environ.get("PAGEPORT_PP_MICRO_BATCHES", pp))))
+        self._flight: collections.deque = collections.deque()
+        self._busy: set = set()
         self._prev: Optional[StepOutput] = None  # the step in flight while the next one launches
         self._early: list[CoreOutput] = []  # failures found when a request was added
         self._num_sync = 0  # running requests whose sampling needs their whole history on the host
@@ -342,7 +348,7 @@ class EngineCore:
 
     def has_work(self) -> bool:
         return (self.scheduler.has_unfinished() or self._inflight is not None or bool(self._early)
-                or bool(self._compiling))
+                or bool(self._compiling) or bool(self._flight))
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         self.scheduler.finish(req, status)
@@ -360,6 +366,8 @@ class EngineCore:
 
     # the step ------------------------------------------------------------------------------------------
     def step(self) -> list[CoreOutput]:
+        if self._depth > 1:
+            return self._step_pipelined()
         outputs, self._early = self._early, []
         if self._compiling:
             outputs += self._admit_compiled()
@@ -396,15 +404,7 @@ class EngineCore:
             if ev is not None:
                 ev[1].record()
                 launched.timing = ev
-            for s in sched.scheduled:
-                r = s.request
-                if s.samples:
-                    r.num_pending += 1
-                r.num_computed_tokens += s.num_tokens
-                if not r.prefill_done and r.num_computed_tokens >= r.num_prompt_tokens:
-                    r.prefill_done = True
-                    c.prompt_tokens += r.num_prompt_tokens
-            c.num_steps += 1
+            self._advance(sched)
         t1 = time.perf_counter()
         c.time_launch += t1 - t0
         prev, self._inflight = self._inflight, launched
@@ -419,6 +419,47 @@ class EngineCore:
             t = time.perf_counter()
             self._spec_rows = self._propose() if self._switch.on else 0
             self._t_lookup = time.perf_counter() - t  # counted with the step it proposes for
+        return outputs
+
+    def _advance(self, sched) -> None:
+        """The scheduled requests as the launched step leaves them (their samples still to come)."""
+        c = self.counters
+        for s in sched.scheduled:
+            r = s.request
+            if s.samples:
+                r.num_pending += 1
+            r.num_computed_tokens += s.num_tokens
+            if not r.prefill_done and r.num_computed_tokens >= r.num_prompt_tokens:
+                r.prefill_done = True
+                c.prompt_tokens += r.num_prompt_tokens
+        c.num_steps += 1
+
+    def _step_pipelined(self) -> list[CoreOutput]:
+        """Pipeline parallelism: up to one step per stage in flight, each with requests of its own (a
+        micro-batch), so the stages work at once; a step ends, sampled here on stage 0, when its hidden states
+        are back from the last stage, and its requests can be scheduled again."""
+        outputs, self._early = self._early, []
+        flight, c = self._flight, self.counters
+        t0 = time.perf_counter()
+        sched = None
+        if len(flight) < self._depth:
+            s = self.scheduler
+            rows = -(-(len(s.running) + len(s.waiting)) // self._depth)  # an equal share per micro-batch
+            sched = s.schedule(busy=self._busy, max_rows=max(1, rows))
+            for victim in sched.preempted:
+                self.executor.release(victim.request_id)
+            if sched:
+                reqs = [x.request for x in sched.scheduled]
+                flight.append((self.executor.execute_model(sched, self.kv), reqs))
+                self._busy.update(reqs)
+                self._advance(sched)
+        t1 = time.perf_counter()
+        c.time_launch += t1 - t0
+        if flight and (len(flight) >= self._depth or not sched):
+            step, reqs = flight.popleft()
+            self._busy.difference_update(reqs)
+            outputs += self._process(step.result())
+        c.time_wait += time.perf_counter() - t1  # the wait for the stages, and the sampling after it
         return outputs
 
     def _record_spec(self, step: StepOutput, t_step: float, t_propose: float) -> None:
@@ -485,6 +526,8 @@ class EngineCore:
 
     def _process(self, out: StepOutput) -> list[CoreOutput]:
         """Turn a finished step's samples into outputs; finish the requests they end."""
+        if isinstance(out, PendingStep):  # a pipelined step run one at a time
+            out = out.result()
         t0 = time.perf_counter()
         tokens = out.token_list()
         t1 = time.perf_counter()
@@ -581,6 +624,8 @@ class EngineCore:
         outputs = [o for o in self._early]
         outputs += [CoreOutput(rid, finish_reason="error", error=error) for rid in self.requests]
         self._early, self._inflight = [], None
+        self._flight.clear()
+        self._busy.clear()
         return outputs
 
     def shutdown(self) -> None:

@@ -57,6 +57,16 @@ class StepOutput:
         return self._list
 
 
+class PendingStep:
+    """A step launched but not ended: pipeline stage 0 samples once the last stage's hidden states are back."""
+
+    def __init__(self, finish):
+        self._finish = finish
+
+    def result(self) -> StepOutput:
+        return self._finish()
+
+
 class InputBatch:
     """Rows that outlive a step: request id -> row and the row's block table."""
 
@@ -126,7 +136,9 @@ class ModelRunner:
         self.async_copies = self.device.type in ("cuda", "xpu")
         pin = self.async_copies and torch.cuda.is_available() if self.device.type == "cuda" else False
         n_tok = max(config.max_num_batched_tokens or 2048, config.max_num_seqs)
-        self._staging = [_Staging(n_tok, config.max_num_seqs, self.max_blocks, pin) for _ in range(2)]
+        # a set per step that can be in flight: two (async scheduling), or one per pipeline stage
+        self._staging = [_Staging(n_tok, config.max_num_seqs, self.max_blocks, pin)
+                         for _ in range(max(2, config.pipeline_parallel_size))]
         self._step = 0
         self.encoder_cache = EncoderCache() if getattr(model, "supports_multimodal", False) else None
         self.lora = getattr(model, "lora", None)  # models/lora LoRAModel when LoRA is enabled
@@ -170,6 +182,8 @@ class ModelRunner:
             stage = {"intermediate": (h, h.clone())}
         hidden = m(torch.zeros(n, dtype=torch.long, device=self.device),
                    torch.arange(n, device=self.device), caches, md, **stage)
+        if isinstance(hidden, tuple):  # pipeline stage 0: (hidden, residual) for the next stage; its LM head too
+            hidden = hidden[0]
         if not stage:
             m.compute_logits(hidden[-min(n, self.config.max_num_seqs):])
         self.platform.synchronize()
@@ -179,8 +193,8 @@ class ModelRunner:
         shape = m.attn_backend.kv_cache_shape(num_blocks, self.block_size, m.num_kv_heads, m.head_size)
         owned = getattr(m, "layer_range", range(m.num_layers))
         dtype = self.config.kv_cache_torch_dtype()
-        self.kv_caches = [_zeros(shape, dtype, self.device) if i in owned else torch.empty(0, dtype=dtype, device=self.device)
-                          for i in range(m.num_layers)]
+        none = torch.empty(0, dtype=dtype, device=self.device)  # another pipeline stage's layer
+        self.kv_caches = [_zeros(shape, dtype, self.device) if i in owned else none for i in range(m.num_layers)]
         if self.draft is not None:
             self.draft.allocate_kv_cache(num_blocks)
         if not self.config.enforce_eager:
@@ -214,7 +228,7 @@ class ModelRunner:
         """Prepare, launch and sample one step. `prev`: the step still in flight, whose sampled ids are the
         inputs of the requests that have a pending token."""
         bs, dev, batch = self.block_size, self.device, self.batch
-        st = self._staging[self._step % 2]
+        st = self._staging[self._step % len(self._staging)]
         self._step += 1
         scheduled = sched.scheduled
         num_rows = len(scheduled)
@@ -306,12 +320,20 @@ class ModelRunner:
                 hidden = (self.graphs.run(input_ids, positions, md) if lora_index is None
                           else self.graphs.run_lora(input_ids, positions, md, lora_index))
         if hidden is None and self.pipeline is not None:
-            hidden = self.pipeline.forward(self.model, input_ids, positions, self.kv_caches,
-                                           self.model.attn_backend.build_metadata(md))
-            if hidden is None:  # a later pipeline stage: its part is done, stage 0 samples
+            link = self.pipeline.run(self.model, input_ids, positions, self.kv_caches,
+                                     self.model.attn_backend.build_metadata(md))
+            if link is None:  # a later pipeline stage: its part is done, stage 0 samples
                 return StepOutput([], torch.zeros(0, dtype=torch.long, device=dev))
-        elif hidden is None:
+            # stage 0: the step ends when the last stage's hidden states are back (the core may launch others first)
+            return PendingStep(lambda: self._sample_step(link.wait(), scheduled, qsl, st, has_spec))
+        if hidden is None:
             hidden = self.model(input_ids, positions, self.kv_caches, self.model.attn_backend.build_metadata(md))
+        return self._sample_step(hidden, scheduled, qsl, st, has_spec)
+
+    def _sample_step(self, hidden: torch.Tensor, scheduled: list, qsl: np.ndarray, st: _Staging,
+                     has_spec: bool) -> StepOutput:
+        """The step's samples (and prompt logprobs) from its final hidden states."""
+        dev, npb, nb = self.device, st.np, self.async_copies
         if self.hidden_hook is not None:
             self.hidden_hook(hidden, scheduled, qsl)
 

@@ -147,7 +147,9 @@ class Scheduler:
             return first
         return first + [j for j, w in enumerate(self.waiting) if w.owner in seated]
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, busy: Optional[set] = None, max_rows: Optional[int] = None) -> SchedulerOutput:
+        """The next step. Pipeline parallelism keeps several steps in flight: `busy` holds the requests in them,
+        which sit this step out, and `max_rows` splits the running set into micro-batches."""
         out = SchedulerOutput()
         if self.fair and len(self.running) >= self.max_num_seqs and self.waiting:
             self._fair_share(out)
@@ -155,9 +157,10 @@ class Scheduler:
         short = False  # blocks ran out
         i = 0
         running, allocate, scheduled = self.running, self.kv.allocate_slots, out.scheduled
-        while i < len(running) and budget > 0:  # per running request: keep this loop lean
+        rows = max_rows or self.max_num_seqs
+        while i < len(running) and budget > 0 and len(scheduled) < rows:  # per running request: keep this lean
             req = running[i]
-            if req.num_pending and self._at_limit(req):
+            if (req.num_pending and self._at_limit(req)) or (busy and req in busy):
                 i += 1
                 continue
             total = len(req.token_ids) + req.num_pending
@@ -189,7 +192,7 @@ class Scheduler:
         admitted: list[int] = []
         adapters = None  # the running set's LoRA adapters, gathered when a waiting request has one
         for j in (self._admission_order() if budget > 0 and len(self.running) < self.max_num_seqs else ()):
-            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+            if budget <= 0 or len(self.running) >= self.max_num_seqs or len(scheduled) >= rows:
                 break
             req = self.waiting[j]
             if req.num_pending or (req.gate is not None and not (req.gate.prefill_done or req.gate.is_finished)):

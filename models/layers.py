@@ -12,6 +12,7 @@ Norm and rotary call `ops` (the platform's fused kernels, `pageport.platforms.Op
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -59,15 +60,28 @@ def get_pipeline_parallel() -> tuple[int, int]:
     return _PP_STAGE, _PP_SIZE
 
 
-def stage_layers(num_layers: int, stage: int, size: int) -> range:
-    """The contiguous layers of `stage`: an even split, the remainder on the last stages (stage 0 also runs the
-    embedding, the LM head and the sampler)."""
+PP_PARTITION_ENV = "PAGEPORT_PP_LAYER_PARTITION"  # e.g. "11,19": layers per stage, as vLLM's VLLM_PP_LAYER_PARTITION
+
+
+def stage_layers(num_layers: int, stage: int, size: int, first_stage_extra: float = 0.0) -> range:
+    """The contiguous layers of `stage`. Stage 0 also runs the LM head and the sampler, worth about
+    `first_stage_extra` layers of work, so it takes that many fewer; the rest are split evenly, the remainder on
+    the last stages. `$PAGEPORT_PP_LAYER_PARTITION` (comma-separated counts) overrides the split."""
     if num_layers < size:
         raise ValueError(f"{num_layers} layers cannot be split over {size} pipeline stages")
-    base, extra = divmod(num_layers, size)
-    first_big = size - extra
-    start = stage * base + max(0, stage - first_big)
-    return range(start, start + base + (1 if stage >= first_big else 0))
+    given = os.environ.get(PP_PARTITION_ENV)
+    if given:
+        counts = [int(c) for c in given.split(",")]
+        if len(counts) != size or sum(counts) != num_layers or min(counts) < 1:
+            raise ValueError(f"{PP_PARTITION_ENV}={given!r} must give {size} positive layer counts that sum to "
+                             f"{num_layers}")
+    else:
+        first = max(1, min(num_layers - (size - 1), round((num_layers + first_stage_extra) / size
+                                                          - first_stage_extra)))
+        base, extra = divmod(num_layers - first, size - 1) if size > 1 else (0, 0)
+        counts = [first] + [base + (1 if s >= size - 1 - extra else 0) for s in range(size - 1)]
+    start = sum(counts[:stage])
+    return range(start, start + counts[stage])
 
 
 def _all_reduce(x: torch.Tensor) -> torch.Tensor:

@@ -159,6 +159,14 @@ def post_attention(layer: LlamaDecoderLayer, attn_out, residual):
     return layer.mlp(hidden), residual
 
 
+def _layer_params(config) -> int:
+    """Weights of one decoder layer (attention and a dense MLP)."""
+    h, d = config.hidden_size, _head_dim(config)
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    attn = h * d * (2 * config.num_attention_heads + 2 * kv)
+    return attn + 3 * h * config.intermediate_size
+
+
 class LlamaModel(nn.Module):
     def __init__(self, config, ops, backends: list[AttentionBackend], platform: Platform):
         super().__init__()
@@ -168,7 +176,10 @@ class LlamaModel(nn.Module):
         # the embedding, the last the final norm
         stage, stages = get_pipeline_parallel()
         n = config.num_hidden_layers
-        self.layer_range = stage_layers(n, stage, stages) if stages > 1 else range(n)
+        self.layer_range = range(n)
+        if stages > 1:  # the LM head on stage 0 weighs as many layers as its weights (decode: a row each)
+            head = config.vocab_size * config.hidden_size / _layer_params(config)
+            self.layer_range = stage_layers(n, stage, stages, head)
         self.first_stage, self.last_stage = stage == 0, stage == stages - 1
         self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, config.hidden_size) if self.first_stage
                              else None)

@@ -135,17 +135,19 @@ class PipelineLink:
         import torch
         return torch.empty(*shape, self.hidden_size, dtype=self.dtype, device=self.device)
 
-    def forward(self, model, input_ids, positions, kv_caches, attn_metadata):
-        """Stage 0: the final hidden states of the step; a later stage: None, once it passed its part on."""
+    def run(self, model, input_ids, positions, kv_caches, attn_metadata):
+        """Run this stage's layers on the step. Stage 0 sends (hidden, residual) on without waiting and returns
+        the step in flight, whose `wait()` gives the last stage's final hidden states; so stage 0 can launch the
+        next micro-batch while later stages work on this one. A later stage returns None once it passed its part
+        on. Point-to-point messages between two ranks arrive in order, so the steps need no tags."""
         import torch
         import torch.distributed as dist
         n = input_ids.shape[0]
         if self.stage == 0:
             hidden, residual = model(input_ids, positions, kv_caches, attn_metadata)
-            dist.send(torch.stack((hidden, residual)), 1)
-            out = self._empty(n)
-            dist.recv(out, self.size - 1)
-            return out
+            outgoing = torch.stack((hidden, residual))
+            final = self._empty(n)
+            return _InFlight(dist.isend(outgoing, 1), dist.irecv(final, self.size - 1), outgoing, final)
         incoming = self._empty(2, n)
         dist.recv(incoming, self.stage - 1)
         out = model(input_ids, positions, kv_caches, attn_metadata, intermediate=(incoming[0], incoming[1]))
@@ -154,6 +156,18 @@ class PipelineLink:
         else:
             dist.send(torch.stack(out), self.stage + 1)
         return None
+
+
+class _InFlight:
+    """Stage 0's micro-batch between its send and the last stage's answer (the buffers live until both end)."""
+
+    def __init__(self, send, recv, outgoing, final):
+        self.send, self.recv, self.outgoing, self.final = send, recv, outgoing, final
+
+    def wait(self):
+        self.recv.wait()
+        self.send.wait()
+        return self.final
 
 
 class UniExecutor:

@@ -35,6 +35,7 @@ import torch
 
 from pageport.core.config import EngineConfig
 from pageport.core.executor import ExecutorError, UniExecutor, build_runner, place_rank
+from pageport.core.model_runner import PendingStep
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ def check_parallel_options(config: EngineConfig) -> None:
     what = (f"pipeline_parallel_size {config.pipeline_parallel_size}" if config.pipeline_parallel_size > 1
             else f"tensor_parallel_size {config.tensor_parallel_size}")
     refused = [("quantization", config.quantization), ("speculative_config", config.speculative_config),
-               ("limit_mm_per_prompt", config.limit_mm_per_prompt), ("enable_lora", getattr(config, "enable_lora", False))]
+               ("limit_mm_per_prompt", config.limit_mm_per_prompt),
+               ("enable_lora", getattr(config, "enable_lora", False))]
     for name, value in refused:
         if value:
             raise ValueError(f"{name} is not supported with {what} yet")
@@ -218,10 +220,25 @@ class MultiprocExecutor(UniExecutor):
             if not w.proc.is_alive() or w.conn.poll():  # died, or reported a failure, since the last step
                 raise self._failure(None)
         self._send(self._delta(sched, kv))
+        return self._run(sched, kv, prev)
+
+    def _run(self, sched, kv, prev):
+        """Rank 0's part of the step. A broken collective, now or when a pipelined step ends, is reported as the
+        failure of the rank that caused it."""
         try:
-            return self.runner.execute(sched, kv, prev)
+            out = self.runner.execute(sched, kv, prev)
         except Exception as e:  # noqa: BLE001 - a collective broke: find out which rank and why
             raise self._failure(e) from e
+        if isinstance(out, PendingStep):
+            finish = out.result
+
+            def guarded():
+                try:
+                    return finish()
+                except Exception as e:  # noqa: BLE001 - as above
+                    raise self._failure(e) from e
+            out = PendingStep(guarded)
+        return out
 
     def _failure(self, exc: Optional[BaseException]) -> ExecutorError:
         """The error that ends the group: the worker that failed (waiting briefly for it to show), else `exc`."""

@@ -173,10 +173,7 @@ class RayExecutor(MultiprocExecutor):
             raise
         delta = ray.put(self._delta(sched, kv))
         self._pending += [(r, a.step.remote(delta)) for r, a in enumerate(self.actors, 1)]
-        try:
-            return self.runner.execute(sched, kv, prev)
-        except Exception as e:  # noqa: BLE001 - a collective broke: find out which rank and why
-            raise self._failure(e) from e
+        return self._run(sched, kv, prev)
 
     def _failure(self, exc: Optional[BaseException]) -> ExecutorError:
         try:

@@ -37,6 +37,48 @@ def test_pp2_matches_transformers(tiny):
     _assert_gone(spawned)
 
 
+def test_micro_batches_overlap_the_stages(tiny):
+    """The core keeps a step per stage in flight, each with requests of its own, and the tokens stay exactly
+    those of Transformers; a request finished while its step is in flight gets nothing more."""
+    import pickle
+
+    from pageport.core.config import EngineConfig
+    from pageport.core.engine_core import CoreRequest, EngineCore
+
+    path, hf = tiny
+    core = EngineCore(EngineConfig(model=path, pipeline_parallel_size=2, **KW))
+    workers = {w.proc.pid for w in core.executor.workers}
+    try:
+        params = pickle.dumps(GREEDY)
+        for i, p in enumerate(PROMPTS):
+            core.add_request(CoreRequest(str(i), p, params))
+        core.add_request(CoreRequest("aborted", PROMPTS[1], params))
+        launch, overlapping = core.executor.execute_model, []
+
+        def watched(sched, kv, prev=None):  # a launch while another step is in flight: the stages overlap
+            if core._flight:
+                ((_, earlier),) = core._flight
+                assert not {s.request for s in sched.scheduled} & set(earlier)  # one micro-batch at a time
+                overlapping.append([r.request_id for r in earlier])
+            return launch(sched, kv, prev)
+        core.executor.execute_model = watched
+        tokens, aborted = {}, False
+        while core.has_work():
+            for out in core.step():
+                assert out.error is None and not (aborted and out.request_id == "aborted")
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            r = core.requests.get("aborted")
+            if r is not None and core._flight and r in core._flight[0][1] and len(tokens.get("aborted", ())) > 2:
+                core.abort(["aborted"])  # while its step is in flight
+                aborted = True
+        assert aborted and len(overlapping) > 5
+        assert [tokens[str(i)] for i in range(len(PROMPTS))] == hf
+        assert core.kv.pool.num_free == core.kv.pool.num_usable  # every block back
+    finally:
+        core.shutdown()
+    _assert_gone(workers)
+
+
 def test_each_stage_holds_its_layers(tiny):
     """In one process (nothing is sent while loading): stage 0 of 2 has layer 0, the embedding and the LM head;
     stage 1 has layer 1 and the final norm; each loads exactly the checkpoint's tensors for them."""
@@ -75,6 +117,10 @@ def test_stage_kv_cache_is_its_own_layers(tiny):
     assert [len(stage_layers(7, s, 3)) for s in range(3)] == [2, 2, 3]  # the remainder on the last stages
     with pytest.raises(ValueError, match="cannot be split"):
         stage_layers(2, 0, 3)
+    # stage 0's LM head worth 8 layers (the default model's 49152 x 576 against 3.5M a layer): 11 + 19
+    assert [len(stage_layers(30, s, 2, 8.0)) for s in (0, 1)] == [11, 19]
+    assert [len(stage_layers(30, s, 3, 8.0)) for s in range(3)] == [5, 12, 13]
+    assert [len(stage_layers(2, s, 2, 8.0)) for s in (0, 1)] == [1, 1]  # every stage keeps a layer
     llm1 = LLM(tiny[0], dtype="float32")
     blocks1 = llm1.engine.core_stats().kv_usable_blocks
     llm1.engine.shutdown()
@@ -118,6 +164,16 @@ def test_pp2_default_model_matches_transformers(chat_prompts, hf_greedy):
             assert out.outputs[0].token_ids == ref, f"prompt {i} diverged"
     finally:
         llm.engine.shutdown()
+
+
+def test_layer_partition_from_the_environment(monkeypatch):
+    from pageport.models.layers import PP_PARTITION_ENV, stage_layers
+    monkeypatch.setenv(PP_PARTITION_ENV, "4,26")
+    assert [stage_layers(30, s, 2, 8.0) for s in (0, 1)] == [range(0, 4), range(4, 30)]
+    for bad in ("4,25", "30,0", "10,10,10"):
+        monkeypatch.setenv(PP_PARTITION_ENV, bad)
+        with pytest.raises(ValueError, match="must give 2 positive layer counts that sum to 30"):
+            stage_layers(30, 0, 2)
 
 
 def test_pipeline_options():

@@ -216,7 +216,7 @@ def test_executor_options():
     assert EngineConfig(tensor_parallel_size=2).distributed_executor_backend == "mp"
     with pytest.raises(ValueError, match="one process"):
         EngineConfig(tensor_parallel_size=2, distributed_executor_backend="uni")
-    with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
+    with pytest.raises(ValueError, match="tensor_parallel_size and pipeline_parallel_size must be >= 1, got 0 and 1"):
         EngineConfig(tensor_parallel_size=0)
     args = build_parser().parse_args(["serve", "/m", "-tp", "2", "--distributed-executor-backend", "mp"])
     cfg = EngineConfig.from_cli_args(args)
