@@ -208,6 +208,18 @@ class EngineCore:
             if self.async_scheduling:
                 logger.info("speculative decoding: asynchronous scheduling turned off")
             self.async_scheduling = False
+        self._init_loop_state(config)
+        logger.info("%s on %s: %d KV blocks of %d tokens (%d tokens; %.1fx max_model_len %d); async "
+                    "scheduling %s", loaded.source, self.platform.name, num_blocks - 1, config.block_size,
+                    capacity, capacity / config.max_model_len, config.max_model_len,
+                    "on" if self.async_scheduling else "off")
+        if self.executor.world_size > 1:
+            logger.info("world: %s", self.executor.layout())
+        logger.info("start-up: load %.2f s, profile %.2f s, KV cache + graphs %.2f s", t_load - t0,
+                    t_profile - t_load, t_kv - t_profile)
+
+    def _init_loop_state(self, config: EngineConfig) -> None:
+        """The step loop's state, shared with cores that build the rest differently (pooling)."""
         self._inflight: Optional[StepOutput] = None
         # pipeline parallelism: the steps in flight (micro-batches) and their requests
         pp = config.pipeline_parallel_size  # PAGEPORT_PP_MICRO_BATCHES=1: one step at a time (to compare)
@@ -221,14 +233,6 @@ class EngineCore:
         self._grammars = None  # the StructuredOutputManager, made with the first constrained request
         self._compiling: list[Request] = []  # constrained requests whose grammar is not compiled yet
         self.counters = CoreStats()
-        logger.info("%s on %s: %d KV blocks of %d tokens (%d tokens; %.1fx max_model_len %d); async "
-                    "scheduling %s", loaded.source, self.platform.name, num_blocks - 1, config.block_size,
-                    capacity, capacity / config.max_model_len, config.max_model_len,
-                    "on" if self.async_scheduling else "off")
-        if self.executor.world_size > 1:
-            logger.info("world: %s", self.executor.layout())
-        logger.info("start-up: load %.2f s, profile %.2f s, KV cache + graphs %.2f s", t_load - t0,
-                    t_profile - t_load, t_kv - t_profile)
 
     def info(self) -> dict:
         """What a front end needs to know about the model and the resolved configuration."""

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pageport.core.config import EngineConfig
-from pageport.core.engine_core import CoreOutput, CoreRequest, CoreStats, EngineCore
+from pageport.core.engine_core import CoreOutput, CoreRequest, EngineCore
 from pageport.core.executor import UniExecutor, place_rank
 from pageport.core.kv_cache import KVCacheManager
 from pageport.core.pooling import (PoolerConfig, PoolingParams, check_dimensions, classification_activation,
@@ -254,13 +254,7 @@ class PoolingEngineCore(EngineCore):
                                    config.max_model_len, False, config.scheduling_policy)
         self.requests: dict[str, Request] = {}
         self.async_scheduling = False
-        self._inflight = None
-        self._early: list[CoreOutput] = []
-        self._num_sync = 0
-        self._timing = False
-        self._grammars = None
-        self._compiling: list[Request] = []
-        self.counters = CoreStats()
+        self._init_loop_state(config)
         logger.info("%s on %s: pooling runner (%s, %s pooling%s, tasks %s), %d tokens per step; start-up %.2f s",
                     loaded.source, self.platform.name, "encoder" if self.runner.encoder else "decoder",
                     self.pooler.pooling_type, ", normalized" if self.pooler.normalize else "", ", ".join(self.tasks),

@@ -237,7 +237,6 @@ class LlamaForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         with torch.device(platform.device), default_dtype(dtype):
             self.model = self.model_cls(hf_config, ops, self.attn_backends, platform)
-        self.layer_range = getattr(self.model, "layer_range", range(self.num_layers))  # this pipeline stage's
         self.lm_head = None  # pipeline stages after the first: the first samples
         if get_pipeline_parallel()[0] == 0:
             # a tied head is built on "meta" (no memory) and then shares the embedding's weight
@@ -245,6 +244,11 @@ class LlamaForCausalLM(nn.Module):
                 self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size)
             if self.tie_word_embeddings:
                 self.lm_head.tie(self.model.embed_tokens)
+
+    @property
+    def layer_range(self) -> range:
+        """The layers this pipeline stage holds (all of them at size 1; models without stages hold all)."""
+        return getattr(self.model, "layer_range", range(self.num_layers))
 
     def attention_scale(self, hf_config) -> float:
         return self.head_size ** -0.5
