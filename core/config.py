@@ -113,8 +113,6 @@ class EngineConfig:
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size and pipeline_parallel_size must be >= 1, got "
                              f"{self.tensor_parallel_size} and {self.pipeline_parallel_size}")
-        if self.tensor_parallel_size > 1 and self.pipeline_parallel_size > 1:
-            raise ValueError("tensor and pipeline parallelism together are not supported yet: choose one")
         if self.data_parallel_size < 1 or not 0 <= self.data_parallel_rank < self.data_parallel_size:
             raise ValueError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
         if self.distributed_executor_backend is None:  # as vLLM: one process unless the model is split

@@ -24,18 +24,20 @@ from pageport.platforms.ops import Ops
 # Tensor parallelism ---------------------------------------------------------------------------
 _TP_RANK, _TP_SIZE = 0, 1
 _ALL_REDUCE = None  # the platform's sum over the group (in place), when it has its own
+_TP_GROUP = None  # the tensor-parallel process group, when it is not the whole world (pipeline stages too)
 
 
-def set_tensor_parallel(rank: int, size: int, all_reduce=None) -> None:
+def set_tensor_parallel(rank: int, size: int, all_reduce=None, group=None) -> None:
     """Set this process's place in the tensor-parallel group before building a model.
 
     The executor (core/executor/) calls it in every rank's process once torch.distributed is up;
-    `all_reduce(tensor)` sums in place over the group (default: torch.distributed.all_reduce).
+    `all_reduce(tensor)` sums in place over the group (default: torch.distributed.all_reduce); `group`: the
+    torch.distributed group of this stage's ranks (None: every rank).
     """
-    global _TP_RANK, _TP_SIZE, _ALL_REDUCE
+    global _TP_RANK, _TP_SIZE, _ALL_REDUCE, _TP_GROUP
     if not 0 <= rank < size:
         raise ValueError(f"tensor-parallel rank {rank} is outside a group of {size}")
-    _TP_RANK, _TP_SIZE, _ALL_REDUCE = rank, size, all_reduce
+    _TP_RANK, _TP_SIZE, _ALL_REDUCE, _TP_GROUP = rank, size, all_reduce, group
 
 
 def get_tensor_parallel() -> tuple[int, int]:
@@ -86,7 +88,10 @@ def stage_layers(num_layers: int, stage: int, size: int, first_stage_extra: floa
 
 def _all_reduce(x: torch.Tensor) -> torch.Tensor:
     if _TP_SIZE > 1:
-        (_ALL_REDUCE or torch.distributed.all_reduce)(x)
+        if _ALL_REDUCE is not None:
+            _ALL_REDUCE(x)
+        else:
+            torch.distributed.all_reduce(x, group=_TP_GROUP)
     return x
 
 
@@ -94,7 +99,7 @@ def _all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     if _TP_SIZE == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(_TP_SIZE)]
-    torch.distributed.all_gather(parts, x.contiguous())
+    torch.distributed.all_gather(parts, x.contiguous(), group=_TP_GROUP)
     return torch.cat(parts, dim=-1)
 
 

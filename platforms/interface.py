@@ -140,11 +140,11 @@ class Platform:
     def empty_cache(self) -> None:
         pass
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, x: torch.Tensor, group=None) -> torch.Tensor:
         """Sum `x` in place over the tensor-parallel group (after each row-parallel linear). A platform with
         a faster collective (a custom all-reduce kernel) overrides it; the group is torch.distributed's,
-        made with `dist_backend` by the executor."""
-        torch.distributed.all_reduce(x)
+        made with `dist_backend` by the executor (None: every rank; with pipeline stages, the stage's ranks)."""
+        torch.distributed.all_reduce(x, group=group)
         return x
 
     # configuration --------------------------------------------------------------

@@ -115,9 +115,10 @@ def build_runner(config: EngineConfig, platform):
         config.max_num_batched_tokens = budget if config.enable_chunked_prefill else max(budget, config.max_model_len)
     runner = ModelRunner(config, platform, loaded.model)
     if config.pipeline_parallel_size > 1:
-        from pageport.models.layers import get_pipeline_parallel
-        stage, size = get_pipeline_parallel()
-        runner.pipeline = PipelineLink(stage, size, loaded.hf_config.hidden_size, config.dtype, platform.device)
+        from pageport.models.layers import get_pipeline_parallel, get_tensor_parallel
+        (stage, size), (tp_rank, tp) = get_pipeline_parallel(), get_tensor_parallel()
+        runner.pipeline = PipelineLink(stage, size, loaded.hf_config.hidden_size, config.dtype, platform.device,
+                                       tp_rank, tp)
     return loaded, runner
 
 
@@ -125,11 +126,16 @@ class PipelineLink:
     """A pipeline stage's point-to-point link. Stage 0 runs its layers, sends (hidden, residual) on and receives
     the last stage's final hidden states, which it turns into logits and samples; stage s > 0 receives from s - 1
     and sends to s + 1, the last one back to stage 0. Every stage builds the same step metadata from the same
-    scheduler output, so the shapes need no message of their own."""
+    scheduler output, so the shapes need no message of their own. With tensor parallelism inside the stages
+    (global rank = stage x tp + tensor-parallel rank) each rank talks to the rank of the same tensor-parallel
+    index in the next stage: the hidden states are whole on every rank of a stage after its all-reduce."""
 
-    def __init__(self, stage: int, size: int, hidden_size: int, dtype, device):
+    def __init__(self, stage: int, size: int, hidden_size: int, dtype, device, tp_rank: int = 0, tp: int = 1):
         self.stage, self.size = stage, size
         self.hidden_size, self.dtype, self.device = hidden_size, dtype, device
+        self.prev = (stage - 1) * tp + tp_rank
+        self.next = (stage + 1) * tp + tp_rank
+        self.first, self.last = tp_rank, (size - 1) * tp + tp_rank
 
     def _empty(self, *shape):
         import torch
@@ -147,14 +153,14 @@ class PipelineLink:
             hidden, residual = model(input_ids, positions, kv_caches, attn_metadata)
             outgoing = torch.stack((hidden, residual))
             final = self._empty(n)
-            return _InFlight(dist.isend(outgoing, 1), dist.irecv(final, self.size - 1), outgoing, final)
+            return _InFlight(dist.isend(outgoing, self.next), dist.irecv(final, self.last), outgoing, final)
         incoming = self._empty(2, n)
-        dist.recv(incoming, self.stage - 1)
+        dist.recv(incoming, self.prev)
         out = model(input_ids, positions, kv_caches, attn_metadata, intermediate=(incoming[0], incoming[1]))
         if self.stage == self.size - 1:
-            dist.send(out.contiguous(), 0)
+            dist.send(out.contiguous(), self.first)
         else:
-            dist.send(torch.stack(out), self.stage + 1)
+            dist.send(torch.stack(out), self.next)
         return None
 
 

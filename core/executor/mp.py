@@ -20,6 +20,7 @@ check of its parent every second while idle); `shutdown` stops and reaps them al
 """
 from __future__ import annotations
 
+import collections
 import datetime
 import logging
 import os
@@ -78,10 +79,15 @@ def _init_rank(config: EngineConfig, platform, rank: int, world: int, store: str
     from pageport.models.layers import set_pipeline_parallel, set_tensor_parallel
     torch.distributed.init_process_group(platform.dist_backend, init_method=store, rank=rank, world_size=world,
                                          timeout=datetime.timedelta(seconds=DIST_TIMEOUT_S))
-    if config.pipeline_parallel_size > 1:  # one rank per stage (tensor x pipeline together is refused)
-        set_pipeline_parallel(rank, world)
-    else:
-        set_tensor_parallel(rank, world, platform.all_reduce)
+    tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
+    stage, tp_rank = divmod(rank, tp)  # a stage's tensor-parallel ranks are neighbours
+    group = None
+    if pp > 1:
+        set_pipeline_parallel(stage, pp)
+        if tp > 1:  # each stage's own group for its all-reduces (every rank makes every group, in order)
+            groups = [torch.distributed.new_group(list(range(s * tp, (s + 1) * tp))) for s in range(pp)]
+            group = groups[stage]
+    set_tensor_parallel(tp_rank, tp, lambda x: platform.all_reduce(x, group), group)
 
 
 class _Block:
@@ -182,6 +188,16 @@ class MultiprocExecutor(UniExecutor):
             self._expect(w, "ready", START_TIMEOUT_S)
 
     # steps -----------------------------------------------------------------------------------------------------
+    def _finish_stage0(self) -> None:
+        """Tell stage 0's tensor-parallel workers to end their oldest step in flight (its LM head is a collective:
+        they must end the steps in rank 0's order, between the same launches)."""
+        data = pickle.dumps(("finish",))
+        for w in self.workers[:self.config.tensor_parallel_size - 1]:
+            try:
+                w.conn.send_bytes(data)
+            except (BrokenPipeError, ConnectionError, OSError):
+                raise self._failure(None) from None
+
     def _send(self, msg) -> None:
         data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
         for w in self.workers:
@@ -234,6 +250,7 @@ class MultiprocExecutor(UniExecutor):
 
             def guarded():
                 try:
+                    self._finish_stage0()  # stage 0's other tensor-parallel ranks end it with rank 0
                     return finish()
                 except Exception as e:  # noqa: BLE001 - as above
                     raise self._failure(e) from e
@@ -343,6 +360,7 @@ class WorkerRank:
         platform.seed(config.seed)
         self.runner = None
         self.kv, self.reqs = _BlockView(), {}
+        self.flight = collections.deque()  # pipeline stage 0, tensor-parallel rank > 0: its steps in flight
 
     def start(self, world: int, store: str) -> int:
         """Join the group, load this rank's shards; the KV blocks this rank can hold."""
@@ -381,7 +399,13 @@ class WorkerRank:
             blocks += [_Block(b) for b in new_blocks]
             r.num_computed_tokens = computed
             scheduled.append(ScheduledRequest(r, n, samples, spec))
-        self.runner.execute(SchedulerOutput(scheduled), self.kv)
+        out = self.runner.execute(SchedulerOutput(scheduled), self.kv)
+        if isinstance(out, PendingStep):
+            self.flight.append(out)
+
+    def finish(self) -> None:
+        """End the oldest step in flight (rank 0 ends its own at the same point)."""
+        self.flight.popleft().result()
 
 
 def _worker_main(config: EngineConfig, rank: int, world: int, store: str, conn, parent_pid: int, level: int) -> None:
@@ -401,9 +425,12 @@ def _worker_main(config: EngineConfig, rank: int, world: int, store: str, conn, 
         conn.send(("ready",))
         while True:
             msg = _recv(conn, parent_pid)
-            if msg[0] != "step":
+            if msg[0] == "step":
+                worker.step(msg)
+            elif msg[0] == "finish":
+                worker.finish()
+            else:
                 break
-            worker.step(msg)
     except BaseException as e:  # noqa: BLE001 - reported to rank 0, which fails the requests with it
         logging.getLogger(__name__).error("rank %d failed:\n%s", rank, traceback.format_exc())
         try:

@@ -52,6 +52,9 @@ class _RankActor:
     def step(self, msg: tuple) -> None:
         self.worker.step(msg)
 
+    def finish(self) -> None:
+        self.worker.finish()
+
 
 class _DeviceHolder:
     """Holds bundle 0's GPU for rank 0 (which is not an actor) and says which one it is."""
@@ -174,6 +177,10 @@ class RayExecutor(MultiprocExecutor):
         delta = ray.put(self._delta(sched, kv))
         self._pending += [(r, a.step.remote(delta)) for r, a in enumerate(self.actors, 1)]
         return self._run(sched, kv, prev)
+
+    def _finish_stage0(self) -> None:
+        self._pending += [(r, a.finish.remote()) for r, a in enumerate(self.actors, 1)
+                          if r < self.config.tensor_parallel_size]
 
     def _failure(self, exc: Optional[BaseException]) -> ExecutorError:
         try:

@@ -37,6 +37,22 @@ def test_pp2_matches_transformers(tiny):
     _assert_gone(spawned)
 
 
+def test_tp2_inside_pp2_matches_transformers(tiny):
+    """Four ranks: two stages of two tensor-parallel ranks each (each stage all-reduces in its own group, each
+    rank talks to its peer in the next stage), micro-batches in flight."""
+    path, hf = tiny
+    before = _descendants()
+    llm = LLM(path, pipeline_parallel_size=2, tensor_parallel_size=2, **KW)
+    try:
+        assert len(_workers(llm)) == 3
+        assert _generate(llm) == hf
+        assert llm.engine.core_stats().num_preemptions > 0
+    finally:
+        spawned = _descendants() - before
+        llm.engine.shutdown()
+    _assert_gone(spawned)
+
+
 def test_micro_batches_overlap_the_stages(tiny):
     """The core keeps a step per stage in flight, each with requests of its own, and the tokens stay exactly
     those of Transformers; a request finished while its step is in flight gets nothing more."""
@@ -183,8 +199,7 @@ def test_pipeline_options():
 
     cfg = EngineConfig.from_cli_args(build_parser().parse_args(["serve", "/m", "-pp", "2"]))
     assert (cfg.pipeline_parallel_size, cfg.world_size, cfg.distributed_executor_backend) == (2, 2, "mp")
-    with pytest.raises(ValueError, match="together are not supported yet"):
-        EngineConfig(tensor_parallel_size=2, pipeline_parallel_size=2)
+    assert EngineConfig(tensor_parallel_size=2, pipeline_parallel_size=3).world_size == 6
     with pytest.raises(ValueError, match="speculative_config is not supported with pipeline_parallel_size 2"):
         check_parallel_options(EngineConfig(pipeline_parallel_size=2, speculative_config={"method": "ngram",
                                                                                         "num_speculative_tokens": 2}))
