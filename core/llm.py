@@ -112,7 +112,7 @@ class LLM(PoolingAPI):  # embed / classify / score / encode / reward: core/pooli
                 from pageport.models.multimodal.inputs import split_chat_images
 
                 tok = self.engine.tokenizer
-                c, images = split_chat_images(c, tok.convert_ids_to_tokens(self.engine.multimodal().image_token_id))
+                c, images = split_chat_images(c, self.engine.multimodal().chat_image_text(tok))
             p = self.render_chat(c, chat_template, add_generation_prompt, **template_kwargs)
             if images:
                 p["multi_modal_data"] = {"image": images}

@@ -32,6 +32,8 @@ from pageport.platforms import AttentionMetadata, Platform
 
 logger = logging.getLogger(__name__)
 
+_NO_MROPE = (None, 0)  # a text-only request of an M-RoPE model: position = index on the three axes
+
 
 @dataclass
 class StepOutput:
@@ -100,11 +102,13 @@ class InputBatch:
 class _Staging:
     """Host buffers for one step's inputs (pinned where the device copies from pinned memory)."""
 
-    def __init__(self, max_tokens: int, max_rows: int, max_blocks: int, pin: bool):
+    def __init__(self, max_tokens: int, max_rows: int, max_blocks: int, pin: bool, mrope: bool = False):
         def buf(*shape, dtype):
             return torch.zeros(shape, dtype=dtype, pin_memory=pin)
         self.ids = buf(max_tokens, dtype=torch.long)
         self.pos = buf(max_tokens, dtype=torch.long)
+        if mrope:  # (t, h, w) positions of steps holding image tokens (M-RoPE models only)
+            self.pos3 = buf(3, max_tokens, dtype=torch.long)
         self.slots = buf(max_tokens, dtype=torch.long)
         self.qsl = buf(max_rows + 1, dtype=torch.int32)
         self.seq_lens = buf(max_rows, dtype=torch.int32)
@@ -137,7 +141,9 @@ class ModelRunner:
         pin = self.async_copies and torch.cuda.is_available() if self.device.type == "cuda" else False
         n_tok = max(config.max_num_batched_tokens or 2048, config.max_num_seqs)
         # a set per step that can be in flight: two (async scheduling), or one per pipeline stage
-        self._staging = [_Staging(n_tok, config.max_num_seqs, self.max_blocks, pin)
+        # M-RoPE (Qwen2-VL): three position ids a token where a prompt's images are; a delta a request after them
+        self.mrope = bool(getattr(model, "uses_mrope", False))
+        self._staging = [_Staging(n_tok, config.max_num_seqs, self.max_blocks, pin, self.mrope)
                          for _ in range(max(2, config.pipeline_parallel_size))]
         self._step = 0
         self.encoder_cache = EncoderCache() if getattr(model, "supports_multimodal", False) else None
@@ -294,7 +300,10 @@ class ModelRunner:
             max_query_len=int(qlens.max()), max_seq_len=int(seq_lens.max()),
             query_start_loc_cpu=qsl.tolist(), seq_lens_cpu=seq_lens.tolist(), block_size=bs)
         input_ids = st.ids[:total].to(dev, non_blocking=nb)
-        positions = st.pos[:total].to(dev, non_blocking=nb)
+        if self.mrope:
+            positions = self._mrope_positions(scheduled, pos, qsl, starts, qlens, st).to(dev, non_blocking=nb)
+        else:
+            positions = st.pos[:total].to(dev, non_blocking=nb)
         if pend_dst:  # feed the in-flight step's samples without a trip to the host
             k = len(pend_dst)
             npb["pend_dst"][:k] = pend_dst
@@ -377,7 +386,37 @@ class ModelRunner:
                     embeds[t0 + lo - start:t0 + hi - start] = feats[lo - m.offset:hi - m.offset].to(embeds.dtype)
         return embeds
 
+    def _mrope_positions(self, scheduled, pos: np.ndarray, qsl: np.ndarray, starts: np.ndarray,
+                         qlens: np.ndarray, st: _Staging) -> torch.Tensor:
+        """The step's positions for an M-RoPE model, in `st`: each token's index plus its request's delta, the
+        same on the three axes ([T]), or [3, T] when the step holds prompt tokens up to a prompt's last image,
+        which take the (t, h, w) the model computed for that prompt (once per request, kept on it)."""
+        rows = [self._mrope_of(s.request) for s in scheduled]
+        total = int(qsl[-1])
+        deltas = np.fromiter((d for _, d in rows), dtype=np.int64, count=len(rows))
+        flat = pos + (deltas if total == len(rows) else np.repeat(deltas, qlens))
+        grid = [(i, p) for i, (p, _) in enumerate(rows) if p is not None and starts[i] < p.shape[1]]
+        if not grid:
+            st.np["pos"][:total] = flat
+            return st.pos[:total]
+        p3 = st.np["pos3"]
+        p3[:, :total] = flat
+        for i, p in grid:
+            a, b = int(starts[i]), min(int(starts[i] + qlens[i]), p.shape[1])
+            p3[:, qsl[i]:qsl[i] + b - a] = p[:, a:b]
+        return st.pos3[:, :total]
+
+    def _mrope_of(self, r: Request) -> tuple[Optional[np.ndarray], int]:
+        """(positions [3, E] of the prompt up to its last image or None, delta of the tokens after)."""
+        if r.mm_inputs is None:
+            return _NO_MROPE
+        if r.mrope is None:
+            r.mrope = self.model.mrope_positions(r.mm_inputs)
+        return r.mrope
+
     def _encode_image(self, m) -> torch.Tensor:
+        if m.grid_thw is not None:  # native-resolution patches (Qwen2-VL) with their grid
+            return self.model.embed_images(m.pixel_values().to(self.device), grid_thw=[m.grid_thw])[0]
         if m.image_size is not None:  # tiled images (LLaVA-NeXT) cut their padding by the original size
             return self.model.embed_images(m.pixel_values().to(self.device), image_sizes=[m.image_size])[0]
         return self.model.embed_images(m.pixel_values().to(self.device))[0]

@@ -48,6 +48,7 @@ class Request:
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
         self.cache_salt = cache_salt
         self.mm_inputs: Optional[list] = None  # images: MultiModalInput (models/multimodal/inputs.py)
+        self.mrope: Optional[tuple] = None  # M-RoPE models: the prompt's (t, h, w) positions and delta (model runner)
         self.lora_id = 0  # its LoRA adapter's id (0: the base model) and the slot it runs in this step
         self.lora_slot = 0
         self.status = RequestStatus.WAITING

@@ -42,12 +42,16 @@ def _layer_windows(config) -> list[Optional[int]]:
     return [window if t == "sliding_attention" else None for t in types]
 
 
+# Qwen2 and the Qwen2 decoders of Qwen2-VL / Qwen2.5-VL (their text configs' types; older files: flat configs)
+_QKV_BIAS_TYPES = ("qwen2", "qwen2_moe", "qwen2_vl", "qwen2_vl_text", "qwen2_5_vl", "qwen2_5_vl_text")
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, config, ops: Ops, rotary_emb: RotaryEmbedding, attn: AttentionBackend):
         super().__init__()
         _, tp = get_tensor_parallel()
         self.head_dim = _head_dim(config)
-        qkv_bias = bool(getattr(config, "attention_bias", False)) or config.model_type in ("qwen2", "qwen2_moe")
+        qkv_bias = bool(getattr(config, "attention_bias", False)) or config.model_type in _QKV_BIAS_TYPES
         o_bias = bool(getattr(config, "attention_bias", False))
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, config.num_attention_heads,
                                           config.num_key_value_heads, bias=qkv_bias)

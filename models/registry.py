@@ -35,6 +35,8 @@ _BUILTIN: dict[str, str] = {
     "Qwen3ForSequenceClassification": "pageport.models.llama:LlamaForCausalLM",
     "LlavaForConditionalGeneration": "pageport.models.llava:LlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration": "pageport.models.llava_next:LlavaNextForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration": "pageport.models.qwen2_vl:Qwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "pageport.models.qwen2_vl:Qwen2_5_VLForConditionalGeneration",
 }
 
 

@@ -240,8 +240,7 @@ class OpenAIServing:
                               "messages", "unsupported_parameter")
         try:
             processor = await self.in_tokenizer_thread(inner.multimodal)
-            token = self.tokenizer.convert_ids_to_tokens(processor.image_token_id)
-            messages, images = split_chat_images(messages, token)
+            messages, images = split_chat_images(messages, processor.chat_image_text(self.tokenizer))
             check_mm_limit(len(images), processor.limits)
         except ValueError as e:
             raise bad_request(str(e), "messages") from None

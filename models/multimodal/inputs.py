@@ -18,13 +18,15 @@ import numpy as np
 class MultiModalInput(msgspec.Struct, array_like=True, gc=False):
     """One image of a prompt, as it travels to the engine core: its placeholder run [offset, offset + length)
     in the prompt's token ids, the preprocessed pixel values (float32, C order) and their content hash;
-    `image_size`: the original (height, width) where the model needs it (LLaVA-NeXT's tiles)."""
+    `image_size`: the original (height, width) where the model needs it (LLaVA-NeXT's tiles); `grid_thw`: the
+    patch grid (frames, rows, columns) of Qwen2-VL's native-resolution images."""
     offset: int
     length: int
     hash: str
     data: bytes
     shape: list[int]
     image_size: Optional[list[int]] = None
+    grid_thw: Optional[list[int]] = None
 
     def pixel_values(self):
         import torch
@@ -131,10 +133,14 @@ def check_mm_limit(count: int, limits: Optional[dict], modality: str = "image") 
                          f"(--limit-mm-per-prompt {modality}={limit})")
 
 
+# Qwen2-VL / Qwen2.5-VL: images in native resolution, one placeholder per merged patch of the image's grid
+_GRID_MODELS = ("qwen2_vl", "qwen2_5_vl")
+
+
 class ImageProcessor:
     """The front end's half: the checkpoint's image processor (e.g. CLIPImageProcessor) and the placeholder
     expansion: a fixed number of features per image (LLaVA 1.5), or one that depends on the image's size
-    (LLaVA-NeXT's tiles)."""
+    (LLaVA-NeXT's tiles, Qwen2-VL's patch grid)."""
 
     def __init__(self, model_dir: str, hf_config, limits: Optional[dict] = None):
         from transformers import AutoImageProcessor
@@ -147,7 +153,10 @@ class ImageProcessor:
             self.image_token_id = hf_config.image_token_id
         self.hf_config = hf_config
         self.anyres = getattr(hf_config, "model_type", None) == "llava_next"
-        self.num_features = None if self.anyres else image_feature_count(hf_config)
+        self.grid = getattr(hf_config, "model_type", None) in _GRID_MODELS
+        if self.grid:
+            self._check_grid_processor()
+        self.num_features = None if self.anyres or self.grid else image_feature_count(hf_config)
         self.limits = parse_mm_limits(limits) or {}
 
     def process(self, token_ids: list[int], mm_data: dict) -> tuple[list[int], list[MultiModalInput]]:
@@ -168,21 +177,54 @@ class ImageProcessor:
         pil = [load_image(im).convert("RGB") for im in images]
         if self.anyres:
             items = [self._anyres(im) for im in pil]
+        elif self.grid:
+            items = [self._by_grid(im) for im in pil]
         else:
             pixels = np.asarray(self.processor(images=pil, return_tensors="np")["pixel_values"], dtype=np.float32)
-            items = [(np.ascontiguousarray(pixels[k:k + 1]), None, self.num_features) for k in range(len(pil))]
+            items = [(np.ascontiguousarray(pixels[k:k + 1]), None, self.num_features, None) for k in range(len(pil))]
         out, mm, k = [], [], 0
         for t in token_ids:
             if t != self.image_token_id:
                 out.append(t)
                 continue
-            px, size, n = items[k]
+            px, size, n, grid = items[k]
             data = px.tobytes()
-            digest = hashlib.sha256(data + str(px.shape).encode() + str(size).encode()).hexdigest()
-            mm.append(MultiModalInput(len(out), n, digest, data, list(px.shape), size))
+            # the grid too: the same patches in another grid are another image
+            digest = hashlib.sha256(data + str(px.shape).encode() + str(size).encode()
+                                    + (str(grid).encode() if grid else b"")).hexdigest()
+            mm.append(MultiModalInput(len(out), n, digest, data, list(px.shape), size, grid))
             out += [t] * n
             k += 1
         return out, mm
+
+    def chat_image_text(self, tokenizer) -> str:
+        """What stands for an image in a chat message: the image token; Qwen2-VL's between its vision start and
+        end tokens, as its chat template writes an image part."""
+        token = tokenizer.convert_ids_to_tokens(self.image_token_id)
+        if self.grid:
+            start = getattr(self.hf_config, "vision_start_token_id", None)
+            end = getattr(self.hf_config, "vision_end_token_id", None)
+            if start is not None and end is not None:
+                return tokenizer.convert_ids_to_tokens(start) + token + tokenizer.convert_ids_to_tokens(end)
+        return token
+
+    def _check_grid_processor(self) -> None:
+        """The processor's patches must be the tower's (placeholder counts and pixel rows follow from them)."""
+        vc, p = self.hf_config.vision_config, self.processor
+        for ours, theirs in (("spatial_merge_size", "merge_size"), ("patch_size", "patch_size"),
+                             ("temporal_patch_size", "temporal_patch_size")):
+            if getattr(p, theirs, None) != getattr(vc, ours):
+                raise ValueError(f"the image processor's {theirs} {getattr(p, theirs, None)} differs from the "
+                                 f"vision tower's {ours} {getattr(vc, ours)}")
+        self.merge = vc.spatial_merge_size
+
+    def _by_grid(self, img):
+        """One image alone: its patches [N, C * T * P * P], no original size, t * h * w / merge^2 features, and its
+        grid (t, h, w)."""
+        r = self.processor(images=[img], return_tensors="np")
+        px = np.ascontiguousarray(np.asarray(r["pixel_values"], dtype=np.float32))
+        grid = [int(v) for v in np.asarray(r["image_grid_thw"])[0]]
+        return px, None, grid[0] * grid[1] * grid[2] // self.merge ** 2, grid
 
     def _anyres(self, img):
         """One image alone (a batch would pad every image to the most tiles): its tiles, its original size as
@@ -192,7 +234,7 @@ class ImageProcessor:
         r = self.processor(images=[img], return_tensors="np")
         px = np.ascontiguousarray(np.asarray(r["pixel_values"], dtype=np.float32)[0])  # [tiles, 3, H, W]
         size = [int(v) for v in np.asarray(r["image_sizes"])[0]]
-        return px, size, feature_count(self.hf_config, *size)
+        return px, size, feature_count(self.hf_config, *size), None
 
 
 class EncoderCache:
