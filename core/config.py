@@ -79,7 +79,7 @@ class EngineConfig:
                                                                 "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2} or a "
                                                                 "draft model: {\"model\": DIR, \"num_speculative_tokens\": "
                                                                 "4, \"quantization\": \"int4\"} or an EAGLE head: "
-                                                                "{\"method\": \"eagle\", \"model\": DIR, "
+                                                                "{\"method\": \"eagle\" (or \"eagle3\"), \"model\": DIR, "
                                                                 "\"num_speculative_tokens\": 3}")
     limit_mm_per_prompt: Optional[Union[str, dict]] = _opt(None, "vision models: the most images one prompt may "
                                                                  "carry, JSON as vLLM's: {\"image\": 2} (default: "

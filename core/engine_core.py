@@ -157,14 +157,16 @@ class EngineCore:
         self.runner.sampler.logits_processors = build_logits_processors(config, self.platform.device)
         sc = config.speculative_config
         self.drafter = None  # speculative decoding with a draft model: its KV cache shares the block pool
-        if sc is not None and sc["method"] in ("draft_model", "eagle"):
+        if sc is not None and sc["method"] in ("draft_model", "eagle", "eagle3"):
             if self.executor.world_size > 1:
                 raise ValueError("speculative decoding with a draft model does not run with tensor parallelism yet")
-            if sc["method"] == "eagle":
+            if sc["method"] in ("eagle", "eagle3"):
                 from pageport.core.spec_decode.eagle import EagleProposer
-                self.drafter = EagleProposer(config, self.platform, sc, loaded.model, self._speculable,
-                                             lambda: self._switch.on)
+                from pageport.core.spec_decode.eagle3 import Eagle3Proposer
+                self.drafter = (EagleProposer if sc["method"] == "eagle" else Eagle3Proposer)(
+                    config, self.platform, sc, loaded.model, self._speculable, lambda: self._switch.on)
                 self.runner.hidden_hook = self.drafter.stash
+                self.runner.aux_hook = getattr(self.drafter, "mark", None)  # EAGLE-3: inner layers' states too
             else:
                 from pageport.core.spec_decode.draft import DraftProposer
                 self.drafter = DraftProposer(config, self.platform, sc)

@@ -134,6 +134,8 @@ class ModelRunner:
         self.graphs = None  # the platform's GraphRunner, if it has one
         self.logits_hook = None  # (logits, requests) -> None, in place, before sampling
         self.hidden_hook = None  # (hidden, scheduled, query_start_loc) -> None, after the forward pass (EAGLE)
+        # (scheduled, query_start_loc) -> whether the pass keeps inner layers' states (EAGLE-3), before it
+        self.aux_hook = None
         self.max_blocks = -(-config.max_model_len // config.block_size) + 1
         self.batch = InputBatch(config.max_num_seqs, self.max_blocks)
         # the device copies from pinned host memory asynchronously; on the CPU a "copy" is the buffer itself
@@ -320,12 +322,14 @@ class ModelRunner:
                 lora_index = st.lora[:total].to(dev, non_blocking=nb)
             self.lora.set_token_index(lora_index, active)
 
+        # EAGLE-3 keeps inner layers' states through layer hooks, which a graph replay skips: such passes are eager
+        eager = self.aux_hook is not None and self.aux_hook(scheduled, qsl)
         if mm_rows:  # image features in place of their placeholders' embeddings (never for text-only batches)
             hidden = self.model(input_ids, positions, self.kv_caches, self.model.attn_backend.build_metadata(md),
                                 inputs_embeds=self._mm_embeds(input_ids, mm_rows))
         else:
             hidden = None
-            if self.graphs is not None:
+            if self.graphs is not None and not eager:
                 hidden = (self.graphs.run(input_ids, positions, md) if lora_index is None
                           else self.graphs.run_lora(input_ids, positions, md, lora_index))
         if hidden is None and self.pipeline is not None:

@@ -11,11 +11,11 @@ _KEYS = {"method", "model", "num_speculative_tokens", "prompt_lookup_max", "prom
 
 @dataclass
 class SpeculativeConfig:
-    method: str = "ngram"  # ngram (prompt lookup) | draft_model (a smaller model, the same vocabulary) | eagle
+    method: str = "ngram"  # ngram (prompt lookup) | draft_model (a smaller model, the same vocabulary) | eagle | eagle3
     num_speculative_tokens: int = 3
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
-    model: Optional[str] = None  # draft_model, eagle: the checkpoint (draft_model: the target with `quantization` too)
+    model: Optional[str] = None  # draft_model, eagle, eagle3: the checkpoint (draft_model: the target with `quantization` too)
     quantization: Optional[str] = None  # draft_model: its linears' format, as the engine's `quantization`
 
     @classmethod
@@ -38,9 +38,9 @@ class SpeculativeConfig:
         method = d.get("method") or ("ngram" if model in (None, "[ngram]", "ngram") else "draft_model")
         if method in ("draft", "draft_model"):
             method = "draft_model"
-        elif method not in ("ngram", "eagle"):
+        elif method not in ("ngram", "eagle", "eagle3"):
             raise ValueError(f"speculative_config: method {method!r} is not supported; choose 'ngram' (prompt "
-                             "lookup), 'draft_model' or 'eagle' (EAGLE-3 and MTP heads are not implemented)")
+                             "lookup), 'draft_model', 'eagle' or 'eagle3' (MTP heads are not implemented)")
         if "num_speculative_tokens" not in d:
             raise ValueError("speculative_config: num_speculative_tokens is required")
         k = d["num_speculative_tokens"]
@@ -49,12 +49,12 @@ class SpeculativeConfig:
         if d.get("draft_tensor_parallel_size") not in (None, 1):
             raise ValueError("speculative_config: draft_tensor_parallel_size must be 1 (the draft runs on one "
                              "device beside the target)")
-        if method == "eagle":
+        if method in ("eagle", "eagle3"):
             if not isinstance(model, str) or not model:
-                raise ValueError("speculative_config: method 'eagle' needs the EAGLE head's checkpoint in 'model'")
+                raise ValueError(f"speculative_config: method {method!r} needs the EAGLE head's checkpoint in 'model'")
             if d.get("quantization") is not None:
                 raise ValueError("speculative_config: an EAGLE head takes no quantization")
-            return cls("eagle", k, model=model)
+            return cls(method, k, model=model)
         if method == "draft_model":
             if not isinstance(model, str) or not model or model in ("[ngram]", "ngram"):
                 raise ValueError("speculative_config: method 'draft_model' needs a draft checkpoint in 'model'")

@@ -25,38 +25,45 @@ logger = logging.getLogger(__name__)
 
 
 class EagleProposer(DraftProposer):
+    kind = "EAGLE"
+
     def __init__(self, config, platform, spec: dict, target: torch.nn.Module, follows: Callable,
                  active: Callable[[], bool] = lambda: True):
         import transformers
 
         from pageport.core.model_runner import ModelRunner
-        from pageport.models.eagle import EagleLlamaForCausalLM, read_eagle_weights
+        from pageport.models.eagle import read_eagle_weights
         from pageport.models.loader import resolve_model_path
 
         self.k = spec["num_speculative_tokens"]
         folder = resolve_model_path(spec["model"])
         hf = transformers.AutoConfig.from_pretrained(folder)
-        weights = read_eagle_weights(folder)
-        hf.eagle_fc_bias = any(n.removeprefix("model.") == "fc.bias" for n in weights)
-        self.model = EagleLlamaForCausalLM(hf, platform, config.dtype)
-        self.model.share(target)
-        self.model.load_weights(weights.items())
+        self.device = platform.device
+        self.model = self._make_head(hf, read_eagle_weights(folder), platform, config, target)
         self.model.eval()
         # its own pass takes the target's states: no decode graphs of its own
         dcfg = dataclasses.replace(config, model=str(folder), quantization=None, speculative_config=None,
                                    enable_lora=False, tokenizer=None, enforce_eager=True)
         self.runner = ModelRunner(dcfg, platform, self.model)
-        self.device = platform.device
         self.block_size = config.block_size
         self.max_tokens = config.max_num_batched_tokens
         self.vocab_size = target.config.vocab_size
         self.follows = follows
         self.active = active  # speculation on: while the switch keeps it off nothing is kept (nothing reads it)
-        logger.info("speculative decoding: EAGLE head %s (%d layer(s)), %d tokens a step", folder,
+        logger.info("speculative decoding: %s head %s (%d layer(s)), %d tokens a step", self.kind, folder,
                     hf.num_hidden_layers, self.k)
 
+    def _make_head(self, hf, weights: dict, platform, config, target) -> torch.nn.Module:
+        from pageport.models.eagle import EagleLlamaForCausalLM
+
+        hf.eagle_fc_bias = any(n.removeprefix("model.") == "fc.bias" for n in weights)
+        model = EagleLlamaForCausalLM(hf, platform, config.dtype)
+        model.share(target)
+        model.load_weights(weights.items())
+        return model
+
     def check_vocab(self, target_hf_config, target_tokenizer) -> None:
-        pass  # the head writes in the target's own embedding and LM head
+        pass  # the head writes in the target's token ids (its share() checked them)
 
     def stash(self, hidden: torch.Tensor, scheduled, qsl) -> None:
         """After a target pass: keep each followed row's hidden states, at positions num_computed_tokens on
@@ -64,15 +71,17 @@ class EagleProposer(DraftProposer):
         if not self.active():
             return
         for i, s in enumerate(scheduled):
-            r = s.request
-            if not (s.spec_token_ids or self.follows(r)):
-                continue
-            p0, h = r.num_computed_tokens, hidden[int(qsl[i]):int(qsl[i]) + s.num_tokens]
-            old = r.eagle_hidden
-            if old is not None and old[0] <= p0 <= old[0] + len(old[1]):
-                r.eagle_hidden = (old[0], torch.cat([old[1][:p0 - old[0]], h]))
-            else:
-                r.eagle_hidden = (p0, h.clone())  # graph outputs are rewritten by the next replay
+            if s.spec_token_ids or self.follows(s.request):
+                self._keep(s.request, hidden[int(qsl[i]):int(qsl[i]) + s.num_tokens])
+
+    @staticmethod
+    def _keep(r, h: torch.Tensor) -> None:
+        """Append a pass's states h of request r (at its positions num_computed_tokens on) to what it keeps."""
+        p0, old = r.num_computed_tokens, r.eagle_hidden
+        if old is not None and old[0] <= p0 <= old[0] + len(old[1]):
+            r.eagle_hidden = (old[0], torch.cat([old[1][:p0 - old[0]], h]))
+        else:
+            r.eagle_hidden = (p0, h.clone())  # graph outputs are rewritten by the next replay
 
     @torch.inference_mode()
     def run(self, sched, kv, follows: Callable) -> None:

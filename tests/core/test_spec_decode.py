@@ -63,8 +63,11 @@ def test_speculative_config_keys():
     assert SpeculativeConfig.parse({"method": "draft_model", "model": "m", "num_speculative_tokens": 2}).model == "m"
     e = SpeculativeConfig.parse({"method": "eagle", "model": "/ckpt/eagle", "num_speculative_tokens": 3})
     assert (e.method, e.model, e.num_speculative_tokens) == ("eagle", "/ckpt/eagle", 3)
+    e3 = SpeculativeConfig.parse({"method": "eagle3", "model": "/ckpt/eagle3", "num_speculative_tokens": 2})
+    assert (e3.method, e3.model, e3.num_speculative_tokens) == ("eagle3", "/ckpt/eagle3", 2)
     for bad in ('{"method": "eagle", "num_speculative_tokens": 2}', '{"method": "ngram"}', "{nope",
-                '{"method": "eagle3", "model": "m", "num_speculative_tokens": 2}',
+                '{"method": "eagle3", "num_speculative_tokens": 2}', '{"method": "mtp", "model": "m", '
+                '"num_speculative_tokens": 2}',
                 '{"method": "eagle", "model": "m", "num_speculative_tokens": 2, "quantization": "int4"}',
                 '{"method": "draft_model", "num_speculative_tokens": 2}',
                 '{"model": "m", "num_speculative_tokens": 2, "quantization": "int3"}',
