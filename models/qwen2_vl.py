@@ -278,10 +278,12 @@ def _text_config(hf_config):
         tc.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
     if not getattr(tc, "use_sliding_window", False):  # older flat configs name a window they do not use
         tc.sliding_window = None
-    scaling = getattr(tc, "rope_scaling", None)
-    if isinstance(scaling, dict) and scaling.get("type", scaling.get("rope_type")) == "mrope" \
-            and getattr(tc, "rope_parameters", None) is None:
-        tc.rope_scaling = None
+    for attr in ("rope_parameters", "rope_scaling"):
+        params = getattr(tc, attr, None)
+        if isinstance(params, dict) and "mrope" in (params.get("rope_type"), params.get("type")):
+            params = {k: v for k, v in params.items() if k != "type"}
+            params["rope_type"] = "default"
+            setattr(tc, attr, params)
     return tc
 
 

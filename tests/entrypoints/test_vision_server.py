@@ -2,7 +2,8 @@
 parts as data: URLs and as http URLs (a local http.server) give the offline LLM's and Transformers' greedy tokens,
 streaming too; an undecodable image, an unreachable URL and more images than --limit-mm-per-prompt are 400s in
 OpenAI's error shape while a concurrent text request completes; image parts to a text-only model are 400s; the
-Responses API's input_image parts."""
+Responses API's input_image parts; a tiny Qwen2-VL's chat image parts (its vision tokens, M-RoPE) against
+Transformers."""
 from __future__ import annotations
 
 import asyncio
@@ -17,6 +18,7 @@ pytest.importorskip("PIL.Image")
 from live_server import MODEL, ServerThread, free_port  # noqa: E402
 
 from tests.models.tiny_vlm import data_url, hf_greedy_ids, image, make_tiny_llava, png_bytes  # noqa: E402
+from tests.models.tiny_vlm import QWEN_IMAGE, hf_qwen2_vl_greedy, make_tiny_qwen2_vl  # noqa: E402
 
 NAME = "tiny-llava"
 N = 6
@@ -245,3 +247,41 @@ def test_fetch_size_limit_and_timeout(image_host):
         s.listen(1)
         with pytest.raises(ValueError, match=r"could not be fetched \(timeout 0.5 s\)"):
             fetch_url(f"http://127.0.0.1:{s.getsockname()[1]}/x.png", timeout=0.5)
+
+
+@pytest.fixture(scope="module")
+def qwen_server(tmp_path_factory):
+    from pageport.core.async_engine import AsyncLLMEngine
+    from pageport.core.config import EngineConfig
+    from pageport.core.engine import LLMEngine
+    from pageport.entrypoints.openai.api_server import build_app
+
+    d = tmp_path_factory.mktemp("qwen2-vl-server")
+    model, tok, image_id = make_tiny_qwen2_vl(d)
+    config = EngineConfig(model=str(d), dtype="float32", max_num_seqs=8, kv_cache_memory_bytes=1 << 24,
+                          block_size=16, max_num_batched_tokens=32, num_threads=1)
+    engine = AsyncLLMEngine(LLMEngine(config))
+    with ServerThread(build_app(engine, served_model_names=["tiny-qwen2-vl"])) as srv:
+        srv.client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        yield srv, d, model, tok, image_id
+    engine.shutdown()
+    engine.engine.shutdown()
+
+
+def test_qwen2_vl_chat_image_parts(qwen_server):
+    """Two image parts become Qwen2-VL's vision start, image and end tokens each; the tokens are Transformers'."""
+    from transformers import AutoImageProcessor
+
+    srv, d, model, tok, image_id = qwen_server
+    a, b = image(1), image(2, (18, 55))
+    r = srv.client.chat.completions.create(model="tiny-qwen2-vl", messages=_conv(data_url(a), data_url(b),
+                                                                                 text="Compare them."),
+                                           max_tokens=N, temperature=0,
+                                           extra_body={"return_token_ids": True, "ignore_eos": True})
+    text = tok.apply_chat_template([{"role": "user", "content": f"{QWEN_IMAGE}\n{QWEN_IMAGE}\nCompare them."}],
+                                   tokenize=False, add_generation_prompt=True)
+    ids = tok.encode(text, add_special_tokens=False)
+    proc = AutoImageProcessor.from_pretrained(d)
+    assert r.choices[0].token_ids == hf_qwen2_vl_greedy(model, image_id, proc, ids, [a, b], N)
+    assert r.usage.prompt_tokens == len(ids) - 2 + sum(int(g.prod()) // 4 for g in
+                                                        proc(images=[a, b], return_tensors="pt")["image_grid_thw"])

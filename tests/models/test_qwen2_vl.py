@@ -168,3 +168,31 @@ def test_chat_image_part(qwen, llm):
     ids = tok.encode(text, add_special_tokens=False)
     assert ids.count(image_id) == 1 and ids[ids.index(image_id) - 1] == tok.convert_tokens_to_ids("<|vision_start|>")
     assert out.outputs[0].token_ids == hf_qwen2_vl_greedy(model, image_id, proc, ids, [img], N)
+
+
+def test_flat_published_config(tmp_path, cpu_platform):
+    """The published checkpoints' flat config.json (decoder fields at the top level, rope_scaling type "mrope", a
+    sliding_window that use_sliding_window turns off, tied embeddings at the top level) builds the same decoder."""
+    import json
+
+    from transformers import AutoConfig
+
+    from pageport.models.qwen2_vl import Qwen2VLForConditionalGeneration
+
+    cfg = {"architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl", "hidden_size": 64,
+           "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "vocab_size": 300, "max_position_embeddings": 256, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+           "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}, "tie_word_embeddings": True,
+           "sliding_window": 32768, "use_sliding_window": False, "max_window_layers": 28, "image_token_id": 5,
+           "bos_token_id": 1, "eos_token_id": 2, "vision_start_token_id": 3, "vision_end_token_id": 4,
+           "vision_config": {"depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 4, "mlp_ratio": 2,
+                             "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ours = Qwen2VLForConditionalGeneration(AutoConfig.from_pretrained(tmp_path), cpu_platform, torch.float32)
+    lm = ours.language_model
+    assert lm.tie_word_embeddings and lm.sliding_windows == [None, None]
+    attn = lm.model.layers[0].self_attn
+    assert attn.qkv_proj.bias is not None and attn.o_proj.bias is None
+    assert attn.rotary_emb.axis.flatten().tolist() == [0, 0, 1, 1, 1, 2, 2, 2] * 2
+    inv = 1.0 / 1e6 ** (torch.arange(0, 16, 2).float() / 16)  # rope_theta of the flat config
+    torch.testing.assert_close(attn.rotary_emb.cos_sin_cache[7, :8], torch.cos(7 * inv))
