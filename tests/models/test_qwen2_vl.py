@@ -131,6 +131,22 @@ def test_chunked_prefill_gives_the_same_tokens(qwen):
         assert g == hf_qwen2_vl_greedy(model, image_id, proc, tok.encode(p), ims, N), p
 
 
+def test_preemption_by_recompute_gives_the_same_tokens(qwen):
+    """10 blocks for three requests of 34, 90 and 11 tokens + 24 out: the newest are preempted and recomputed, their
+    output tokens (past the images: index + delta) with the prompt."""
+    from pageport import LLM, SamplingParams
+
+    d, model, tok, image_id, proc = qwen
+    small = LLM(str(d), dtype="float32", max_num_seqs=8, num_gpu_blocks_override=10, block_size=16,
+                max_num_batched_tokens=32, num_threads=1)
+    prompts = _with_images(1)
+    inputs = [{"prompt": p, "multi_modal_data": {"image": ims}} if ims else p for p, ims in prompts]
+    outs = small.generate(inputs, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    assert small.engine.core_stats().num_preemptions >= 1
+    for (p, ims), o in zip(prompts, outs):
+        assert o.outputs[0].token_ids == hf_qwen2_vl_greedy(model, image_id, proc, tok.encode(p), ims, 24), p
+
+
 def test_same_image_again_hits_the_caches(llm):
     from pageport import SamplingParams
 
