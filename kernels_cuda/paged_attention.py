@@ -60,7 +60,7 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr, USE_WINDOW: tl.constexpr,
-    USE_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, K_ROWS: tl.constexpr = False,
 ):
     kv_head = tl.program_id(0)
     if DECODE:
@@ -87,6 +87,8 @@ def _paged_attention_kernel(
     d_ok = d < HEAD_SIZE
     q = tl.load(q_ptr + (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if KV_FP8:  # fp8 widens exactly to fp16 (one cvt per pair), and fp16 keeps more of q and p than bf16
+        q = q.to(tl.float16)
     q_pos = ctx_len + tok
 
     # Keys this program can see: up to its last query row, from the window start of its first.
@@ -114,10 +116,16 @@ def _paged_attention_kernel(
         # the block of every key; repeated entries hit L1.
         blk = tl.load(bt_row + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
         off = k_pos % BLOCK_SIZE
-        k = tl.load(k_cache_ptr + blk[None, :] * stride_kb + off[None, :] * stride_kt
-                    + kv_head * stride_kh + d[:, None],
-                    mask=k_ok[None, :] & d_ok[:, None], other=0.0).to(q.dtype)  # [HEAD_PAD, TILE_N]; fp8 caches widen
-        s = tl.dot(q, k, input_precision=DOT_PRECISION)
+        if K_ROWS:  # keys loaded as they lie (a token's head_size elements along a row), transposed for the dot
+            k = tl.load(k_cache_ptr + blk[:, None] * stride_kb + off[:, None] * stride_kt
+                        + kv_head * stride_kh + d[None, :],
+                        mask=k_ok[:, None] & d_ok[None, :], other=0.0).to(q.dtype)  # [TILE_N, HEAD_PAD]
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        else:
+            k = tl.load(k_cache_ptr + blk[None, :] * stride_kb + off[None, :] * stride_kt
+                        + kv_head * stride_kh + d[:, None],
+                        mask=k_ok[None, :] & d_ok[:, None], other=0.0).to(q.dtype)  # [HEAD_PAD, TILE_N]
+            s = tl.dot(q, k, input_precision=DOT_PRECISION)
         if USE_SOFTCAP:  # softcap * tanh(s * scale / softcap), tanh through exp (no libdevice)
             x = s * (qk_scale / softcap)
             s = softcap * LOG2E * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))
@@ -294,6 +302,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         BLOCK_SIZE=block_size, TILE_N=config.tile_n, NUM_SPLITS=splits, DECODE=config.decode,
         USE_WINDOW=bool(sliding_window), USE_SOFTCAP=bool(softcap),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,  # fp32: no silent tf32
+        KV_FP8=k_cache.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and q.dtype != torch.float32,
         num_warps=config.num_warps, num_stages=config.num_stages, **dict(config.extra),
     )
     if splits > 1:

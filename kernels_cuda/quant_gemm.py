@@ -5,15 +5,16 @@
 - fp8 W8A8: torch._scaled_mm with row-wise scales (per-token activations x per-channel weights; cuBLASLt's
   fp8 GEMM on Hopper); int8 W8A8: torch._int_mm (int32 accumulation) and the scales applied after;
 - fp8 with 128x128 block weight scales: a Triton GEMM that scales each K block's partial product;
-- W4A16 / W8A16: a Triton GEMM that unpacks the codes and applies the group scale in registers; for decode
-  shapes (few rows) the K loop is split over programs (split-K) that add into a float32 output, so a batch-1
-  GEMM still spreads over every SM.
+- W4A16 / W8A16: for one row an FMA kernel over the packed words; above, a tensor-core GEMM that unpacks the
+  codes and applies the group scale in registers. For decode shapes the K loop is split over programs
+  (split-K) whose float32 partial sums one small kernel adds, so a batch-1 GEMM still spreads over every SM.
 The weight-only layout here is K-major: codes [K*bits/32, N] int32, scales and zero points [K/G, N], so a
 tile's loads run along N (coalesced).
 """
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -152,10 +153,25 @@ def scaled_linear(x, weight, weight_scale, input_scale=None, block=None, bias=No
 
 # W4A16 ------------------------------------------------------------------------------------------------------
 @triton.jit
+def _as_f32(c):
+    """Small non-negative int32 -> float32 without the quarter-rate int-to-float instruction: 2^23 + c carries c
+    in its mantissa, and subtracting 2^23 is exact."""
+    return (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _wna16_store(out_ptr, acc, rm, rn, M, N, stride_om, stride_split, SPLIT_OUT: tl.constexpr):
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if SPLIT_OUT:  # split-K: this split's partial sums, in float32, for _sum_splits_kernel
+        out_ptr += tl.program_id(2) * stride_split
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, G, stride_xm, stride_qk, stride_sk, stride_om,
-                  K_PER_SPLIT, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, SPLIT: tl.constexpr,
+                  stride_split, K_PER_SPLIT, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, SPLIT_OUT: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # BLOCK_K divides the group size: one scale (and zero point) row per K step
+    # tensor-core tiles; BLOCK_K divides the group size: one scale (and zero point) row per K step
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -180,13 +196,60 @@ def _wna16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, G, stride_xm, st
             z = tl.load(z_ptr + g * stride_sk + rn, mask=n_ok, other=0).to(tl.float32)
         else:
             z = tl.full((BLOCK_N,), 1 << (BITS - 1), tl.float32)
-        w = ((codes.to(tl.float32) - z[None, :]) * s[None, :]).to(x.dtype)
+        w = ((_as_f32(codes) - z[None, :]) * s[None, :]).to(x.dtype)
         acc += tl.dot(x, w, out_dtype=tl.float32)
-    mask_o = (rm[:, None] < M) & n_ok[None, :]
-    if SPLIT == 1:
-        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask_o)
-    else:
-        tl.atomic_add(out_ptr + rm[:, None] * stride_om + rn[None, :], acc, mask=mask_o)
+    _wna16_store(out_ptr, acc, rm, rn, M, N, stride_om, stride_split, SPLIT_OUT)
+
+
+@triton.jit
+def _wna16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, G, stride_xm, stride_qk, stride_sk, stride_om,
+                       stride_split, K_PER_SPLIT, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                       SPLIT_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # One decode row per program (BLOCK_M is 1): no tensor-core tile to fill, so plain FMAs over the codes as they
+    # sit in their words (row PER_WORD * i + j of the tile is bits j*BITS of word i): no unpacking reshape. The
+    # products stay element-wise in a [words, BLOCK_N] accumulator, reduced once at the end; with one scale per K
+    # step, sum_k x_k (c_k - z) s = s * (sum_k x_k c_k - z * sum_k x_k).
+    row = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    PER_WORD: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = BLOCK_K // PER_WORD
+    rw = tl.arange(0, WORDS)
+    n_ok = rn < N
+    acc = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+    k_start = pid_k * K_PER_SPLIT
+    for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
+        words = tl.load(q_ptr + (k0 // PER_WORD + rw)[:, None] * stride_qk + rn[None, :], mask=n_ok[None, :],
+                        other=0)
+        g = k0 // G
+        s = tl.load(s_ptr + g * stride_sk + rn, mask=n_ok, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            z = tl.load(z_ptr + g * stride_sk + rn, mask=n_ok, other=0).to(tl.float32)
+        else:
+            z = tl.full((BLOCK_N,), 1 << (BITS - 1), tl.float32)
+        part = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+        xsum = tl.zeros((WORDS,), dtype=tl.float32)
+        for j in tl.static_range(PER_WORD):
+            xj = tl.load(x_ptr + row * stride_xm + k0 + rw * PER_WORD + j).to(tl.float32)
+            part += _as_f32((words >> (j * BITS)) & ((1 << BITS) - 1)) * xj[:, None]
+            xsum += xj
+        acc += (part - xsum[:, None] * z[None, :]) * s[None, :]
+    res = tl.sum(acc, axis=0)
+    _wna16_store(out_ptr, res[None, :], row + tl.arange(0, 1), rn, M, N, stride_om, stride_split, SPLIT_OUT)
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, out_ptr, bias_ptr, MN, N, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for sp in tl.static_range(SPLIT):
+        acc += tl.load(part_ptr + sp * MN + i, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + i % N, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + i, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def wna16_prepare(qweight, scales, zeros, group_size, bits=4) -> dict:
@@ -209,17 +272,39 @@ def _pack_along_rows(codes_kn: torch.Tensor, bits: int) -> torch.Tensor:
     return out
 
 
-def wna16_config(m: int, n: int, k: int, group_size: int, num_sms: int = 132) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, split_k): decode shapes split K until the grid covers the SMs twice."""
+@dataclass(frozen=True)
+class WnA16Launch:
+    """One launch of the weight-only GEMM. block_m 1 picks the FMA kernel (a program per row), 16 or more the
+    tensor-core one; split > 1 writes each K split's float32 partial sums, then one small kernel adds them."""
+    block_m: int
+    block_n: int
+    block_k: int
+    split: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def _split_for(k: int, block_k: int, tiles: int, num_sms: int, waves: int) -> int:
+    """K splits until the grid covers the SMs `waves` times, each split at least 2 K steps, dividing K."""
+    split = max(1, min(k // (block_k * 2), triton.cdiv(waves * num_sms, tiles)))
+    while split > 1 and k % (split * block_k):
+        split -= 1
+    return split
+
+
+def wna16_config(m: int, n: int, k: int, group_size: int, num_sms: int = 132) -> WnA16Launch:
+    """One row takes the FMA kernel, split over K to fill the GPU; up to 16 rows the tensor-core kernel with
+    split-K; more rows the plain tiled GEMM."""
+    if m == 1:
+        block_k = next((b for b in (128, 64, 32, 16) if group_size % b == 0), 16)
+        block_n = 128
+        split = _split_for(k, block_k, triton.cdiv(n, block_n), num_sms, 4)
+        return WnA16Launch(1, block_n, block_k, split, 4, 4)
     block_k = 64 if group_size % 64 == 0 else 32 if group_size % 32 == 0 else 16
     if m <= 16:
-        block_m, block_n = 16, 64
-        tiles = triton.cdiv(n, block_n)
-        split = max(1, min(k // (block_k * 4), triton.cdiv(2 * num_sms, tiles)))
-        while split > 1 and (k % (split * block_k)):
-            split -= 1
-        return block_m, block_n, block_k, split
-    return (32 if m <= 64 else 64), 128, block_k, 1
+        split = _split_for(k, block_k, triton.cdiv(n, 64), num_sms, 2)
+        return WnA16Launch(16, 64, block_k, split)
+    return WnA16Launch(32 if m <= 64 else 64, 128, block_k, 1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -227,23 +312,28 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def wna16_linear(x, w: dict, bias=None, config: Optional[tuple] = None):
+def wna16_linear(x, w: dict, bias=None, config: Optional[WnA16Launch] = None):
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
     m, k = x2.shape
     q, s, z, g = w["qweight"], w["scales"], w["zeros"], w["group_size"]
     n = q.shape[1]
     num_sms = _num_sms(x.device.index or 0) if x.is_cuda else 132
-    bm, bn, bk, split = config or wna16_config(m, n, k, g, num_sms)
-    if g % bk or bk % (32 // w["bits"]) or k % (split * bk):
-        raise ValueError(f"W4A16 launch: BLOCK_K {bk} must divide the group size {g} and K {k} split {split} ways")
-    out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if split > 1 else \
-        torch.empty(m, n, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
-    _wna16_kernel[grid](x2, q, s, z if z is not None else s, out, m, n, k, g, x2.stride(0), q.stride(0),
-                        s.stride(0), out.stride(0), k // split, BITS=w["bits"], HAS_ZEROS=z is not None, SPLIT=split,
-                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
-    y = out.to(x.dtype)
-    if bias is not None:
-        y = y + bias
-    return y.reshape(*shape[:-1], -1)
+    c = config or wna16_config(m, n, k, g, num_sms)
+    if g % c.block_k or c.block_k % (32 // w["bits"]) or k % (c.split * c.block_k):
+        raise ValueError(f"W4A16 launch: BLOCK_K {c.block_k} must divide the group size {g} and K {k} split "
+                         f"{c.split} ways")
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    part = torch.empty(c.split, m, n, dtype=torch.float32, device=x.device) if c.split > 1 else out
+    gemv = c.block_m == 1
+    grid = (m if gemv else triton.cdiv(m, c.block_m), triton.cdiv(n, c.block_n), c.split)
+    (_wna16_gemv_kernel if gemv else _wna16_kernel)[grid](
+        x2, q, s, z if z is not None else s, part, m, n, k, g, x2.stride(0), q.stride(0), s.stride(0), n, m * n,
+        k // c.split, BITS=w["bits"], HAS_ZEROS=z is not None, SPLIT_OUT=c.split > 1, BLOCK_M=c.block_m,
+        BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages)
+    if c.split > 1:
+        _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](part, out, bias if bias is not None else out, m * n, n,
+                                                       SPLIT=c.split, HAS_BIAS=bias is not None, BLOCK=1024)
+    elif bias is not None:
+        out = out + bias
+    return out.reshape(*shape[:-1], -1)

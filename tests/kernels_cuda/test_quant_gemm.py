@@ -8,7 +8,8 @@ differ, so what is left is accumulation order: fp32 1e-4 relative to the output'
 import pytest
 import torch
 
-from pageport.kernels_cuda.quant_gemm import quantize_activations, scaled_linear, wna16_linear, wna16_prepare
+from pageport.kernels_cuda.quant_gemm import (WnA16Launch, quantize_activations, scaled_linear, wna16_linear,
+                                              wna16_prepare)
 from pageport.models.quantization.methods import quantize_weight_w4, quantize_weight_w8a8
 from pageport.platforms.quant_ops import FP8_MAX, dequantize_block, pack_codes
 
@@ -99,8 +100,9 @@ def test_weight_only_gemm(device, dtype, m, group, symmetric, bits):
     ref = x.double() @ wd.t()
     tol = 1e-4 if dtype == torch.float32 else 2e-3
     _close(wna16_linear(x, prepared), ref, tol)
-    for split in (1, 4):  # the split-K path and the plain one give the same result
-        _close(wna16_linear(x, prepared, config=(16, 64, 32, split)), ref, tol)
+    # both kernels (tensor-core tiles; FMAs for decode rows), split over K or not, give the same result
+    for block_m, block_n, split in ((16, 64, 4), (1, 64, 1), (1, 32, 4)):
+        _close(wna16_linear(x, prepared, config=WnA16Launch(block_m, block_n, 32, split)), ref, tol)
 
 
 # On a CUDA device: bf16 activations at Llama-3-8B's linear shapes (the paths the H200 benchmark times).
