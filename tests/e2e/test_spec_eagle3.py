@@ -45,12 +45,15 @@ def _head_weights(g: torch.Generator, own_embedding: bool) -> dict[str, torch.Te
     return w
 
 
-def _save_head(folder, weights, **cfg) -> None:
+def _save_head(folder, weights, bin_file=False, **cfg) -> None:
     folder.mkdir()
     c = transformers.LlamaConfig(**TARGET | {"num_hidden_layers": 1, "draft_vocab_size": VD} | cfg)
     c.architectures = ["LlamaForCausalLMEagle3"]
     c.save_pretrained(folder)
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "model.safetensors"))
+    if bin_file:  # the format the published heads come in
+        torch.save(weights, folder / "pytorch_model.bin")
+    else:
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "model.safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +66,13 @@ def models(tmp_path_factory):
     g = torch.Generator().manual_seed(1)
     heads = {}
     # the target's embedding and vLLM's default layers (2, L // 2, L - 3); its own embedding and named layers
-    # (0: the embedding itself, 7: the last layer's input), and a config whose positions end before the sequences
+    # (0: the embedding itself, 7: the last layer's input), in a .bin, with a config whose positions end before
+    # the sequences do
     w = _head_weights(g, own_embedding=False)
     _save_head(root / "shared", w)
     heads["shared"] = (root / "shared", w, (2, 4, 5))
     w = _head_weights(g, own_embedding=True)
-    _save_head(root / "own", w, eagle_aux_hidden_state_layer_ids=[0, 3, 7], max_position_embeddings=32)
+    _save_head(root / "own", w, bin_file=True, eagle_aux_hidden_state_layer_ids=[0, 3, 7], max_position_embeddings=32)
     heads["own"] = (root / "own", w, (0, 3, 7))
     return root / "target", target, heads
 
@@ -258,6 +262,30 @@ def test_eagle3_keeps_nothing_while_the_switch_is_off_and_resumes(models):
     assert _run(engine, PROMPTS, _greedy(4, 60)) == want
     assert steps["kept_while_off"] == 0 and steps["n"] > 25
     assert engine.core.counters.spec_num_drafts > steps["drafts_before_on"]  # proposing again after the pause
+    engine.shutdown()
+
+
+def test_eagle3_sampled_rows_draw_from_the_draft_vocabulary_and_seeds_repeat(models):
+    """Sampled rows draw their proposals from the head's distribution, which has no mass outside the draft
+    vocabulary (kept for the rejection sampler); a seeded request gives the same tokens twice, beside a greedy row."""
+    engine = _engine(models, "shared")
+    engine.core._switch.record = lambda *a: None
+    t2d, drafter, outside = models[2]["shared"][1]["t2d"], engine.core.drafter, []
+    real_run = drafter.run
+
+    def recording(sched, kv, follows):
+        real_run(sched, kv, follows)
+        for s in sched.scheduled:
+            q = s.request.spec_probs
+            if s.spec_token_ids and q is not None:
+                outside.append(float(q[:, ~t2d].sum()))
+                assert all(t2d[t] for t in s.spec_token_ids)
+    drafter.run = recording
+    params = [SamplingParams(temperature=0.9, seed=7, max_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)]
+    first, second = _run(engine, PROMPTS[:2], params), _run(engine, PROMPTS[:2], params)
+    assert first == second and all(len(t) == 20 for t in first)
+    assert len(outside) > 5 and max(outside) == 0.0
     engine.shutdown()
 
 
