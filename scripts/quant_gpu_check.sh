@@ -33,6 +33,8 @@ run tp_fp8 $TP --quantization fp8
 LAT="latency --model /tmp/llama8b --dtype bfloat16 --batch-size 1 --input-len 128 --output-len 128 --num-iters 5 --num-iters-warmup 2 --load-format dummy"
 run lat_bf16 $LAT
 run lat_w4a16 $LAT --quantization w4a16
+run lat_w4a16_kv_fp8 $LAT --quantization w4a16 --kv-cache-dtype fp8
+grep -h "KV blocks" "$OUT"/lat_*.log | cut -c1-160  # the KV capacity each run reports (fp8 KV: twice the tokens)
 python3 - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
@@ -40,9 +42,10 @@ out = Path(sys.argv[1])
 def load(n):
     p = out / f"{n}.json"
     return json.loads(p.read_text()) if p.is_file() else None
-tp_b, tp_f, lat_b, lat_w = (load(n) for n in ("tp_bf16", "tp_fp8", "lat_bf16", "lat_w4a16"))
+tp_b, tp_f, lat_b, lat_w, lat_wk = (load(n) for n in ("tp_bf16", "tp_fp8", "lat_bf16", "lat_w4a16",
+                                                      "lat_w4a16_kv_fp8"))
 res = {"model": "Llama-3.1-8B shape, random weights, quantized in the run", "raw": {
-    "tp_bf16": tp_b, "tp_fp8": tp_f, "lat_bf16": lat_b, "lat_w4a16": lat_w}}
+    "tp_bf16": tp_b, "tp_fp8": tp_f, "lat_bf16": lat_b, "lat_w4a16": lat_w, "lat_w4a16_kv_fp8": lat_wk}}
 def tok_s(r):
     return r and (r.get("tokens_per_second") or r.get("total_tokens_per_second") or r.get("output_tokens_per_second"))
 if tok_s(tp_b) and tok_s(tp_f):
@@ -51,6 +54,8 @@ if tok_s(tp_b) and tok_s(tp_f):
 if lat_b and lat_w:
     res["w4a16_decode_ratio"] = lat_b["avg_latency"] / lat_w["avg_latency"]
     res["goal_w4a16_ge_2x"] = res["w4a16_decode_ratio"] >= 2.0
+if lat_b and lat_wk:
+    res["w4a16_kv_fp8_decode_ratio"] = lat_b["avg_latency"] / lat_wk["avg_latency"]
 (out / "quant_e2e.json").write_text(json.dumps(res, indent=1))
 print({k: v for k, v in res.items() if k != "raw"})
 PY

@@ -35,13 +35,14 @@ def _bench_commands() -> list[list[str]]:
 def test_bench_commands_parse_with_the_cli():
     from pageport.entrypoints.cli import build_parser
     cmds = _bench_commands()
-    assert len(cmds) == 4
+    assert len(cmds) == 5
     parser = build_parser()
     for cmd in cmds:
         args = parser.parse_args(["bench", *cmd])
         assert args.model == "/tmp/llama8b" and args.dtype == "bfloat16", cmd
     quant = [parser.parse_args(["bench", *c]).quantization for c in cmds]
-    assert quant == [None, "fp8", None, "w4a16"]
+    assert quant == [None, "fp8", None, "w4a16", "w4a16"]
+    assert parser.parse_args(["bench", *cmds[-1]]).kv_cache_dtype == "fp8"
 
 
 def test_summary_reads_the_bench_keys(tmp_path):
