@@ -237,6 +237,8 @@ def test_eagle3_greedy_output_kept_under_preemption_with_accepted_proposals(pred
 
 
 def test_eagle3_keeps_nothing_while_the_switch_is_off_and_resumes(models):
+    """While the switch keeps speculation off no pass is marked (nothing kept, graphs may replay); when it comes
+    back on, the head skips what it missed and proposes again; the output stays the target's."""
     plain = _engine(models)
     want = _run(plain, PROMPTS, _greedy(4, 60))
     plain.shutdown()
@@ -259,8 +261,17 @@ def test_eagle3_keeps_nothing_while_the_switch_is_off_and_resumes(models):
         if not sw.on:
             steps["kept_while_off"] += sum(b is not s.request.eagle_hidden for b, s in zip(before, scheduled))
     engine.core.runner.hidden_hook = stash
+
+    class Graphs:  # a platform's graph runner, as the runner sees it: every pass it may replay, and if it was marked
+        offered: list[bool] = []
+
+        def run(self, *a):
+            self.offered.append(drafter._tokens is not None)
+            return None  # no graph of that shape: the runner runs the pass eagerly
+    engine.core.runner.graphs = graphs = Graphs()
     assert _run(engine, PROMPTS, _greedy(4, 60)) == want
     assert steps["kept_while_off"] == 0 and steps["n"] > 25
+    assert len(graphs.offered) >= 10 and not any(graphs.offered)  # a marked pass never replays: its hooks would not run
     assert engine.core.counters.spec_num_drafts > steps["drafts_before_on"]  # proposing again after the pause
     engine.shutdown()
 
