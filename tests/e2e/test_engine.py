@@ -131,3 +131,21 @@ def test_beam_search_keeps_the_best_beams(llm):
     scores = [s.cum_logprob for s in res.sequences]
     greedy = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=4, logprobs=0))[0]
     assert max(scores) >= greedy.outputs[0].cumulative_logprob - 1e-4  # beam search is never worse than greedy
+
+
+def test_fp8_kv_cache_holds_twice_the_tokens():
+    """--kv-cache-dtype fp8: the same KV memory holds twice the blocks (one byte per element instead of two), and
+    the engine serves from it; greedy text stays close to the bf16 cache's (fp8 rounds K/V: not bit-equal)."""
+    from pageport import LLM
+    budget = 64 << 20
+    runs = {}
+    for kv in ("auto", "fp8"):
+        llm = LLM(dtype="bfloat16", max_model_len=512, kv_cache_memory_bytes=budget, kv_cache_dtype=kv)
+        out = llm.generate(["The capital of France is", "One, two, three,"],
+                           SamplingParams(temperature=0, max_tokens=8))
+        runs[kv] = (llm.engine.core_stats().kv_usable_blocks, [o.outputs[0].token_ids for o in out])
+        assert all_blocks_free(llm)
+        del llm
+    (bf16_blocks, bf16_ids), (fp8_blocks, fp8_ids) = runs["auto"], runs["fp8"]
+    assert abs(fp8_blocks - 2 * bf16_blocks) <= 2, (bf16_blocks, fp8_blocks)
+    assert [ids[0] for ids in fp8_ids] == [ids[0] for ids in bf16_ids]  # the first token comes from the prefill
