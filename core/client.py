@@ -16,8 +16,6 @@ import os
 import pickle
 import shutil
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 import weakref
@@ -36,7 +34,8 @@ class EngineDeadError(RuntimeError):
     """The engine core is gone; every request in flight failed with this."""
 
 
-def make_client(config: EngineConfig, multiprocess: Optional[bool] = None):
+def make_client(config: EngineConfig, multiprocess: Optional[bool] = None, wait: bool = True):
+    """The client for `config`; `wait=False`: a core process may still be starting (`wait_ready` waits)."""
     if multiprocess is None:
         multiprocess = os.environ.get("PAGEPORT_ENGINE_INPROC", "0") in ("", "0", "false")
     if config.data_parallel_size > 1:
@@ -45,7 +44,7 @@ def make_client(config: EngineConfig, multiprocess: Optional[bool] = None):
                              "rank: it has no in-process mode (unset PAGEPORT_ENGINE_INPROC)")
         from pageport.core.dp_client import DPClient
         return DPClient(config)
-    return MPClient(config) if multiprocess else InprocClient(config)
+    return MPClient(config, wait=wait) if multiprocess else InprocClient(config)
 
 
 class InprocClient:
@@ -90,8 +89,12 @@ class MPClient:
         `wait_ready` then waits for it to load."""
         import zmq
 
-        self._dir = tempfile.mkdtemp(prefix="pageport-")
-        in_addr, out_addr = f"ipc://{self._dir}/input", f"ipc://{self._dir}/output"
+        from pageport.core import core_process
+
+        # the CLI may have started it already (core_process.start_early); else it starts now, before anything else
+        core = core_process.take(config) or core_process.CoreProcess(config)
+        self.proc, self._dir = core.proc, core.dir
+        in_addr, out_addr = core.in_addr, core.out_addr
         self._ctx = zmq.Context()
         self._input = self._ctx.socket(zmq.PUSH)
         self._input.setsockopt(zmq.LINGER, 0)
@@ -113,13 +116,6 @@ class MPClient:
         self._dead: Optional[str] = None
         self.last_stats = None
 
-        # a fresh interpreter: fork is unsafe once OpenMP ran here, and multiprocessing's spawn would re-run
-        # an unguarded __main__ script
-        self.proc = subprocess.Popen([sys.executable, "-c", "from pageport.core.engine_core import main; main()"],
-                                     stdin=subprocess.PIPE)
-        level = logging.getLogger("pageport").getEffectiveLevel()
-        self.proc.stdin.write(pickle.dumps((config, in_addr, out_addr, os.getpid(), level)))
-        self.proc.stdin.close()
         self._finalizer = weakref.finalize(self, _stop, self.proc, self._input, self._output, self._ctx, self._dir,
                                            self._wakeup)
         self.info = None

@@ -11,6 +11,7 @@ import logging
 import pickle
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Union
 
 import msgspec
@@ -52,6 +53,23 @@ class EngineStats:
     finished: dict = field(default_factory=dict)  # finish reason -> count
 
 
+def _cached_tokenizer(config: EngineConfig):
+    """(folder, tokenizer) of a GGUF model whose cache entry holds its tokenizer, else None (the core then sends
+    the tokenizer, or names the folder). Any trouble is left to the core, which reports it."""
+    if config.tokenizer is not None or config.load_format not in ("auto", "gguf"):
+        return None
+    try:
+        from pageport.models.gguf_loader import cached_tokenizer_dir, load_cached_tokenizer
+        from pageport.models.loader import resolve_model_path
+        path = resolve_model_path(config.model)
+        folder = cached_tokenizer_dir(path) if path.suffix == ".gguf" else None
+        if folder is None:
+            return None
+        return folder, load_cached_tokenizer(folder, bool(config.trust_remote_code))
+    except Exception:  # noqa: BLE001
+        return None
+
+
 class LLMEngine:
     # what the engine core applies beyond the basic sampling options (sampling_params.ENGINE_FEATURES)
     sampling_features = frozenset({"structured_outputs", "bad_words", "allowed_token_ids", "logits_processors",
@@ -59,7 +77,12 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig, multiprocess: Optional[bool] = None):
         self.config = config
-        self.client = make_client(config, multiprocess)
+        t0 = time.perf_counter()
+        self.client = make_client(config, multiprocess, wait=False)
+        early = _cached_tokenizer(config)  # while the core starts: it leaves a cached tokenizer to us
+        t_tok = time.perf_counter()
+        if self.client.info is None:
+            self.client.wait_ready()
         info = self.client.info
         resolved = info["config"]
         for name in vars(resolved):  # the core resolved dtype, lengths and budgets
@@ -67,6 +90,14 @@ class LLMEngine:
         self.model_source = info["model_source"]
         self.hf_config = info["hf_config"]
         self.tokenizer = info["tokenizer"]
+        if self.tokenizer is None and info.get("tokenizer_dir") is not None:
+            if early is not None and str(early[0]) == info["tokenizer_dir"]:
+                self.tokenizer = early[1]
+            else:
+                from pageport.models.gguf_loader import load_cached_tokenizer
+                self.tokenizer = load_cached_tokenizer(Path(info["tokenizer_dir"]))
+        logger.info("start-up (front end): tokenizer %.2f s while the core loaded, core ready after %.2f s",
+                    t_tok - t0 if early is not None else 0.0, time.perf_counter() - t0)
         self.vocab_size = info["vocab_size"]
         self.eos_token_id = info["eos_token_id"]
         self.platform_name = info["platform"]

@@ -244,7 +244,9 @@ class EngineCore:
             eos = eos[0] if eos else None
         if eos is None and self.loaded.tokenizer is not None:
             eos = self.loaded.tokenizer.eos_token_id
-        return {"config": self.config, "tokenizer": self.loaded.tokenizer, "hf_config": hf,
+        # a tokenizer the core has not loaded is named instead: the front end loads it (often already has)
+        tokenizer, tokenizer_dir = self.loaded.for_front_end()
+        return {"config": self.config, "tokenizer": tokenizer, "tokenizer_dir": tokenizer_dir, "hf_config": hf,
                 "model_source": self.loaded.source, "vocab_size": hf.vocab_size, "eos_token_id": eos,
                 "platform": self.platform.name, "attention": self.runner.model.attn_backend.name,
                 "graphs": self.runner.graphs is not None}
@@ -712,9 +714,11 @@ def _needs_history(p: SamplingParams) -> bool:
 def main() -> None:
     """`python -c "from pageport.core.engine_core import main; main()"`, its arguments pickled on stdin."""
     import sys
-    config, input_addr, output_addr, parent_pid, level = pickle.loads(sys.stdin.buffer.read())
+    config, input_addr, output_addr, parent_pid, level, started = pickle.loads(sys.stdin.buffer.read())
     logging.basicConfig(format="%(levelname)s %(asctime)s [engine core] %(name)s: %(message)s")
     logging.getLogger("pageport").setLevel(level)
+    logger.info("start-up: interpreter + imports %.2f s (from the spawn)",
+                time.time() - started)
     run_engine_core(config, input_addr, output_addr, parent_pid)
 
 

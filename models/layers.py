@@ -385,8 +385,6 @@ def rope_parameters(hf_config, layer_type: Optional[str] = None) -> dict:
 def compute_cos_sin_cache(hf_config, head_size: int, max_position: int,
                           layer_type: Optional[str] = None) -> torch.Tensor:
     """[max_position, head_size] float32, cos | sin, from transformers' own RoPE init functions."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
     params = rope_parameters(hf_config, layer_type)
     rope_type = params["rope_type"]
     if rope_type not in _STATIC_ROPE_TYPES:
@@ -394,12 +392,15 @@ def compute_cos_sin_cache(hf_config, head_size: int, max_position: int,
                                   f"supported: {', '.join(_STATIC_ROPE_TYPES)}")
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise NotImplementedError("partial rotary embeddings are not supported")
-    if rope_type == "default" and "default" not in ROPE_INIT_FUNCTIONS:
-        # transformers 5 keeps the unscaled formula inside each model, not in ROPE_INIT_FUNCTIONS
+    if rope_type == "default":
+        # transformers' own formula (5 keeps it inside each model, 4 in ROPE_INIT_FUNCTIONS), computed here so that
+        # plain RoPE needs no transformers import
         base = params["rope_theta"]
         inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.int64, device="cpu").float() / head_size))
         attention_scaling = 1.0
     else:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
         kw = {"layer_type": layer_type} if layer_type is not None else {}
         inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"), **kw)
     inv_freq = inv_freq.float().cpu()

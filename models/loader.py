@@ -28,11 +28,31 @@ FORMATS = ("auto", "safetensors", "gguf", "dummy")
 @dataclass
 class LoadedModel:
     model: nn.Module
-    hf_config: Any  # transformers PretrainedConfig
-    tokenizer: Any  # transformers tokenizer, or None when the model folder has none
+    hf_config: Any  # transformers PretrainedConfig (or gguf_loader.PlainConfig)
+    _tokenizer: Any  # transformers tokenizer, or None when the model folder has none
     source: str  # the file or folder the model came from
     load_format: str = ""  # safetensors | gguf | dummy (what `auto` resolved to)
     load_time_s: float = 0.0
+    # a GGUF cache entry holding the tokenizer, loaded from there on first use: the engine core rarely needs it
+    # (its front end loads its own), and loading it costs the core ~1 s of transformers imports
+    tokenizer_dir: Optional[str] = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None and self.tokenizer_dir is not None:
+            from pageport.models.gguf_loader import load_cached_tokenizer
+
+            self._tokenizer = load_cached_tokenizer(Path(self.tokenizer_dir))
+            self.tokenizer_dir = None
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value) -> None:
+        self._tokenizer, self.tokenizer_dir = value, None
+
+    def for_front_end(self) -> tuple[Any, Optional[str]]:
+        """(tokenizer, None) when it is loaded, else (None, the folder the front end loads it from)."""
+        return self._tokenizer, self.tokenizer_dir
 
 
 def load_model(config, platform, adapt=None) -> LoadedModel:
@@ -46,11 +66,12 @@ def load_model(config, platform, adapt=None) -> LoadedModel:
 
     weights: Optional[Iterator[tuple[str, torch.Tensor]]] = None
     n_weights = 0
+    tokenizer_dir = None
     if path.suffix == ".gguf":
         from pageport.models.gguf_loader import open_gguf
 
-        gg = open_gguf(path, tokenizer=want_tokenizer, trust_remote_code=trust)
-        hf_config, tokenizer = gg.hf_config, gg.tokenizer
+        gg = open_gguf(path, tokenizer=want_tokenizer, trust_remote_code=trust, lazy_tokenizer=True)
+        hf_config, tokenizer, tokenizer_dir = gg.hf_config, gg.tokenizer, gg.tokenizer_dir
         if fmt == "gguf":
             weights, n_weights = gg.weights(), len(gg.tensors)
     else:
@@ -91,7 +112,8 @@ def load_model(config, platform, adapt=None) -> LoadedModel:
         _quantize(model, platform, quantization)
     dt = time.perf_counter() - t0
     logger.info("loaded %s (%s, %s) in %.1f s", path, fmt, str(config.dtype).removeprefix("torch."), dt)
-    return LoadedModel(model, hf_config, tokenizer, str(path), fmt, dt)
+    return LoadedModel(model, hf_config, tokenizer, str(path), fmt, dt,
+                       str(tokenizer_dir) if tokenizer_dir is not None else None)
 
 
 def _quantize(model: nn.Module, platform, quantization: str) -> None:

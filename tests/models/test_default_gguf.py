@@ -111,3 +111,20 @@ def test_logits_and_greedy_match_transformers(ours, converted, reference):
         gen = ref_model.generate(torch.tensor([ids]), max_new_tokens=n_new, do_sample=False,
                                  pad_token_id=ref_tok.pad_token_id)[0, len(ids):].tolist()
     assert out == gen, (ref_tok.decode(out), ref_tok.decode(gen))
+
+
+def test_second_load_reads_the_cached_weights(ours, converted, cpu_platform):
+    """The first load_model wrote the dequantized weights into the entry; the next one reads them (no
+    dequantization) and builds the same parameters, bit for bit. The tokenizer it names loads lazily, as the
+    class AutoTokenizer gives."""
+    from pageport.models import gguf_loader
+
+    hits = gguf_loader.weight_cache_stats["hits"]
+    again = load_model(EngineConfig(dtype=torch.float32), cpu_platform)
+    assert gguf_loader.weight_cache_stats["hits"] == hits + 1
+    assert type(again.hf_config).__name__ == "PlainConfig"
+    assert again.for_front_end()[0] is None and again.tokenizer_dir is not None  # not loaded yet
+    assert type(again.tokenizer) is type(converted.tokenizer)
+    a, b = dict(ours.model.named_parameters()), dict(again.model.named_parameters())
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
