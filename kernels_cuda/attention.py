@@ -1,7 +1,7 @@
 """TritonPagedAttention: the CUDA platform's AttentionBackend."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Union
 
 import torch
@@ -16,6 +16,7 @@ class TritonAttentionMetadata:
     md: AttentionMetadata
     config: object  # paged_attention.LaunchConfig
     workspace: dict = field(default_factory=dict)
+    fp8_config: object = None  # the launch over an fp8 cache (wider decode tiles), made on first use
 
 
 class TritonPagedAttention(AttentionBackend):
@@ -52,6 +53,16 @@ class TritonPagedAttention(AttentionBackend):
                                 device=metadata.seq_lens.device, tuning=self.tuning or CUDA_TUNING)
         return TritonAttentionMetadata(metadata, config)
 
+    def _config(self, tmd: TritonAttentionMetadata, kv_dtype: torch.dtype):
+        from pageport.kernels_cuda.paged_attention import CUDA_TUNING
+        if not tmd.config.decode or kv_dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+            return tmd.config
+        if tmd.fp8_config is None:
+            t = self.tuning or CUDA_TUNING
+            tile = t.decode_fp8_tile_n if self.head_size <= 128 else max(16, t.decode_fp8_tile_n // 2)
+            tmd.fp8_config = replace(tmd.config, tile_n=tile)
+        return tmd.fp8_config
+
     def write_kv(self, k, v, kv_cache, slot_mapping):
         from pageport.kernels_cuda.kv_cache import reshape_and_cache
         reshape_and_cache(k, v, kv_cache[0], kv_cache[1], slot_mapping)
@@ -68,5 +79,5 @@ class TritonPagedAttention(AttentionBackend):
         paged_attention(q[:n], kv_cache[0], kv_cache[1], out[:n], md.query_start_loc, md.seq_lens,
                         md.block_table, max_query_len=md.max_query_len, max_seq_len=md.max_seq_len,
                         scale=self.scale, sliding_window=self.sliding_window, softcap=self.softcap,
-                        config=tmd.config, workspace=tmd.workspace)
+                        config=self._config(tmd, kv_cache.dtype), workspace=tmd.workspace)
         return out

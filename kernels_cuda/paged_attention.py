@@ -223,7 +223,7 @@ def group_rows(group: int, want: int) -> int:
 
 def default_config(*, group: int, head_size: int, max_query_len: int, num_seqs: int, num_kv_heads: int,
                    max_seq_len: int, device: torch.device, num_splits: Optional[int] = None,
-                   tuning: LaunchTuning = CUDA_TUNING) -> LaunchConfig:
+                   tuning: LaunchTuning = CUDA_TUNING, kv_fp8: bool = False) -> LaunchConfig:
     """Heuristic launch configuration (benchmarks/kernel_attention.py sweeps around it)."""
     t = tuning
     head_pad = max(16, triton.next_power_of_2(head_size))
@@ -232,7 +232,8 @@ def default_config(*, group: int, head_size: int, max_query_len: int, num_seqs: 
         if num_splits is None:
             num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, num_sms(device),
                                            t.target_programs_per_sm)
-        tile_n = t.decode_tile_n if head_pad <= 128 else max(16, t.decode_tile_n // 2)
+        tile = t.decode_fp8_tile_n if kv_fp8 else t.decode_tile_n  # fp8 halves a tile's bytes: take more keys
+        tile_n = tile if head_pad <= 128 else max(16, tile // 2)
         return LaunchConfig(True, block_m, tile_n, num_splits, t.decode_num_warps, t.decode_num_stages,
                             t.decode_extra)
     # prefill / mixed: taller query tiles reuse each K/V tile for more rows
@@ -267,7 +268,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     group = num_heads // num_kv_heads
     if config is None:
         config = default_config(group=group, head_size=head_size, max_query_len=max_query_len, num_seqs=num_seqs,
-                                num_kv_heads=num_kv_heads, max_seq_len=max_seq_len, device=q.device)
+                                num_kv_heads=num_kv_heads, max_seq_len=max_seq_len, device=q.device,
+                                kv_fp8=k_cache.dtype in (torch.float8_e4m3fn, torch.float8_e5m2))
     head_pad = max(16, triton.next_power_of_2(head_size))
     block_m = group_rows(group, config.block_m)
     block_q = block_m // group

@@ -284,26 +284,26 @@ class WnA16Launch:
     num_stages: int = 3
 
 
-def _split_for(k: int, block_k: int, tiles: int, num_sms: int, waves: int) -> int:
-    """K splits until the grid covers the SMs `waves` times, each split at least 2 K steps, dividing K."""
-    split = max(1, min(k // (block_k * 2), triton.cdiv(waves * num_sms, tiles)))
+def _split_for(k: int, block_k: int, tiles: int, num_sms: int, waves: int, cap: int = 16) -> int:
+    """K splits until the grid covers the SMs `waves` times (at most `cap`), each split at least 2 K steps,
+    dividing K."""
+    split = max(1, min(cap, k // (block_k * 2), triton.cdiv(waves * num_sms, tiles)))
     while split > 1 and k % (split * block_k):
         split -= 1
     return split
 
 
 def wna16_config(m: int, n: int, k: int, group_size: int, num_sms: int = 132) -> WnA16Launch:
-    """One row takes the FMA kernel, split over K to fill the GPU; up to 16 rows the tensor-core kernel with
-    split-K; more rows the plain tiled GEMM."""
-    if m == 1:
-        block_k = next((b for b in (128, 64, 32, 16) if group_size % b == 0), 16)
-        block_n = 128
-        split = _split_for(k, block_k, triton.cdiv(n, block_n), num_sms, 4)
-        return WnA16Launch(1, block_n, block_k, split, 4, 4)
-    block_k = 64 if group_size % 64 == 0 else 32 if group_size % 32 == 0 else 16
+    """Decode rows (up to 16) take tensor-core tiles split over K to fill the GPU, more rows the plain tiled GEMM.
+    The decode choices follow the H200 sweep of benchmarks/quant_gpu.py at Llama-3-8B shapes (one row: 128
+    columns, K steps of 64, ~8 waves of programs; 16 rows: K steps of 128, 64 columns unless N is wide). The FMA
+    kernel (block_m 1) is reached through an explicit launch only, until a sweep on a GPU shows it pays."""
     if m <= 16:
-        split = _split_for(k, block_k, triton.cdiv(n, 64), num_sms, 2)
-        return WnA16Launch(16, 64, block_k, split)
+        block_k = next((b for b in ((64,) if m == 1 else (128, 64)) + (32, 16) if group_size % b == 0), 16)
+        block_n = 128 if m == 1 or n > 8192 else 64
+        waves = 8 if m == 1 else 4
+        return WnA16Launch(16, block_n, block_k, _split_for(k, block_k, triton.cdiv(n, block_n), num_sms, waves))
+    block_k = 64 if group_size % 64 == 0 else 32 if group_size % 32 == 0 else 16
     return WnA16Launch(32 if m <= 64 else 64, 128, block_k, 1)
 
 
