@@ -60,7 +60,7 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DECODE: tl.constexpr, USE_WINDOW: tl.constexpr,
-    USE_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, K_ROWS: tl.constexpr = False,
+    USE_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, K_ROWS: tl.constexpr,
 ):
     kv_head = tl.program_id(0)
     if DECODE:
@@ -294,6 +294,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                 workspace[key] = bufs
         part_out, part_lse = bufs
 
+    extra = dict(config.extra)
     _paged_attention_kernel[grid](
         out, q, k_cache, v_cache, block_table, seq_lens, query_start_loc, part_out, part_lse,
         num_seqs, num_heads, float(scale), float(softcap or 1.0), int(sliding_window or 0),
@@ -305,7 +306,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         USE_WINDOW=bool(sliding_window), USE_SOFTCAP=bool(softcap),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,  # fp32: no silent tf32
         KV_FP8=k_cache.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and q.dtype != torch.float32,
-        num_warps=config.num_warps, num_stages=config.num_stages, **dict(config.extra),
+        K_ROWS=bool(extra.pop("K_ROWS", False)),  # keys row-major: a launch choice carried in extra
+        num_warps=config.num_warps, num_stages=config.num_stages, **extra,
     )
     if splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
